@@ -1,0 +1,194 @@
+"""The paper's claims about the Aligner, checked on tiny random models."""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from aligner import Aligner, AlignerBank
+from llama import ModelArgs, Transformer, prefix_attention
+
+
+@st.composite
+def configurations(draw):
+    n_kv_heads = draw(st.sampled_from([1, 2, 4]))
+    n_heads = n_kv_heads * draw(st.sampled_from([1, 2]))
+    n_layers = draw(st.integers(1, 4))
+    args = ModelArgs(dim=n_heads * draw(st.sampled_from([4, 8])), n_layers=n_layers, n_heads=n_heads,
+                     n_kv_heads=n_kv_heads, vocab_size=40, multiple_of=8, max_seq_len=32)
+    return args, draw(st.integers(1, 6)), draw(st.integers(0, n_layers - 1))
+
+
+@settings(max_examples=40, deadline=None)
+@given(config=configurations(), seqlen=st.integers(1, 12), bsz=st.integers(1, 3),
+       prefix_scale=st.floats(1e-3, 1e3), seed=st.integers(0, 2**16))
+def test_gates_at_zero_give_exactly_the_base_model(config, seqlen, bsz, prefix_scale, seed):
+    """Bit-for-bit, not merely close: the sequence attention is the same computation with or
+    without an Aligner, and the Aligner's term is 0 * (finite value) = 0, and x + 0 = x."""
+    args, n_tokens, start_layer = config
+    torch.manual_seed(seed)
+    model = Transformer(args).eval()
+    aligner = Aligner(args, n_tokens=n_tokens, start_layer=start_layer)
+    with torch.no_grad():
+        aligner.prefix.mul_(prefix_scale)
+        tokens = torch.randint(0, args.vocab_size, (bsz, seqlen))
+        assert torch.equal(model(tokens, aligner=aligner), model(tokens))
+
+
+def test_one_token_softmax_is_one_so_the_term_is_gate_times_v_p():
+    """With N = 1 the prefix term is beta_l * V_p, whatever the queries."""
+    torch.manual_seed(0)
+    k_p, v_p, gate = torch.randn(1, 4, 1, 8), torch.randn(1, 4, 1, 8), torch.randn(1, 4, 1, 1)
+    for q in (torch.randn(2, 4, 5, 8), 100 * torch.randn(2, 4, 5, 8)):
+        torch.testing.assert_close(prefix_attention(q, k_p, v_p, gate), (gate * v_p).expand(2, 4, 5, 8))
+
+
+def test_one_token_aligner_is_a_constant_shift_of_each_adapted_attention_output():
+    """The whole model with a one-token Aligner equals the base model whose attention output
+    (before wo) in each adapted layer is shifted by the constant beta_l * V_p."""
+    torch.manual_seed(0)
+    args = ModelArgs(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=16)
+    model = Transformer(args).eval()
+    aligner = Aligner(args, n_tokens=1, start_layer=2)
+    with torch.no_grad():
+        aligner.gates.normal_()
+    tokens = torch.randint(0, 50, (2, 7))
+
+    hooks = []
+    with torch.no_grad():
+        for layer_id in range(aligner.start_layer, args.n_layers):
+            attention = model.layers[layer_id].attention
+            v_p = attention.wv(aligner.prefix).view(args.n_kv_heads, args.head_dim)  # the one token's values
+            v_p = v_p.repeat_interleave(args.n_heads // args.n_kv_heads, dim=0)  # (H, hd): head h reads h // n_rep
+            gate = aligner.gates[layer_id - aligner.start_layer]  # (H,)
+            shift = (gate[:, None] * v_p).flatten()  # (H * hd,), heads in wo's input order
+            hooks.append(attention.wo.register_forward_pre_hook(lambda m, inputs, s=shift: (inputs[0] + s,)))
+        shifted = model(tokens)
+        for hook in hooks:
+            hook.remove()
+        aligned = model(tokens, aligner=aligner)
+        base = model(tokens)
+    torch.testing.assert_close(aligned, shifted, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(aligned, base, atol=1e-3)  # the shift is visible: the test can fail
+
+
+def test_only_the_aligner_gets_gradients_and_early_layers_need_no_backward():
+    torch.manual_seed(0)
+    args = ModelArgs(dim=32, n_layers=4, n_heads=4, vocab_size=50, multiple_of=16)
+    model = Transformer(args).requires_grad_(False)
+    aligner = Aligner(args, n_tokens=3, start_layer=2)
+    with torch.no_grad():
+        aligner.gates.normal_()
+    needs_grad = []
+    for layer in model.layers:
+        layer.register_forward_hook(lambda m, inputs, out: needs_grad.append(out.requires_grad))
+    model(torch.randint(0, 50, (2, 6)), aligner=aligner).logsumexp(-1).mean().backward()
+    assert needs_grad == [False, False, True, True]  # autograd records nothing below start_layer
+    assert all(p.grad is None for p in model.parameters())
+    assert aligner.prefix.grad.abs().sum() > 0 and aligner.gates.grad.abs().sum() > 0
+
+
+def test_fresh_aligner_trains_its_gates_first():
+    """At init the prefix gets no gradient (its term is multiplied by zero gates); the gates do."""
+    torch.manual_seed(0)
+    args = ModelArgs(dim=32, n_layers=3, n_heads=4, vocab_size=50, multiple_of=16)
+    model = Transformer(args).requires_grad_(False)
+    aligner = Aligner(args, n_tokens=2, start_layer=1)
+    model(torch.randint(0, 50, (1, 5)), aligner=aligner).logsumexp(-1).mean().backward()
+    assert torch.count_nonzero(aligner.prefix.grad) == 0
+    assert torch.count_nonzero(aligner.gates.grad) > 0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    args = ModelArgs(dim=32, n_layers=3, n_heads=4, vocab_size=50, multiple_of=16)
+    model = Transformer(args).requires_grad_(False)
+    aligner = Aligner(args, n_tokens=2, start_layer=1)
+    with torch.no_grad():
+        aligner.gates.normal_()
+    tokens = torch.randint(0, 50, (2, 6))
+    grads = []
+    for checkpointing in (False, True):
+        model.grad_checkpointing = checkpointing
+        aligner.zero_grad()
+        model(tokens, aligner=aligner).logsumexp(-1).mean().backward()
+        grads.append((aligner.prefix.grad.clone(), aligner.gates.grad.clone()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+LLAMA_2_7B = ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000)
+
+
+@pytest.mark.parametrize("n_tokens, expected", [(1, 5_056), (10, 41_920)])
+def test_trainable_parameter_count_for_llama_2_7b(n_tokens, expected):
+    """N * dim + (n_layers - start_layer) * n_heads."""
+    assert Aligner(LLAMA_2_7B, n_tokens=n_tokens).num_params() == expected
+
+
+# --- files -------------------------------------------------------------------
+
+def test_save_and_load_round_trip(tmp_path):
+    args = ModelArgs(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=16)
+    aligner = Aligner(args, n_tokens=3, start_layer=1)
+    with torch.no_grad():
+        aligner.gates.normal_()
+    aligner.save(tmp_path / "a.pt")
+    loaded = Aligner.load(tmp_path / "a.pt", args)
+    assert (loaded.n_tokens, loaded.start_layer) == (3, 1)
+    assert torch.equal(loaded.prefix, aligner.prefix) and torch.equal(loaded.gates, aligner.gates)
+
+
+def test_loading_against_another_shape_is_a_clear_error(tmp_path):
+    args = ModelArgs(dim=32, n_layers=4, n_heads=4, vocab_size=50)
+    Aligner(args, n_tokens=1).save(tmp_path / "a.pt")
+    for other in (ModelArgs(dim=64, n_layers=4, n_heads=4, vocab_size=50),
+                  ModelArgs(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=50)):
+        with pytest.raises(ValueError) as info:
+            Aligner.load(tmp_path / "a.pt", other)
+        assert "a.pt" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_not_an_aligner_file(tmp_path):
+    torch.save({"weights": torch.ones(2)}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="x.pt: not an Aligner file"):
+        Aligner.load(tmp_path / "x.pt")
+
+
+def test_authors_lit_llama_file_is_imported(tmp_path):
+    """A file in the authors' layout, built by hand: bf16, gates (1, H, 1, 1) from layer 2,
+    per-layer adapter_wte copies of the prefix that are ignored."""
+    torch.manual_seed(0)
+    args = ModelArgs(dim=32, n_layers=5, n_heads=4, vocab_size=50, multiple_of=16)
+    prefix = torch.randn(2, 32).bfloat16()
+    gates = {i: torch.randn(1, 4, 1, 1).bfloat16() for i in range(2, 5)}
+    state = {"global_value_embedding.weight": prefix}
+    for i, gate in gates.items():
+        state[f"transformer.h.{i}.attn.gating_factor"] = gate
+        state[f"transformer.h.{i}.attn.adapter_wte.weight"] = prefix.clone()
+    torch.save(state, tmp_path / "lit.pth")
+
+    aligner = Aligner.from_lit_llama(tmp_path / "lit.pth", args)
+    assert (aligner.n_tokens, aligner.start_layer) == (2, 2)
+    assert torch.equal(aligner.prefix, prefix.float())
+    for i, gate in gates.items():
+        assert torch.equal(aligner.gates[i - 2], gate.float().flatten())
+    with pytest.raises(ValueError, match="from_lit_llama"):
+        Aligner.load(tmp_path / "lit.pth")
+
+
+def test_bank_rows_equal_single_aligners():
+    """Rows of one batch, each with its own Aligner or none, match separate runs."""
+    torch.manual_seed(0)
+    args = ModelArgs(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=16)
+    model = Transformer(args).eval()
+    aligners = [Aligner(args, n_tokens=2, start_layer=1) for _ in range(2)]
+    with torch.no_grad():
+        for a in aligners:
+            a.gates.normal_()
+    bank = AlignerBank([aligners[0], None, aligners[1]])
+    tokens = torch.randint(0, 50, (3, 6))
+    with torch.no_grad():
+        together = model(tokens, aligner=bank.select([0, 1, 2]))
+        alone = [model(tokens[:1], aligners[0]), model(tokens[1:2]), model(tokens[2:], aligners[1])]
+    torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=1e-5)
+    assert bank.nbytes() == 3 * (2 * 32 + 2 * 4) * 4
