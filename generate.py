@@ -1,0 +1,348 @@
+"""
+Text generation with a frozen LLaMA and any number of Aligners, through the KV cache.
+
+    python generate.py                                   # the built-in demo model and prompt
+    python generate.py --ckpt llama-2-7b --aligner out/aligner.pt --prompt "Give three tips for staying healthy."
+    python generate.py --ckpt llama-2-7b --aligner base --aligner out/sft.pt --aligner out/dpo.pt \\
+        --prompts-file prompts.jsonl --out answers.jsonl  # each prompt answered by the base and two Aligners
+    python generate.py --temperature 0.7 --top-p 0.9 --seed 0 --prompt "Write a haiku about autumn."
+
+The library function is `generate(model, tokenizer, prompts, aligner)`; evaluate.py
+calls it. Decoding follows Meta's generation.py and gpt-fast: one prefill of the
+whole prompt, then one token per forward, reading the keys and values of earlier
+positions from a KVCache. The Aligner's prefix keys and values (Aligner paper,
+Eq. 5) depend on the Aligner alone, so the cache computes them on the prefill
+and every later step reuses them.
+
+Several prompts decode together, left-padded to the longest; each row stops on
+its own (at EOS or a stop string) and the loop ends when all rows have stopped.
+Each row may carry its own Aligner (an AlignerRows from AlignerBank.select):
+rows with different Aligners share every batched forward.
+
+Departures from Meta's generation.py: left padding instead of right padding
+(positions count from each row's first real token, so a row decodes exactly as
+it would alone); stop strings besides EOS; top-k beside top-p.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from aligner import Aligner, AlignerBank, AlignerRows
+from data import DEMO_CKPT, format_prompt
+from llama import KVCache, atomic_write, load
+
+DEMO_PROMPT = "Give three tips for staying healthy."
+
+
+# -----------------------------------------------------------------------------
+# sampling
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep each row's k largest logits (B, V); the others become -inf."""
+    k = min(k, logits.shape[-1])
+    kth = torch.topk(logits, k, dim=-1).values[:, -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus sampling (Holtzman et al. 2020): keep the smallest set of most
+    probable tokens whose probabilities sum to at least p; the others become -inf.
+
+    logits: (B, V). The most probable token is always kept.
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)  # (B, V)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # (B, V)
+    drop_sorted = mass_before >= p  # the set already held p without this token
+    drop_sorted[:, 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+           generator: torch.Generator = None) -> torch.Tensor:
+    """The next token of each row: logits (B, V) -> ids (B,). Temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        logits = top_k_filter(logits, top_k)
+    if top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+
+
+# -----------------------------------------------------------------------------
+# the forward passes of a generation
+
+def prefill(model, tokens: torch.Tensor, aligner, cache: KVCache) -> torch.Tensor:
+    """Run the (left-padded) prompts (B, T) through the model, filling the cache.
+    Returns the logits after each row's last prompt token, (B, V)."""
+    return model(tokens, aligner, cache)[:, -1]
+
+
+def decode_one_token(model, token: torch.Tensor, aligner, cache: KVCache) -> torch.Tensor:
+    """One new token per row (B, 1) -> the logits that follow it (B, V)."""
+    return model(token, aligner, cache)[:, -1]
+
+
+# -----------------------------------------------------------------------------
+# the text of one row, as it grows
+
+def cut_at_stop(text: str, stop) -> tuple:
+    """(text before the earliest stop string, whether one was found)."""
+    ends = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return (text[:min(ends)], True) if ends else (text, False)
+
+
+def undecided_tail(text: str, stop) -> int:
+    """How many trailing characters may still change: the start of a stop string,
+    or an incomplete UTF-8 character, which decodes as U+FFFD until its last byte comes."""
+    broken = len(text) - len(text.rstrip("\ufffd"))
+    longest = max((len(s) for s in stop), default=0)
+    starts_stop = next((n for n in range(min(len(text), longest - 1), 0, -1)
+                        if any(s.startswith(text[-n:]) for s in stop)), 0)
+    return max(broken, starts_stop)
+
+
+class Row:
+    """One row's generated ids, the text sent to on_token so far, and whether it stopped."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.ids = []
+        self.sent = ""
+        self.text = None  # the final completion, once the row has stopped
+
+    def add(self, token: int, tokenizer, stop, on_token, last: bool):
+        """Take one sampled token; stop at EOS, at a stop string, or when this is the last step."""
+        done = token == tokenizer.eos_id or last
+        if token != tokenizer.eos_id:
+            self.ids.append(token)
+        if not stop and on_token is None and not done:
+            return  # nothing to look at until the end
+        text, found = cut_at_stop(tokenizer.decode(self.ids), stop)
+        done = done or found
+        if done:
+            self.text = text
+        if on_token is not None:
+            ready = text if done else text[:len(text) - undecided_tail(text, stop)]
+            if len(ready) > len(self.sent) and ready.startswith(self.sent):
+                on_token(self.index, ready[len(self.sent):])
+                self.sent = ready
+
+
+# -----------------------------------------------------------------------------
+# the library function
+
+def rows_of(aligner, rows: slice, device):
+    """What forward takes as `aligner=` for these batch rows, on the model's device."""
+    if aligner is None:
+        return None
+    if isinstance(aligner, AlignerRows):
+        return AlignerRows(aligner.prefix[rows].to(device), aligner.gates[rows].to(device), aligner.start_layer)
+    # one Aligner for every row: a batch axis of 1 broadcasts over the batch
+    return AlignerRows(aligner.prefix.detach()[None].to(device), aligner.gates.detach()[None].to(device),
+                       aligner.start_layer)
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: list[list[int]], aligner=None, *, max_new_tokens: int = 256,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: list[str] = (),
+             seed: int | None = None, on_token=None) -> list[str]:
+    """Each prompt's completion: its text up to EOS or the first stop string (neither included).
+
+    prompts: token ids, BOS included. aligner: None (the base model), an Aligner
+    for every row, or an AlignerRows with one Aligner per prompt. Greedy at
+    temperature 0; otherwise sampled with `seed` (None: a fresh random seed).
+    on_token(row, text) receives each row's completion piece by piece as it
+    becomes final; the pieces join into the returned text. Prompts are decoded
+    in batches of at most model.args.max_batch_size rows.
+    """
+    if isinstance(aligner, AlignerBank):
+        raise TypeError("pass bank.select(rows), one Aligner per prompt, rather than the AlignerBank itself")
+    if isinstance(aligner, AlignerRows) and aligner.prefix.shape[0] != len(prompts):
+        raise ValueError(f"the AlignerRows hold {aligner.prefix.shape[0]} rows for {len(prompts)} prompts")
+    device = model.tok_embeddings.weight.device
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    stop = [s for s in stop if s]
+    batch_size = model.args.max_batch_size
+    out = []
+    for first in range(0, len(prompts), batch_size):
+        rows = slice(first, first + batch_size)
+        out += generate_batch(model, tokenizer, prompts[rows], rows_of(aligner, rows, device), first,
+                              max_new_tokens, temperature, top_p, top_k, stop, generator, on_token)
+    return out
+
+
+def generate_batch(model, tokenizer, prompts, aligner, first_row, max_new_tokens, temperature, top_p, top_k,
+                   stop, generator, on_token) -> list[str]:
+    """`generate` for one batch: left-pad, prefill, then decode until every row has stopped."""
+    args = model.args
+    weight = model.tok_embeddings.weight
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise ValueError(f"prompt {first_row + lengths.index(0)} is empty; it needs at least the BOS token")
+    longest = max(lengths)
+    if longest >= args.max_seq_len:
+        raise ValueError(f"a prompt of {longest} tokens leaves no room to generate within "
+                         f"max_seq_len {args.max_seq_len}")
+    n_new = min(max_new_tokens, args.max_seq_len - longest)  # as Meta does, stop at the context's end
+    if n_new <= 0:
+        return ["" for _ in prompts]
+
+    # left padding: every row's last prompt token sits in the same column
+    tokens = torch.full((len(prompts), longest), tokenizer.bos_id, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        tokens[b, longest - len(p):] = torch.tensor(p)
+    pad = None if min(lengths) == longest else torch.tensor([longest - n for n in lengths], device=weight.device)
+    cache = KVCache(args, len(prompts), longest + n_new - 1, device=weight.device, dtype=weight.dtype, pad=pad)
+
+    rows = [Row(first_row + b) for b in range(len(prompts))]
+    logits = prefill(model, tokens.to(weight.device), aligner, cache)  # (B, V)
+    for step in range(n_new):
+        next_token = sample(logits, temperature, top_p, top_k, generator)  # (B,)
+        for row, token in zip(rows, next_token.tolist()):
+            if row.text is None:
+                row.add(token, tokenizer, stop, on_token, last=step == n_new - 1)
+        if all(row.text is not None for row in rows):
+            break
+        # rows that stopped keep decoding their last token; what follows is never read
+        logits = decode_one_token(model, next_token[:, None], aligner, cache)
+    return [row.text for row in rows]
+
+
+# -----------------------------------------------------------------------------
+# the command line
+
+def read_prompts(path) -> list:
+    """(instruction, input) pairs: one prompt per line, or JSON Lines (.jsonl) with the
+    Alpaca keys "instruction" and, optionally, "input"."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no prompts file here")
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix != ".jsonl":
+            prompts.append((line, ""))
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({e})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
+            raise ValueError(f"{path}, line {number}: expected an object with an \"instruction\" string")
+        prompts.append((record["instruction"], record.get("input") or ""))
+    if not prompts:
+        raise ValueError(f"{path}: no prompts in this file")
+    return prompts
+
+
+def aligner_names(paths) -> list:
+    """A short name for each --aligner: the file's stem, or the whole path where stems collide."""
+    stems = [Path(p).stem for p in paths]
+    return [stem if stems.count(stem) == 1 else str(p) for stem, p in zip(stems, paths)]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Generate text with a LLaMA checkpoint and any number of Aligners.")
+    parser.add_argument("--ckpt", type=Path, default=None,
+                        help="Meta checkpoint folder (params.json, consolidated.*.pth; tokenizer.model "
+                             "inside or beside it); default: the built-in demo, " + str(DEMO_CKPT))
+    parser.add_argument("--aligner", action="append", default=[],
+                        help="an Aligner file; repeat to answer each prompt with several, side by side; "
+                             "'base' stands for the base model; none given: the base model alone")
+    parser.add_argument("--prompt", action="append", default=[], help="an instruction; repeatable")
+    parser.add_argument("--prompts-file", type=Path, default=None,
+                        help="one instruction per line, or .jsonl with \"instruction\" and optional \"input\"")
+    parser.add_argument("--template", choices=["alpaca", "none"], default="alpaca",
+                        help="wrap each instruction in the Alpaca prompt, or use it as it is")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="at most this many tokens per answer")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; otherwise sample")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this much probability")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most probable tokens; 0: all")
+    parser.add_argument("--stop", action="append", default=[], help="end an answer before this string; repeatable")
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling, for reproducible output")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also write JSON Lines: instruction, input, aligner, output")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the model runs: cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="default: bfloat16 on CUDA, float32 on CPU")
+    args = parser.parse_args(argv)
+
+    # --- load -------------------------------------------------------------------
+    ckpt = args.ckpt
+    if ckpt is None:
+        if not DEMO_CKPT.is_dir():
+            sys.exit(f"generate.py: the built-in demo {DEMO_CKPT} does not exist yet; build it with "
+                     "`python build_demo.py`, or pass --ckpt")
+        ckpt = DEMO_CKPT
+        print(f"using the built-in demo model {ckpt} (pass --ckpt for another)", file=sys.stderr)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    model, tokenizer = load(ckpt, device=args.device, dtype=dtype)
+    names = aligner_names(args.aligner) if args.aligner else ["base"]
+    aligners = [None if p == "base" else Aligner.load(p, args=model.args) for p in args.aligner] or [None]
+
+    # --- prompts ----------------------------------------------------------------
+    pairs = [(p, "") for p in args.prompt]
+    if args.prompts_file is not None:
+        pairs += read_prompts(args.prompts_file)
+    if not pairs:
+        pairs = [(DEMO_PROMPT, "")]
+    if args.template == "alpaca":
+        texts = [format_prompt(instruction, input) for instruction, input in pairs]
+    else:
+        texts = [instruction + (f"\n\n{input}" if input else "") for instruction, input in pairs]
+
+    # --- generate: row (prompt i, Aligner k) is i * K + k, all in shared batches --
+    n_aligners = len(aligners)
+    prompts = [tokenizer.encode(text, bos=True) for text in texts for _ in aligners]
+    if n_aligners == 1:
+        row_aligners = aligners[0]
+    else:
+        row_aligners = None  # every --aligner is 'base'
+        if any(a is not None for a in aligners):
+            row_aligners = AlignerBank(aligners).select([k for _ in texts for k in range(n_aligners)])
+    stream = len(prompts) == 1 and sys.stdout.isatty()
+    on_token = (lambda row, piece: print(piece, end="", flush=True)) if stream else None
+    outputs = generate(model, tokenizer, prompts, row_aligners, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, stop=args.stop,
+                       seed=args.seed, on_token=on_token)
+
+    # --- print and save ---------------------------------------------------------
+    if stream:
+        print()
+    elif len(prompts) == 1:
+        print(outputs[0])
+    else:
+        for i, (instruction, input) in enumerate(pairs):
+            print(f"=== {instruction}" + (f"\n{input}" if input else "") + " ===")
+            for k, name in enumerate(names):
+                if n_aligners > 1:
+                    print(f"--- {name} ---")
+                print(outputs[i * n_aligners + k])
+            print()
+    if args.out is not None:
+        records = [{"instruction": instruction, "input": input, "aligner": name,
+                    "output": outputs[i * n_aligners + k]}
+                   for i, (instruction, input) in enumerate(pairs) for k, name in enumerate(names)]
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(args.out, lambda f: f.write(text), mode="w")
+        print(f"wrote {len(records)} answers to {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

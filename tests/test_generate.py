@@ -1,0 +1,372 @@
+"""Generation: the KV cache against full forwards, sampling, batches of mixed lengths
+and mixed Aligners, stopping, and the command line."""
+
+import copy
+import sys
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import generate as generate_script
+from aligner import Aligner, AlignerBank
+from conftest import TINY
+from data import format_prompt
+from generate import cut_at_stop, decode_one_token, generate, prefill, sample
+from llama import KVCache, ModelArgs, Transformer, load, prefix_attention
+
+# float32 rounding, after a few layers of logits up to about 6 in size: the batched,
+# cached and fused paths sum in different orders
+FLOAT32 = dict(atol=5e-5, rtol=1e-4)
+PROMPTS = ["The quick brown fox", "Hi", "A robin is a bird. A salmon is a fish. The capital", "Question: What"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices gain nothing from threads, and lose much to them on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_ckpt):
+    """(model, tokenizer) of the tiny checkpoint, float32 on CPU, at most 8 rows a batch."""
+    return load(tiny_ckpt, max_seq_len=256, max_batch_size=8)
+
+
+def random_model(n_kv_heads=2, seed=0):
+    """A tiny Transformer whose outputs depend visibly on its input (weights of std 0.2)."""
+    torch.manual_seed(seed)
+    args = ModelArgs(**{**TINY, "n_kv_heads": n_kv_heads}, vocab_size=384, max_seq_len=64)
+    model = Transformer(args)
+    for p in model.parameters():
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.2)
+    return model.requires_grad_(False).eval()
+
+
+def trained_aligner(args, n_tokens=1, seed=0):
+    """An Aligner with non-zero gates, as after training (a fresh one changes nothing)."""
+    torch.manual_seed(seed)
+    aligner = Aligner(args, n_tokens=n_tokens)
+    with torch.no_grad():
+        aligner.gates.normal_(std=1.0)
+    return aligner
+
+
+def encode(tokenizer, texts):
+    return [tokenizer.encode(t, bos=True) for t in texts]
+
+
+def greedy_ids(model, prompt, n, aligner=None):
+    """n greedy token ids after one prompt, by prefill and decode_one_token alone (no EOS handling)."""
+    cache = KVCache(model.args, 1, len(prompt) + n)
+    logits = prefill(model, torch.tensor([prompt]), aligner, cache)
+    ids = []
+    for _ in range(n):
+        token = sample(logits)
+        ids.append(token.item())
+        logits = decode_one_token(model, token[:, None], aligner, cache)
+    return ids
+
+
+def cached_logits(model, tokens, aligner, split, pad=None):
+    """Logits of every position of tokens (B, T): the first `split` by prefill, then one token at a time."""
+    cache = KVCache(model.args, tokens.shape[0], tokens.shape[1], pad=pad)
+    out = [model(tokens[:, :split], aligner, cache)]
+    for t in range(split, tokens.shape[1]):
+        out.append(decode_one_token(model, tokens[:, t:t + 1], aligner, cache)[:, None])
+    return torch.cat(out, dim=1)  # (B, T, V)
+
+
+# -----------------------------------------------------------------------------
+# the cache
+
+@pytest.mark.parametrize("n_kv_heads", [2, 4], ids=["grouped-query", "multi-head"])
+@pytest.mark.parametrize("n_tokens", [0, 1, 3], ids=["base", "N=1", "N=3"])
+@torch.no_grad()
+def test_cached_decoding_gives_the_logits_of_a_full_forward(n_kv_heads, n_tokens):
+    model = random_model(n_kv_heads)
+    aligner = trained_aligner(model.args, n_tokens) if n_tokens else None
+    tokens = torch.randint(0, 384, (3, 14), generator=torch.Generator().manual_seed(1))
+    full = model(tokens, aligner)
+    torch.testing.assert_close(cached_logits(model, tokens, aligner, split=5), full, **FLOAT32)
+    if aligner is not None:  # the Aligner changes the logits, so the comparison above could fail
+        assert not torch.allclose(model(tokens), full, atol=1e-3)
+
+
+def test_prefix_keys_and_values_are_computed_once_per_generation(tiny, monkeypatch):
+    model, tokenizer = tiny
+    calls = []
+    real = type(model).prefix_kv
+    monkeypatch.setattr(model, "prefix_kv", lambda aligner: calls.append(1) or real(model, aligner))
+    generate(model, tokenizer, encode(tokenizer, PROMPTS[:2]), trained_aligner(model.args), max_new_tokens=12)
+    assert len(calls) == 1
+
+
+def test_one_token_shortcut_equals_the_general_prefix_attention():
+    """With N = 1 the prefix softmax is over one key, so Eq. 7 is beta_l * V_p at every position."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 7, 16)
+    k_p, v_p, gate = torch.randn(2, 4, 1, 16), torch.randn(2, 4, 1, 16), torch.randn(2, 4, 1, 1)
+    torch.testing.assert_close(prefix_attention(q, k_p, v_p, gate), (gate * v_p).expand(2, 4, 7, 16))
+
+
+@torch.no_grad()
+def test_one_token_aligner_equals_the_same_token_twice():
+    """The model's N = 1 shortcut against its general path: a prefix of one token written twice
+    attends to two equal keys, half each, so it must give the same logits."""
+    model = random_model()
+    one = trained_aligner(model.args, n_tokens=1)
+    twice = Aligner(model.args, n_tokens=2)
+    twice.load_state_dict({"prefix": one.prefix.repeat(2, 1), "gates": one.gates})
+    tokens = torch.randint(0, 384, (2, 9), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(model(tokens, one), model(tokens, twice), **FLOAT32)
+    torch.testing.assert_close(cached_logits(model, tokens, one, 4), cached_logits(model, tokens, twice, 4),
+                               **FLOAT32)
+
+
+# -----------------------------------------------------------------------------
+# batches: left padding, and one Aligner per row
+
+@pytest.mark.parametrize("with_aligner", [False, True], ids=["base", "aligner"])
+def test_prompts_of_different_lengths_decode_as_each_alone(tiny, with_aligner):
+    model, tokenizer = tiny
+    aligner = trained_aligner(model.args, n_tokens=2) if with_aligner else None
+    prompts = encode(tokenizer, PROMPTS)
+    assert len({len(p) for p in prompts}) == len(prompts)
+    together = generate(model, tokenizer, prompts, aligner, max_new_tokens=16)
+    alone = [generate(model, tokenizer, [p], aligner, max_new_tokens=16)[0] for p in prompts]
+    assert together == alone
+    assert all(together)
+
+
+@torch.no_grad()
+def test_left_padded_rows_have_the_logits_of_each_row_alone():
+    model = random_model()
+    aligner = trained_aligner(model.args, n_tokens=2)
+    gen = torch.Generator().manual_seed(3)
+    rows = [torch.randint(0, 384, (n,), generator=gen) for n in (9, 4, 6)]
+    tokens = torch.stack([torch.cat([torch.ones(9 - len(r), dtype=torch.long), r]) for r in rows])  # (3, 9)
+    pad = torch.tensor([9 - len(r) for r in rows])
+    padded = cached_logits(model, tokens, aligner, split=7, pad=pad)
+    for b, row in enumerate(rows):
+        torch.testing.assert_close(padded[b, 9 - len(row):], model(row[None], aligner)[0], **FLOAT32)
+
+
+@pytest.mark.parametrize("n_tokens", [1, 3], ids=["N=1", "N=3"])
+def test_a_batch_of_mixed_aligners_equals_the_single_runs(tiny, n_tokens):
+    """Rows carrying different Aligners (and the base model) in one batched forward give,
+    row by row, the greedy tokens and the logits of separate single-Aligner runs."""
+    model, tokenizer = tiny
+    aligners = [trained_aligner(model.args, n_tokens, seed=s) for s in (1, 2)] + [None]
+    picks = [0, 2, 1, 0, 1]
+    rows = AlignerBank(aligners).select(picks)
+    prompts = encode(tokenizer, [PROMPTS[i % len(PROMPTS)] for i in range(len(picks))])
+    mixed = generate(model, tokenizer, prompts, rows, max_new_tokens=16)
+    single = [generate(model, tokenizer, [p], aligners[k], max_new_tokens=16)[0] for p, k in zip(prompts, picks)]
+    assert mixed == single
+    assert len(set(mixed[:3])) == 3  # the Aligners make a difference, so the comparison could fail
+
+    # the logits, teacher-forced along the same continuation
+    continuation = torch.randint(0, 384, (len(picks), 6), generator=torch.Generator().manual_seed(4))
+    tokens = torch.cat([torch.tensor([p[:3] for p in prompts]), continuation], 1)  # (B, 9)
+    with torch.no_grad():
+        batched = cached_logits(model, tokens, rows, split=3)
+        for b, k in enumerate(picks):
+            alone = cached_logits(model, tokens[b:b + 1], aligners[k], split=3)
+            torch.testing.assert_close(batched[b:b + 1], alone, **FLOAT32)
+
+
+def test_more_prompts_than_a_batch_holds(tiny):
+    model, tokenizer = tiny
+    aligner = trained_aligner(model.args)
+    prompts = encode(tokenizer, PROMPTS * 3)  # 12 prompts, batches of at most 8
+    out = generate(model, tokenizer, prompts, AlignerBank([aligner, None]).select([i % 2 for i in range(12)]),
+                   max_new_tokens=6)
+    alone = [generate(model, tokenizer, [p], a, max_new_tokens=6)[0] for p, a in zip(prompts, [aligner, None] * 2)]
+    assert out == alone * 3
+
+
+# -----------------------------------------------------------------------------
+# stopping
+
+def test_greedy_follows_the_prefill_and_decode_steps(tiny):
+    model, tokenizer = tiny
+    prompt = encode(tokenizer, PROMPTS[:1])
+    ids = greedy_ids(model, prompt[0], 20)
+    if tokenizer.eos_id in ids:
+        ids = ids[:ids.index(tokenizer.eos_id)]
+    assert generate(model, tokenizer, prompt, max_new_tokens=20) == [tokenizer.decode(ids)]
+
+
+def test_each_row_stops_at_its_own_eos(tiny):
+    """EOS is taken to be a token that one row generates early: that row ends just before it,
+    EOS excluded, while the other rows go on as they would alone."""
+    model, tokenizer = tiny
+    prompts = encode(tokenizer, PROMPTS)
+    ids = [greedy_ids(model, p, 16) for p in prompts]
+    eos = ids[0][5]
+    stopped = copy.copy(tokenizer)
+    stopped.eos_id = eos
+    expected = [tokenizer.decode(row[:row.index(eos)] if eos in row else row) for row in ids]
+    assert generate(model, stopped, prompts, max_new_tokens=16) == expected
+    assert len(expected[0]) < len(tokenizer.decode(ids[0]))
+
+
+def test_each_row_stops_before_its_first_stop_string(tiny):
+    model, tokenizer = tiny
+    prompts = encode(tokenizer, PROMPTS)
+    full = generate(model, tokenizer, prompts, max_new_tokens=24)
+    # a two-letter stop string from the middle of the first row's answer
+    at = next(i for i in range(4, len(full[0]) - 1) if full[0][i:i + 2].isascii() and full[0][i:i + 2].isalnum())
+    stop = [full[0][at:at + 2], "\x00never"]
+    expected = [cut_at_stop(text, stop)[0] for text in full]
+    assert generate(model, tokenizer, prompts, max_new_tokens=24, stop=stop) == expected
+    assert len(expected[0]) < len(full[0])
+
+
+def test_streamed_pieces_join_into_the_returned_text(tiny):
+    """on_token never sends what may still turn into a stop string."""
+    model, tokenizer = tiny
+    prompts = encode(tokenizer, PROMPTS)
+    full = generate(model, tokenizer, prompts, max_new_tokens=24)
+    stop = [full[1][6:9]]
+    pieces = {}
+    out = generate(model, tokenizer, prompts, max_new_tokens=24, stop=stop,
+                   on_token=lambda row, text: pieces.setdefault(row, []).append(text))
+    assert out == [cut_at_stop(text, stop)[0] for text in full]
+    assert ["".join(pieces.get(row, [])) for row in range(len(prompts))] == out
+    assert len(pieces[0]) > 1  # streamed, not sent at the end in one piece
+
+
+def test_generation_stops_at_the_end_of_the_context(tiny):
+    model, tokenizer = tiny
+    long_prompt = [tokenizer.bos_id] + [100] * 250
+    out = generate(model, tokenizer, [long_prompt], max_new_tokens=20)  # 5 tokens fit in max_seq_len 256
+    assert len(out) == 1
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(model, tokenizer, [[tokenizer.bos_id] * 256], max_new_tokens=4)
+
+
+# -----------------------------------------------------------------------------
+# sampling
+
+def test_greedy_is_deterministic(tiny):
+    model, tokenizer = tiny
+    prompts = encode(tokenizer, PROMPTS)
+    aligner = trained_aligner(model.args)
+    first = generate(model, tokenizer, prompts, aligner, max_new_tokens=16)
+    assert generate(model, tokenizer, prompts, aligner, max_new_tokens=16) == first
+    # top_k = 1 leaves only the argmax to sample, whatever the temperature and seed
+    assert generate(model, tokenizer, prompts, aligner, max_new_tokens=16, temperature=2.0, top_k=1) == first
+
+
+def test_a_seed_makes_sampling_reproducible(tiny):
+    model, tokenizer = tiny
+    prompts = encode(tokenizer, PROMPTS)
+    runs = [generate(model, tokenizer, prompts, max_new_tokens=16, temperature=1.0, top_p=0.95, seed=s)
+            for s in (7, 7, 8)]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+@settings(max_examples=60, deadline=None)
+@given(logits=st.lists(st.floats(-6, 6), min_size=2, max_size=40), top_p=st.floats(0.01, 0.99),
+       temperature=st.sampled_from([0.5, 1.0, 2.0]), seed=st.integers(0, 2**16))
+def test_top_p_never_samples_outside_the_nucleus(logits, top_p, temperature, seed):
+    """The nucleus: the tokens whose more probable tokens together hold less than top_p."""
+    logits = torch.tensor(logits)
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    more_probable_mass = (probs[None, :] * (probs[None, :] > probs[:, None])).sum(-1)  # (V,)
+    nucleus = more_probable_mass < top_p + 1e-5
+    drawn = sample(logits.expand(500, -1), temperature, top_p=top_p,
+                   generator=torch.Generator().manual_seed(seed))
+    assert nucleus[drawn].all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(logits=st.lists(st.floats(-6, 6), min_size=2, max_size=40), top_k=st.integers(1, 8),
+       seed=st.integers(0, 2**16))
+def test_top_k_samples_only_the_k_most_probable(logits, top_k, seed):
+    logits = torch.tensor(logits)
+    kth = logits.sort(descending=True).values[min(top_k, len(logits)) - 1]
+    drawn = sample(logits.expand(500, -1), 1.0, top_k=top_k, generator=torch.Generator().manual_seed(seed))
+    assert (logits[drawn] >= kth).all()
+
+
+# -----------------------------------------------------------------------------
+# the bank's size
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_bank_holds_5056_values_per_one_token_aligner_for_llama_2_7b(dtype):
+    args = ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000)
+    bank = AlignerBank([Aligner(args, n_tokens=1) for _ in range(3)]).to(dtype=dtype)
+    assert bank.nbytes() == 3 * 5056 * dtype.itemsize
+
+
+# -----------------------------------------------------------------------------
+# the command line
+
+def test_command_line_answers_side_by_side(tiny, tiny_ckpt, tmp_path, capsys):
+    model, tokenizer = tiny
+    aligner = trained_aligner(model.args, n_tokens=2)
+    aligner.save(tmp_path / "sft.pt")
+    instructions = ["Name a bird.", "What is two plus three?"]
+    generate_script.main(["--ckpt", str(tiny_ckpt), "--aligner", str(tmp_path / "sft.pt"), "--aligner", "base",
+                          "--prompt", instructions[0], "--prompt", instructions[1], "--max-new-tokens", "8",
+                          "--out", str(tmp_path / "out" / "answers.jsonl")])
+    records = [json.loads(line) for line in (tmp_path / "out" / "answers.jsonl").read_text().splitlines()]
+    assert [(r["instruction"], r["aligner"]) for r in records] == [
+        (i, name) for i in instructions for name in ("sft", "base")]
+    prompts = encode(tokenizer, [format_prompt(i) for i in instructions])
+    for name, a in (("sft", aligner), ("base", None)):
+        expected = generate(model, tokenizer, prompts, a, max_new_tokens=8)
+        assert [r["output"] for r in records if r["aligner"] == name] == expected
+    printed = capsys.readouterr().out
+    assert printed.count("--- sft ---") == 2 and printed.count("--- base ---") == 2
+    assert all(r["output"] in printed for r in records)
+
+
+def test_command_line_reads_a_jsonl_prompts_file(tiny, tiny_ckpt, tmp_path, capsys):
+    model, tokenizer = tiny
+    lines = [{"instruction": "Name a bird.", "input": ""}, {"instruction": "Add these.", "input": "2 and 3"}]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    generate_script.main(["--ckpt", str(tiny_ckpt), "--prompts-file", str(tmp_path / "prompts.jsonl"),
+                          "--template", "none", "--max-new-tokens", "6", "--out", str(tmp_path / "a.jsonl")])
+    records = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    expected = generate(model, tokenizer, encode(tokenizer, ["Name a bird.", "Add these.\n\n2 and 3"]),
+                        max_new_tokens=6)
+    assert [r["output"] for r in records] == expected
+    assert [r["aligner"] for r in records] == ["base", "base"]
+
+
+def test_command_line_names_the_line_of_a_bad_prompts_file(tiny_ckpt, tmp_path):
+    (tmp_path / "prompts.jsonl").write_text('{"instruction": "ok"}\n{"text": "no instruction"}\n')
+    with pytest.raises(ValueError, match="prompts.jsonl, line 2"):
+        generate_script.main(["--ckpt", str(tiny_ckpt), "--prompts-file", str(tmp_path / "prompts.jsonl")])
+
+
+def test_without_the_demo_it_says_how_to_build_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(generate_script, "DEMO_CKPT", tmp_path / "demo" / "llama-demo")
+    with pytest.raises(SystemExit, match="build_demo.py"):
+        generate_script.main([])
+
+
+def test_command_line_streams_one_prompt_to_a_terminal(tiny, tiny_ckpt, monkeypatch, capsys):
+    model, tokenizer = tiny
+    pieces = []
+    real = generate_script.generate
+
+    def spy(*args, on_token=None, **kwargs):
+        return real(*args, on_token=lambda row, text: pieces.append(text) or on_token(row, text), **kwargs)
+
+    monkeypatch.setattr(generate_script, "generate", spy)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    generate_script.main(["--ckpt", str(tiny_ckpt), "--prompt", "Name a bird.", "--max-new-tokens", "12"])
+    expected = generate(model, tokenizer, encode(tokenizer, [format_prompt("Name a bird.")]), max_new_tokens=12)[0]
+    assert capsys.readouterr().out == expected + "\n"
+    assert len(pieces) > 1 and "".join(pieces) == expected
