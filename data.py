@@ -1,12 +1,23 @@
 """
-What the scripts share about data: the prompt template, and where the built-in demo lives.
+What the scripts share about data: the prompt template, where the built-in demo
+lives, reading the training files, and turning examples into padded tokens.
 
 The template is Stanford Alpaca's, in its two variants (with and without an
 input). Training, generation and evaluation all format prompts through
 `format_prompt`, so they can never disagree.
+
+Files: Alpaca's JSON list of {"instruction", "input", "output"}, the same
+records as JSON Lines, already formatted {"prompt", "response"} lines for SFT;
+{"prompt", "chosen", "rejected"} lines or PKU-SafeRLHF's own rows for DPO. A
+bad record stops the run with its file and line. An example is BOS + prompt +
+response + EOS with the loss on the response only (Alpaca's own code trained on
+the whole sequence; `train_on_prompt` does that).
 """
 
+import json
 from pathlib import Path
+
+import torch
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 DEMO_CKPT = DEMO_DIR / "llama-demo"  # Meta layout; demo/tokenizer.model lies beside it
@@ -29,3 +40,195 @@ def format_prompt(instruction: str, input: str = "") -> str:
     if input:
         return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
     return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+# -----------------------------------------------------------------------------
+# reading records: a JSON list (Alpaca's file) or JSON Lines, each record with
+# the place it came from, so that a bad one is reported by its line
+
+class DataError(ValueError):
+    """A data file the scripts cannot use; the message names the file and the line."""
+
+
+def read_records(path) -> list:
+    """[(where, record)] from a JSON list or a JSON Lines file; `where` reads 'line 12' or 'record 3 (line 9)'."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no data file here")
+    text = path.read_text(encoding="utf-8")
+    start = len(text) - len(text.lstrip())
+    if text[start:start + 1] == "[":
+        return _json_list(path, text, start)
+    records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((f"line {lineno}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {lineno}: not valid JSON ({e.msg}); "
+                            "expected one JSON object per line, or one JSON list") from None
+    return records
+
+
+def _json_list(path, text, pos) -> list:
+    """Walk a JSON list element by element, so each record keeps the line it starts on."""
+    decoder = json.JSONDecoder()
+    records = []
+    pos += 1  # past "["
+
+    def skip_space(pos):
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        return pos
+
+    counted = [0, 1]  # (offset, line there): lines are counted forward only, once
+
+    def line_at(pos):
+        counted[1] += text.count("\n", counted[0], pos)
+        counted[0] = pos
+        return counted[1]
+
+    def fail(pos, what):
+        raise DataError(f"{path}, record {len(records)} (line {line_at(pos)}): {what}")
+
+    pos = skip_space(pos)
+    if text[pos:pos + 1] == "]":
+        return records
+    while True:
+        try:
+            record, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            fail(e.pos, f"not valid JSON ({e.msg})")
+        records.append((f"record {len(records)} (line {line_at(pos)})", record))
+        pos = skip_space(end)
+        if text[pos:pos + 1] == "]":
+            break
+        if text[pos:pos + 1] != ",":
+            fail(pos, "expected ',' or ']' after this record")
+        pos = skip_space(pos + 1)
+    if text[pos + 1:].strip():
+        fail(pos + 1, "unexpected text after the closing ']'")
+    return records
+
+
+def _fields(path, where, record, required, optional=()) -> dict:
+    """The record's string fields, or a DataError that says which key is wrong."""
+    if not isinstance(record, dict):
+        raise DataError(f"{path}, {where}: expected a JSON object, got {type(record).__name__}")
+    out = {}
+    for key in (*required, *optional):
+        if key not in record:
+            if key in optional:
+                out[key] = ""
+                continue
+            raise DataError(f"{path}, {where}: missing key {key!r} (the record has {sorted(record)})")
+        if not isinstance(record[key], str):
+            raise DataError(f"{path}, {where}: {key!r} must be a string, not {type(record[key]).__name__}")
+        out[key] = record[key]
+    return out
+
+
+def read_sft(path) -> list:
+    """[(prompt, response)] from Alpaca records {"instruction", "input", "output"} (the prompt is
+    built by format_prompt) or already formatted {"prompt", "response"} records (used as they are)."""
+    pairs = []
+    for where, record in read_records(path):
+        if isinstance(record, dict) and "prompt" in record:
+            r = _fields(path, where, record, ("prompt", "response"))
+            pairs.append((r["prompt"], r["response"]))
+        else:
+            if isinstance(record, dict) and "instruction" not in record:
+                raise DataError(f"{path}, {where}: expected keys instruction, input, output "
+                                f"(Alpaca) or prompt, response; the record has {sorted(record)}")
+            r = _fields(path, where, record, ("instruction", "output"), optional=("input",))
+            pairs.append((format_prompt(r["instruction"], r["input"]), r["output"]))
+    if not pairs:
+        raise DataError(f"{path}: no records")
+    return pairs
+
+
+PKU_KEYS = ("prompt", "response_0", "response_1", "is_response_0_safe", "is_response_1_safe",
+            "safer_response_id", "better_response_id")
+
+
+def read_preferences(path, pair="safer", keep_unsafe=False):
+    """([(prompt, chosen, rejected)], n_dropped) from preference rows.
+
+    Either {"prompt", "chosen", "rejected"} (the prompt used as it is, as for
+    SFT's {"prompt", "response"}), or PKU-SafeRLHF's own rows, whose prompt
+    goes through format_prompt: `pair` names the id ("safer" or "better")
+    that picks the chosen response. As in the paper, a PKU pair whose chosen
+    response is not itself safe is dropped unless keep_unsafe.
+    """
+    if pair not in ("safer", "better"):
+        raise ValueError(f"pair must be 'safer' or 'better', not {pair!r}")
+    triples, dropped = [], 0
+    for where, record in read_records(path):
+        if isinstance(record, dict) and "chosen" in record:
+            r = _fields(path, where, record, ("prompt", "chosen", "rejected"))
+            triples.append((r["prompt"], r["chosen"], r["rejected"]))
+            continue
+        if not isinstance(record, dict) or "response_0" not in record:
+            raise DataError(f"{path}, {where}: expected keys prompt, chosen, rejected, or "
+                            f"PKU-SafeRLHF's {', '.join(PKU_KEYS)}")
+        r = _fields(path, where, record, ("prompt", "response_0", "response_1"))
+        for key in PKU_KEYS[3:5]:
+            if not isinstance(record.get(key), bool):
+                raise DataError(f"{path}, {where}: {key!r} must be true or false, not {record.get(key)!r}")
+        for key in PKU_KEYS[5:]:
+            if record.get(key) not in (0, 1) or isinstance(record.get(key), bool):
+                raise DataError(f"{path}, {where}: {key!r} must be 0 or 1, not {record.get(key)!r}")
+        chosen = record[f"{pair}_response_id"]
+        if not keep_unsafe and not record[f"is_response_{chosen}_safe"]:
+            dropped += 1
+            continue
+        triples.append((format_prompt(r["prompt"]), r[f"response_{chosen}"], r[f"response_{1 - chosen}"]))
+    if not triples:
+        raise DataError(f"{path}: no usable preference pairs ({dropped} dropped as unsafe)")
+    return triples, dropped
+
+
+# -----------------------------------------------------------------------------
+# tokens: BOS + prompt + response + EOS, with the loss on the response
+
+IGNORE = -100  # the target of a position that carries no loss (cross_entropy's ignore_index)
+
+
+def encode_example(tokenizer, prompt: str, response: str, max_len: int, train_on_prompt: bool = False):
+    """(tokens, loss_start, truncated): the loss covers tokens[loss_start:], each predicted from those before.
+
+    The whole text is encoded at once, as generation will see it, and the prompt
+    alone gives the boundary. Cut to max_len tokens, which drops the EOS.
+    """
+    tokens = tokenizer.encode(prompt + response, bos=True, eos=True)
+    loss_start = 1 if train_on_prompt else len(tokenizer.encode(prompt, bos=True))
+    return tokens[:max_len], loss_start, len(tokens) > max_len
+
+
+def n_targets(example) -> int:
+    tokens, loss_start = example[:2]
+    return max(0, len(tokens) - loss_start)
+
+
+def collate(examples, pad_id: int = 0):
+    """Right-pad (tokens, loss_start) examples to the longest: inputs and targets, both (B, T - 1).
+
+    Right padding needs no mask: causal attention never lets a real token see
+    the padding after it, and padded positions have the IGNORE target.
+    """
+    seqlen = max(len(tokens) for tokens, *_ in examples)
+    tokens = torch.full((len(examples), seqlen), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), seqlen), IGNORE, dtype=torch.long)
+    for b, (toks, loss_start, *_) in enumerate(examples):
+        tokens[b, :len(toks)] = torch.tensor(toks)
+        labels[b, loss_start:len(toks)] = tokens[b, loss_start:len(toks)]
+    return tokens[:, :-1], labels[:, 1:]  # position t predicts token t + 1
+
+
+def check_demo(*paths):
+    """Refuse, with the command that builds it, when the built-in demo is not there."""
+    for path in paths:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path} is missing: the built-in demo is not built; "
+                                    "run `python build_demo.py` first (or pass --ckpt and --data)")

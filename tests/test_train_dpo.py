@@ -1,0 +1,150 @@
+"""train_dpo.py: Eq. 10 and its log-probabilities, the PKU-SafeRLHF reader, and the CLI on a tiny model."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import llama
+import train_dpo
+from aligner import Aligner
+
+
+def pku_row(prompt, safe0, safe1, safer, better):
+    return {"prompt": prompt, "response_0": f"{prompt} zero", "response_1": f"{prompt} one",
+            "is_response_0_safe": safe0, "is_response_1_safe": safe1,
+            "safer_response_id": safer, "better_response_id": better}
+
+
+ROWS = [pku_row("a", True, False, 0, 1),   # safer 0 (safe); better 1 (unsafe)
+        pku_row("b", False, True, 1, 1),   # both pick 1 (safe)
+        pku_row("c", False, False, 0, 1),  # neither response is safe
+        pku_row("d", True, True, 1, 0)]    # both safe; safer 1, better 0
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_ckpt):
+    model, tokenizer = llama.load(tiny_ckpt, max_seq_len=128)
+    torch.manual_seed(0)
+    aligner = Aligner(model.args, n_tokens=1)
+    with torch.no_grad():
+        aligner.gates.normal_(0, 0.3)  # a trained-looking Aligner: not the base model
+    prompts = [data.format_prompt("Name a bird."), data.format_prompt("What is two plus three?")]
+    pairs = [(data.encode_example(tokenizer, p, "A robin is a bird.", 128)[:2],
+              data.encode_example(tokenizer, p, "five.", 128)[:2]) for p in prompts]
+    return model, aligner, pairs
+
+
+def test_safety_filter_and_pair_choice(tmp_path):
+    path = write_jsonl(tmp_path / "pku.jsonl", ROWS)
+    safer, dropped = data.read_preferences(path, pair="safer")
+    assert dropped == 1  # row c: its safer response is unsafe too
+    assert [(c, r) for _, c, r in safer] == [("a zero", "a one"), ("b one", "b zero"), ("d one", "d zero")]
+    assert safer[0][0] == data.format_prompt("a")
+    better, dropped = data.read_preferences(path, pair="better")
+    assert dropped == 2  # rows a and c: the better response is unsafe
+    assert [(c, r) for _, c, r in better] == [("b one", "b zero"), ("d zero", "d one")]
+    kept, dropped = data.read_preferences(path, pair="better", keep_unsafe=True)
+    assert dropped == 0 and [c for _, c, _ in kept] == ["a one", "b one", "c one", "d zero"]
+
+
+def test_malformed_pku_row_names_its_line(tmp_path):
+    rows = [ROWS[0], {**ROWS[1], "safer_response_id": 2}]
+    with pytest.raises(data.DataError, match=r"bad.jsonl, line 2: 'safer_response_id' must be 0 or 1"):
+        data.read_preferences(write_jsonl(tmp_path / "bad.jsonl", rows))
+    with pytest.raises(data.DataError, match=r"line 1: missing key 'rejected'"):
+        data.read_preferences(write_jsonl(tmp_path / "bad2.jsonl", [{"prompt": "x", "chosen": "y"}]))
+
+
+def test_response_logps_sums_response_tokens_only():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    targets = torch.tensor([[data.IGNORE, data.IGNORE, 3, 4, data.IGNORE], [data.IGNORE, 1, 2, 0, 6]])
+    logp = torch.log_softmax(logits, -1)
+    expected = torch.stack([logp[0, 2, 3] + logp[0, 3, 4], logp[1, 1, 1] + logp[1, 2, 2] + logp[1, 3, 0] + logp[1, 4, 6]])
+    torch.testing.assert_close(train_dpo.response_logps(logits, targets), expected)
+
+
+def test_step_zero_loss_is_log2_with_zero_rewards(tiny):
+    model, aligner, pairs = tiny
+    reference = copy.deepcopy(aligner).requires_grad_(False)
+    policy = train_dpo.pair_logps(model, aligner, pairs)
+    with torch.no_grad():
+        ref = train_dpo.pair_logps(model, reference, pairs)
+    losses, chosen, rejected = train_dpo.dpo_loss(*policy, *ref, beta=0.1)
+    assert torch.equal(losses, torch.full_like(losses, math.log(2)))
+    assert torch.equal(chosen, torch.zeros_like(chosen)) and torch.equal(rejected, torch.zeros_like(rejected))
+
+
+def test_variants_of_the_loss():
+    h_parts = [torch.tensor([1.0]), torch.tensor([-2.0]), torch.tensor([0.5]), torch.tensor([-0.5])]
+    h = (1.0 - 0.5) - (-2.0 + 0.5)  # 2.0
+    plain = train_dpo.dpo_loss(*h_parts, beta=0.1)[0]
+    torch.testing.assert_close(plain, -F.logsigmoid(torch.tensor([0.1 * h])))
+    smoothed = train_dpo.dpo_loss(*h_parts, beta=0.1, label_smoothing=0.2)[0]
+    torch.testing.assert_close(smoothed, -0.8 * F.logsigmoid(torch.tensor([0.2])) - 0.2 * F.logsigmoid(torch.tensor([-0.2])))
+    ipo = train_dpo.dpo_loss(*h_parts, beta=0.1, ipo=True)[0]
+    torch.testing.assert_close(ipo, torch.tensor([(h - 5.0) ** 2]))
+
+
+def test_one_step_raises_the_margin(tiny):
+    model, init, pairs = tiny
+    aligner = copy.deepcopy(init)
+    reference = copy.deepcopy(init).requires_grad_(False)
+    with torch.no_grad():
+        ref = train_dpo.pair_logps(model, reference, pairs[:1])
+    optimizer = torch.optim.AdamW(aligner.parameters(), lr=1e-2, weight_decay=0.0)
+    losses, chosen, rejected = train_dpo.dpo_loss(*train_dpo.pair_logps(model, aligner, pairs[:1]), *ref)
+    assert (chosen - rejected).item() == 0.0
+    losses.sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        _, chosen, rejected = train_dpo.dpo_loss(*train_dpo.pair_logps(model, aligner, pairs[:1]), *ref)
+    assert (chosen - rejected).item() > 0
+
+
+def test_shared_base_reference_equals_a_separate_copy(tiny):
+    model, aligner, pairs = tiny
+    separate = copy.deepcopy(model)
+    for reference in (copy.deepcopy(aligner), None):  # --reference init, --reference base
+        with torch.no_grad():
+            shared = train_dpo.pair_logps(model, reference, pairs)
+            copied = train_dpo.pair_logps(separate, reference, pairs)
+        for a, b in zip(shared, copied):
+            assert torch.equal(a, b)
+
+
+def test_cli_end_to_end(tiny_ckpt, tmp_path, capsys):
+    rows = [pku_row(f"Question: What is fox {i}?", True, i not in (1, 3), i % 2, 0) for i in range(12)]
+    path = write_jsonl(tmp_path / "pku.jsonl", rows)
+    model_args = llama.ModelArgs(**llama.read_params(tiny_ckpt))
+    torch.manual_seed(1)
+    sft = Aligner(model_args, n_tokens=1)
+    with torch.no_grad():
+        sft.gates.normal_(0, 0.3)
+    sft.save(tmp_path / "sft.pt")
+    common = ["--ckpt", str(tiny_ckpt), "--data", str(path), "--init-aligner", str(tmp_path / "sft.pt"),
+              "--val", "2", "--batch-size", "4", "--micro-batch-size", "2", "--epochs", "2", "--lr", "1e-2"]
+    train_dpo.main([*common, "--out", str(tmp_path / "run")])
+    assert "10 pairs; 2 dropped because the chosen response is unsafe" in capsys.readouterr().out
+    train_dpo.main([*common, "--out", str(tmp_path / "pre"), "--precompute-ref"])
+
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 0 and records[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-7)
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 4  # 8 training pairs in batches of 4, 2 epochs
+    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin"} <= set(steps[0])
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    trained = Aligner.load(tmp_path / "run" / "epoch-2.pt", model_args)
+    assert not torch.equal(trained.gates, sft.gates)
+    precomputed = Aligner.load(tmp_path / "pre" / "epoch-2.pt", model_args)
+    torch.testing.assert_close(precomputed.gates, trained.gates, rtol=1e-4, atol=1e-5)

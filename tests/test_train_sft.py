@@ -1,0 +1,214 @@
+"""train_sft.py, data.py's readers and trainer.py's loop, on a tiny random model."""
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import llama
+import train_sft
+import trainer
+from aligner import Aligner
+
+ROOT = Path(__file__).resolve().parents[1]
+COLORS = ["red", "blue", "green", "brown", "black"]
+
+
+def write_task(path, n=20, inputs=False):
+    """A small fixed task in Alpaca's JSON: every answer has the same form."""
+    records = [{"instruction": f"Name the color of fox {i}.", "input": "The lazy dog." if inputs and i % 2 else "",
+                "output": f"The fox is {COLORS[i % len(COLORS)]}."} for i in range(n)]
+    path.write_text(json.dumps(records, indent=1))
+    return path
+
+
+def run_args(ckpt, data_path, out, *extra):
+    return ["--ckpt", str(ckpt), "--data", str(data_path), "--out", str(out), "--n-tokens", "2",
+            "--val", "2", "--batch-size", "4", "--micro-batch-size", "2", "--epochs", "2",
+            "--max-seq-len", "96", *extra]
+
+
+def aligner_tensors(path):
+    state = torch.load(path, weights_only=True)
+    return state["prefix"], state["gates"]
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_ckpt, tmp_path_factory):
+    """One uninterrupted CLI run: the reference for resume and for two processes."""
+    folder = tmp_path_factory.mktemp("sft")
+    task = write_task(folder / "task.json", n=10)
+    train_sft.main(run_args(tiny_ckpt, task, folder / "run"))
+    return task, folder / "run"
+
+
+def test_template_is_alpaca_exactly():
+    assert data.format_prompt("Add.", "2 and 3") == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\nAdd.\n\n### Input:\n2 and 3\n\n### Response:\n")
+    assert data.format_prompt("Add.") == (
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\nAdd.\n\n### Response:\n")
+
+
+def test_prompt_tokens_carry_no_loss(tiny_ckpt):
+    tok = llama.Tokenizer(tiny_ckpt.parent / "tokenizer.model")
+    prompt, response = data.format_prompt("Name a bird."), "A robin is a bird."
+    short = data.encode_example(tok, prompt, response, max_len=512)
+    other = data.encode_example(tok, data.format_prompt("Question: What is two plus three?"), "five.", 512)
+    inputs, targets = data.collate([short, other])
+    n_prompt = len(tok.encode(prompt))
+    tokens = short[0]
+    assert tokens[0] == tok.bos_id and tokens[-1] == tok.eos_id
+    # target t is token t + 1: the first loss target is the first response token
+    assert (targets[0, :n_prompt - 1] == data.IGNORE).all()
+    assert targets[0, n_prompt - 1:len(tokens) - 1].tolist() == tokens[n_prompt:]
+    assert tok.decode(tokens[n_prompt:-1]) == response
+    assert (targets[0, len(tokens) - 1:] == data.IGNORE).all()  # padding
+    # --train-on-prompt: everything after BOS
+    whole = data.encode_example(tok, prompt, response, 512, train_on_prompt=True)
+    assert (data.collate([whole])[1] != data.IGNORE).all()
+
+
+def test_long_examples_are_cut_and_counted(tiny_ckpt, tmp_path, capsys):
+    path = tmp_path / "long.jsonl"
+    rows = [{"prompt": "Answer: ", "response": "five " * 200}, {"prompt": "Answer: ", "response": "five."}] * 3
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train_sft.main(["--ckpt", str(tiny_ckpt), "--data", str(path), "--out", str(tmp_path / "run"),
+                    "--max-seq-len", "32", "--epochs", "1", "--val", "1", "--n-tokens", "1"])
+    assert "6 examples; 3 cut to --max-seq-len 32 tokens" in capsys.readouterr().out
+
+
+def test_malformed_data_names_its_line(tiny_ckpt, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "a", "response": "b"\n')
+    with pytest.raises(data.DataError, match=r"bad.jsonl, line 3: not valid JSON"):
+        train_sft.main(run_args(tiny_ckpt, bad, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()  # stopped before training
+    missing = tmp_path / "missing.json"
+    missing.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "a", "input": ""}\n]\n')
+    with pytest.raises(data.DataError, match=r"missing.json, record 1 \(line 3\): missing key 'output'"):
+        data.read_sft(missing)
+    broken = tmp_path / "broken.json"
+    broken.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": 1 "output": "b"}\n]\n')
+    with pytest.raises(data.DataError, match=r"record 1 \(line 3\): not valid JSON"):
+        data.read_sft(broken)
+
+
+def test_alpaca_json_and_jsonl_give_the_same_examples(tmp_path):
+    task = write_task(tmp_path / "task.json", inputs=True)
+    lines = tmp_path / "task.jsonl"
+    lines.write_text("".join(json.dumps(r) + "\n" for r in json.loads(task.read_text())))
+    assert data.read_sft(task) == data.read_sft(lines)
+
+
+def test_real_alpaca_sample_parses(shared_data):
+    pairs = data.read_sft(shared_data / "alpaca" / "alpaca_5000.json")
+    assert len(pairs) == 5000
+    assert sum("### Input:" in p for p, _ in pairs) == 1943  # records with a non-empty input
+    tok = llama.Tokenizer(shared_data / "llama-tokenizer" / "tokenizer.model")
+    for prompt, response in pairs[:300]:  # the prompt's tokens begin the whole example's: the mask is right
+        tokens, loss_start, _ = data.encode_example(tok, prompt, response, 10_000)
+        assert tokens[:loss_start] == tok.encode(prompt)
+
+
+def test_loss_falls_on_a_fixed_task(tiny_ckpt, tmp_path):
+    rows = [{"prompt": f"Question: What is fox {i}? Answer:", "response": " A robin is a bird."} for i in range(12)]
+    (tmp_path / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train_sft.main(["--ckpt", str(tiny_ckpt), "--data", str(tmp_path / "task.jsonl"), "--out", str(tmp_path / "run"),
+                    "--n-tokens", "2", "--val", "4", "--batch-size", "8", "--epochs", "10", "--lr", "0.3"])
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    assert len(val) == 11  # before training and after each epoch
+    assert val[-1] < 0.7 * val[0], val
+
+
+def test_cli_writes_its_files(full_run, tiny_ckpt):
+    run = full_run[1]
+    assert {"settings.json", "metrics.jsonl", "state.pt", "best.pt", "epoch-1.pt", "epoch-2.pt"} <= \
+        {p.name for p in run.iterdir()}
+    steps = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]  # 8 examples in batches of 4, 2 epochs
+    assert {"loss", "lr", "tokens_per_s"} <= set(steps[0])
+    assert json.loads((run / "settings.json").read_text())["lr"] == 9e-3
+    args = llama.ModelArgs(**llama.read_params(tiny_ckpt))
+    aligner = Aligner.load(run / "best.pt", args)
+    assert aligner.n_tokens == 2 and aligner.gates.abs().sum() > 0
+
+
+def test_resume_gives_the_same_aligner_bit_for_bit(full_run, tiny_ckpt, tmp_path):
+    task, reference = full_run
+    out = tmp_path / "run"
+    train_sft.main(run_args(tiny_ckpt, task, out, "--max-steps", "3"))  # stops inside epoch 2
+    assert not (out / "epoch-2.pt").exists()
+    train_sft.main(run_args(tiny_ckpt, task, out, "--resume"))
+    for name in ("epoch-2.pt", "best.pt"):
+        for a, b in zip(aligner_tensors(out / name), aligner_tensors(reference / name)):
+            assert torch.equal(a, b), name
+    assert (out / "metrics.jsonl").read_text().count('"loss"') == 4
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_state(tmp_path):
+    args = llama.ModelArgs(dim=8, n_layers=2, n_heads=2, vocab_size=16)
+    aligner = Aligner(args, n_tokens=1, start_layer=0)
+    calls = []
+
+    def batch_loss(indices):  # a loss that turns to NaN at the third optimizer step
+        calls.append(indices)
+        value = (aligner.prefix.sum() + aligner.gates.sum()) * len(indices)
+        return (value * math.nan if len(calls) > 2 else value), {}
+
+    settings = argparse.Namespace(
+        lr=1e-2, weight_decay=0.0, batch_size=2, micro_batch_size=2, epochs=3, warmup_epochs=0.0, seed=0,
+        out=tmp_path, save_every=1, resume=False, max_steps=None)
+    d = trainer.Dist(0, 1, torch.device("cpu"))
+    with pytest.raises(FloatingPointError, match=r"step 3: the loss is nan.*state.pt \(step 2\)"):
+        trainer.train(settings, aligner, batch_loss, [0, 1], [], [1, 1], [1, 1], d)
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert state["step"] == 2 and torch.isfinite(state["aligner"]["prefix"]).all()
+
+
+def test_missing_demo_says_how_to_build_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"python build_demo.py"):
+        data.check_demo(tmp_path / "llama-demo")
+
+
+def test_two_processes_match_one(full_run, tiny_ckpt, tmp_path):
+    task, reference = full_run
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train_sft.py"), *run_args(tiny_ckpt, task, tmp_path / "run")]
+    result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for a, b in zip(aligner_tensors(tmp_path / "run" / "epoch-2.pt"), aligner_tensors(reference / "epoch-2.pt")):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert aligner_tensors(tmp_path / "run" / "epoch-2.pt")[1].abs().sum() > 0  # the gates did train
+
+
+def test_ranks_share_each_global_batch_exactly():
+    lengths = [7, 3, 9, 3, 5, 8, 1, 2, 6, 4, 5]
+    batches = trainer.global_batches(list(range(11)), 4, seed=0, epoch=1)
+    assert sorted(i for b in batches for i in b) == list(range(11))  # an epoch sees every example once
+    assert batches == trainer.global_batches(list(range(11)), 4, seed=0, epoch=1)  # a pure function
+    assert batches != trainer.global_batches(list(range(11)), 4, seed=0, epoch=2)  # reshuffled each epoch
+    for world in (1, 2, 3):
+        for batch in batches:
+            shares = [i for rank in range(world) for micro in trainer.my_micro_batches(batch, lengths, rank, world, 2)
+                      for i in micro]
+            assert sorted(shares) == sorted(batch)
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    lrs = [trainer.learning_rate(s, 1.0, warmup_steps=4, total_steps=12) for s in range(12)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a > b for a, b in zip(lrs[3:], lrs[4:])) and lrs[-1] > 0
+    assert trainer.learning_rate(0, 1.0, warmup_steps=0, total_steps=12) < 1.0  # no warmup: decay from the start

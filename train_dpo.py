@@ -1,0 +1,201 @@
+"""
+Train an Aligner by Direct Preference Optimization: the paper's Experiment 2
+(DPO on PKU-SafeRLHF, one token, starting from an SFT Aligner).
+
+Aligner (Zhou, Wu, Zhu, Terzopoulos, arXiv 2312.05503), Experiment 2 and Eq. 10:
+    L = -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])
+with log-probabilities summed over the response tokens, beta = 0.1, N = 1,
+lr 1e-4, global batch 64, weight decay 0.02, examples up to 1024 tokens. The
+policy is the frozen base plus the trained Aligner; the reference is the same
+base (the same weights in memory, never a second copy) with a frozen reference
+Aligner: by default the initial one, or none (--reference base). As in the
+paper, PKU pairs whose chosen response is not itself safe are dropped.
+
+Also offered, in the same loss function: conservative DPO (label smoothing,
+Mitchell 2023, "A note on DPO with noisy preferences and relationship to IPO")
+and IPO (Azar et al. 2023, arXiv 2310.12036), here on summed log-probabilities.
+
+Commands:
+    python train_dpo.py                     # the built-in demo, from runs/sft/best.pt if present
+    python train_dpo.py --ckpt llama-2-7b --data pku_saferlhf_train.jsonl --init-aligner runs/sft/best.pt
+    torchrun --nproc_per_node 8 train_dpo.py --ckpt llama-2-7b --data pku.jsonl --init-aligner runs/sft/best.pt
+
+--data reads PKU-SafeRLHF's rows (prompt, response_0, response_1,
+is_response_0_safe, is_response_1_safe, safer_response_id, better_response_id),
+whose prompt goes through the Alpaca template, or {"prompt", "chosen",
+"rejected"} lines whose prompt is used as it is. Aligner files land in --out
+(runs/dpo): best.pt, epoch-E.pt.
+"""
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import data
+import llama
+import trainer
+from aligner import Aligner
+
+
+# -----------------------------------------------------------------------------
+# the objective, as pure functions
+
+def response_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log pi(y|x) of Eq. 10: per row, the log-probabilities of the response tokens, summed.
+
+    logits (B, T, V), float32; targets (B, T), data.IGNORE where no loss
+    (the prompt and the padding). Returns (B,).
+    """
+    token_logps = -F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=data.IGNORE,
+                                   reduction="none")  # (B, T), zero where ignored
+    return token_logps.sum(-1)
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1,
+             label_smoothing: float = 0.0, ipo: bool = False):
+    """Eq. 10 per pair, with its two variants. All inputs (B,) summed log-probs; returns
+    (losses, chosen_rewards, rejected_rewards), each (B,); a reward is beta * log(pi / ref).
+
+    label_smoothing = eps > 0: conservative DPO, which assumes a fraction eps of
+    the labels are flipped. ipo: the squared loss of IPO, which regresses the
+    log-ratio difference to 1 / (2 beta) instead of pushing it to infinity.
+    """
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)  # (B,)
+    if ipo:
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def pair_logps(model, aligner, pairs):
+    """Summed response log-probs of chosen and rejected, both (B,), from one forward over 2B rows."""
+    device = model.tok_embeddings.weight.device
+    tokens, targets = data.collate([c for c, _ in pairs] + [r for _, r in pairs])  # (2B, T-1) each
+    logps = response_logps(model(tokens.to(device), aligner=aligner), targets.to(device))  # (2B,)
+    return logps[:len(pairs)], logps[len(pairs):]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Train an Aligner on preference pairs (DPO, Eq. 10).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--ckpt", type=str, default=None,
+                        help="Meta checkpoint folder (tokenizer.model in it or beside it); none: the built-in demo")
+    parser.add_argument("--data", type=str, default=None,
+                        help="PKU-SafeRLHF rows or prompt/chosen/rejected, JSON Lines; none: the demo's")
+    parser.add_argument("--init-aligner", type=str, default=None,
+                        help="start from this (SFT) Aligner file, which also sets N and the start layer; "
+                             "none: a fresh Aligner (for the demo: runs/sft/best.pt if present)")
+    parser.add_argument("--reference", type=str, default="init",
+                        help="the frozen reference: 'init' (the initial Aligner), 'base' (no Aligner) "
+                             "or an Aligner file")
+    parser.add_argument("--precompute-ref", action="store_true",
+                        help="compute the reference log-probs once before training, not at every step")
+    parser.add_argument("--beta", type=float, default=0.1, help="beta of Eq. 10")
+    parser.add_argument("--loss", choices=("dpo", "ipo"), default="dpo", help="Eq. 10 (dpo) or IPO's squared loss")
+    parser.add_argument("--label-smoothing", type=float, default=0.0,
+                        help="conservative DPO: the assumed fraction of flipped labels (0: plain DPO)")
+    parser.add_argument("--pair", choices=("safer", "better"), default="safer",
+                        help="for PKU-SafeRLHF rows: the id that names the chosen response")
+    parser.add_argument("--keep-unsafe", action="store_true",
+                        help="for PKU-SafeRLHF rows: keep pairs whose chosen response is itself unsafe")
+    trainer.add_arguments(parser, n_tokens=1, lr=1e-4, batch_size=64, epochs=1, warmup_epochs=0.1,
+                          max_seq_len=1024, out="runs/dpo")
+    args = parser.parse_args(argv)
+
+    # --- processes, device, the demo's defaults
+    d = trainer.init_distributed()
+    say = print if d.rank == 0 else (lambda *a, **k: None)
+    if args.ckpt is None:
+        args.ckpt = str(data.DEMO_CKPT)
+        args.data = args.data or str(data.DEMO_DATA / "pku_saferlhf.jsonl")
+        data.check_demo(args.ckpt, args.data)
+        if args.init_aligner is None and Path("runs/sft/best.pt").is_file():
+            args.init_aligner = "runs/sft/best.pt"
+        say(f"No --ckpt given: training on the built-in demo ({args.ckpt}, {args.data}), "
+            f"from {args.init_aligner or 'a fresh Aligner (no runs/sft/best.pt yet: run train_sft.py first)'}.")
+    elif args.data is None:
+        parser.error("--data is required with --ckpt")
+    dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    args.micro_batch_size = trainer.micro_batch_size(args, d)
+
+    # --- load the frozen base model: policy and reference share it
+    model, tokenizer = llama.load(args.ckpt, device=d.device, dtype=dtype, max_seq_len=args.max_seq_len)
+    model.grad_checkpointing = args.grad_checkpointing
+
+    # --- data: read, tokenise, split
+    triples, n_unsafe = data.read_preferences(args.data, args.pair, args.keep_unsafe)
+    pairs, n_cut = [], 0
+    for prompt, chosen, rejected in triples:
+        c_tokens, c_start, c_cut = data.encode_example(tokenizer, prompt, chosen, args.max_seq_len)
+        r_tokens, r_start, r_cut = data.encode_example(tokenizer, prompt, rejected, args.max_seq_len)
+        n_cut += c_cut or r_cut
+        if len(c_tokens) > c_start and len(r_tokens) > r_start:  # else the prompt alone filled max_seq_len
+            pairs.append(((c_tokens, c_start), (r_tokens, r_start)))
+    lengths = [len(c[0]) + len(r[0]) for c, r in pairs]  # tokens a pair puts through the model
+    units = [1] * len(pairs)  # the loss is a mean over pairs
+    say(f"{args.data}: {len(pairs)} pairs; {n_unsafe} dropped because the chosen response is unsafe"
+        f"{' (kept by --keep-unsafe)' if args.keep_unsafe else ''}; {n_cut} cut to --max-seq-len "
+        f"{args.max_seq_len} tokens" + (f", {len(triples) - len(pairs)} of them dropped: no response left"
+                                        if len(pairs) < len(triples) else ""))
+    train_idx, val_idx = trainer.split(len(pairs), args.val, args.seed)
+    say(f"{len(train_idx)} pairs for training, {len(val_idx)} held out for validation")
+
+    # --- the policy's Aligner (trained, fp32) and the reference's (frozen)
+    torch.manual_seed(args.seed)
+    if args.init_aligner:
+        aligner = Aligner.load(args.init_aligner, model.args)
+    else:
+        aligner = Aligner(model.args, n_tokens=args.n_tokens, start_layer=args.start_layer)
+    aligner = aligner.to(d.device)
+    if args.reference == "init":
+        reference = copy.deepcopy(aligner).requires_grad_(False)
+    elif args.reference == "base":
+        reference = None
+    else:
+        reference = Aligner.load(args.reference, model.args).to(d.device).requires_grad_(False)
+    say(f"Aligner: {aligner.n_tokens} tokens from layer {aligner.start_layer}, {aligner.num_params():,} "
+        f"parameters; reference: {args.reference}")
+
+    ref_logps = None
+    if args.precompute_ref:
+        # each rank scores its share; the sum over ranks fills the table
+        ref_logps = torch.zeros(len(pairs), 2, device=d.device)
+        with torch.no_grad():
+            for micro in trainer.my_micro_batches(list(range(len(pairs))), lengths, d.rank, d.world,
+                                                  args.micro_batch_size):
+                ref_logps[micro] = torch.stack(pair_logps(model, reference, [pairs[i] for i in micro]), -1)
+        ref_logps = trainer.all_reduce_sum(ref_logps, d.world)
+
+    def batch_loss(indices):
+        """Eq. 10 summed over these pairs, with the reward statistics summed likewise."""
+        batch = [pairs[i] for i in indices]
+        policy_chosen, policy_rejected = pair_logps(model, aligner, batch)
+        if ref_logps is not None:
+            ref_chosen, ref_rejected = ref_logps[indices].unbind(-1)
+        else:
+            with torch.no_grad():
+                ref_chosen, ref_rejected = pair_logps(model, reference, batch)
+        losses, chosen, rejected = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                                            args.beta, args.label_smoothing, args.loss == "ipo")
+        return losses.sum(), {"rewards/chosen": chosen.sum(), "rewards/rejected": rejected.sum(),
+                              "rewards/accuracy": (chosen > rejected).float().sum(),
+                              "rewards/margin": (chosen - rejected).sum()}
+
+    # --- train; the Aligner files are written as it goes
+    stat_names = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
+    trainer.train(args, aligner, batch_loss, train_idx, val_idx, lengths, units, d, stat_names)
+    say(f"done: {args.out / 'best.pt'} (the best by validation loss), {args.out / 'metrics.jsonl'}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,107 @@
+"""
+Train an Aligner by supervised fine-tuning: the paper's Experiment 1 (Alpaca).
+
+Aligner (Zhou, Wu, Zhu, Terzopoulos, arXiv 2312.05503), Experiment 1: N learnable
+tokens (N = 10, or 1 for the one-token headline) attended by every layer from
+layer 2 on, trained on Alpaca with AdamW (lr 9e-3, weight decay 0.02), global
+batch 64, linear warmup for one epoch then cosine decay, 8 epochs, examples cut
+to 512 tokens. Only the Aligner trains; the base model is frozen (bf16 on a
+GPU, fp32 on CPU), the Aligner's own parameters stay in fp32.
+
+Departure: the loss covers the response tokens only by default, as is usual
+for instruction tuning; the paper's own code trained on the whole sequence
+(--train-on-prompt).
+
+Commands:
+    python train_sft.py                          # the built-in demo (build it with python build_demo.py)
+    python train_sft.py --ckpt llama-2-7b --data alpaca_data.json --n-tokens 1
+    torchrun --nproc_per_node 8 train_sft.py --ckpt llama-2-7b --data alpaca_data.json
+    python train_sft.py --ckpt llama-2-7b --data alpaca_data.json --resume   # continue a stopped run
+
+--data reads Alpaca's JSON list of {"instruction", "input", "output"}, the same
+records as JSON Lines, or JSON Lines of already formatted {"prompt", "response"}.
+The Aligner files land in --out (runs/sft): best.pt, epoch-E.pt.
+"""
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import data
+import llama
+import trainer
+from aligner import Aligner
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Train an Aligner on instruction data (SFT).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--ckpt", type=str, default=None,
+                        help="Meta checkpoint folder (tokenizer.model in it or beside it); none: the built-in demo")
+    parser.add_argument("--data", type=str, default=None,
+                        help="Alpaca JSON, Alpaca JSON Lines, or prompt/response JSON Lines; none: the demo's")
+    parser.add_argument("--train-on-prompt", action="store_true",
+                        help="put the loss on the whole sequence, as the paper's code did, not the response only")
+    trainer.add_arguments(parser, n_tokens=10, lr=9e-3, batch_size=64, epochs=8, warmup_epochs=1.0,
+                          max_seq_len=512, out="runs/sft")
+    args = parser.parse_args(argv)
+
+    # --- processes, device, the demo's defaults
+    d = trainer.init_distributed()
+    say = print if d.rank == 0 else (lambda *a, **k: None)
+    if args.ckpt is None:
+        args.ckpt = str(data.DEMO_CKPT)
+        args.data = args.data or str(data.DEMO_DATA / "alpaca.json")
+        data.check_demo(args.ckpt, args.data)
+        say(f"No --ckpt given: training on the built-in demo ({args.ckpt}, {args.data}).")
+    elif args.data is None:
+        parser.error("--data is required with --ckpt")
+    dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    args.micro_batch_size = trainer.micro_batch_size(args, d)
+
+    # --- load the frozen base model
+    model, tokenizer = llama.load(args.ckpt, device=d.device, dtype=dtype, max_seq_len=args.max_seq_len)
+    model.grad_checkpointing = args.grad_checkpointing
+
+    # --- data: read, tokenise, split
+    pairs = data.read_sft(args.data)
+    examples, n_cut = [], 0
+    for prompt, response in pairs:
+        tokens, loss_start, cut = data.encode_example(tokenizer, prompt, response, args.max_seq_len,
+                                                      args.train_on_prompt)
+        n_cut += cut
+        if len(tokens) > loss_start:  # else the prompt alone filled max_seq_len: nothing to learn
+            examples.append((tokens, loss_start))
+    lengths = [len(tokens) for tokens, _ in examples]
+    units = [data.n_targets(e) for e in examples]  # the loss is a mean over these tokens
+    say(f"{args.data}: {len(pairs)} examples; {n_cut} cut to --max-seq-len {args.max_seq_len} tokens"
+        + (f", {len(pairs) - len(examples)} of them dropped: no response left" if len(examples) < len(pairs) else ""))
+    train_idx, val_idx = trainer.split(len(examples), args.val, args.seed)
+    say(f"{len(train_idx)} for training, {len(val_idx)} held out for validation; "
+        f"{sum(units[i] for i in train_idx)} loss tokens per epoch")
+
+    # --- the Aligner: the only trained parameters, fp32
+    torch.manual_seed(args.seed)
+    aligner = Aligner(model.args, n_tokens=args.n_tokens, start_layer=args.start_layer).to(d.device)
+    say(f"Aligner: {args.n_tokens} tokens from layer {args.start_layer}, {aligner.num_params():,} parameters")
+
+    def batch_loss(indices):
+        """Cross-entropy summed over the response tokens of these examples (float32 logits)."""
+        tokens, targets = data.collate([examples[i] for i in indices])  # (B, T-1) each
+        logits = model(tokens.to(d.device), aligner=aligner)  # (B, T-1, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.to(d.device).flatten(),
+                               ignore_index=data.IGNORE, reduction="sum")
+        return loss, {}
+
+    # --- train; the Aligner files are written as it goes
+    trainer.train(args, aligner, batch_loss, train_idx, val_idx, lengths, units, d)
+    say(f"done: {args.out / 'best.pt'} (the best by validation loss), {args.out / 'metrics.jsonl'}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
