@@ -1,0 +1,98 @@
+"""The benchmark's machinery: the Meta -> transformers conversion, the FLOP count, the memory probe."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama import ModelArgs, Transformer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import gpu  # noqa: E402
+import run as bench  # noqa: E402
+
+TINY = dict(dim=8, n_layers=2, n_heads=2, vocab_size=16, multiple_of=8)  # SwiGLU width 24
+
+
+def test_meta_weights_in_transformers_give_the_same_logits():
+    """Renamed keys plus the rotary row permutation of wq and wk (grouped-query heads
+    included) make LlamaForCausalLM compute our logits; without the permutation it does not."""
+    pytest.importorskip("transformers")
+    import hf
+
+    torch.manual_seed(0)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=32, max_seq_len=64)
+    ours = Transformer(args).requires_grad_(False).eval()
+    theirs = hf.load_hf(ours.state_dict(), args)
+    tokens = torch.randint(0, 96, (2, 24))
+    with torch.no_grad():
+        expected = ours(tokens)
+        torch.testing.assert_close(theirs(input_ids=tokens).logits, expected, atol=2e-5, rtol=1e-4)
+        unpermuted = hf.to_hf_state(ours.state_dict(), args)
+        for i in range(args.n_layers):
+            unpermuted[f"model.layers.{i}.self_attn.q_proj.weight"] = ours.layers[i].attention.wq.weight
+            unpermuted[f"model.layers.{i}.self_attn.k_proj.weight"] = ours.layers[i].attention.wk.weight
+        theirs.load_state_dict(unpermuted)
+        assert not torch.allclose(theirs(input_ids=tokens).logits, expected, atol=1e-3)
+
+
+def test_flop_count_matches_a_hand_count():
+    """dim 8, 2 layers, SwiGLU width 24, vocab 16, 1 x 4 tokens, adapter from layer 1:
+    weights per layer 4*64 + 3*8*24 = 832, head 128, causal pairs 4*5/2 = 10."""
+    args = ModelArgs(**TINY)
+    attention = 4 * 8 * 10  # Q K^T and P V: 2 FLOPs x dim per visible pair, twice
+    forward = 2 * (2 * 832 * 4 + attention) + 2 * 128 * 4
+    backward = 1 * (2 * 832 * 4 + 2 * attention) + 2 * 128 * 4
+    assert bench.train_step_flops(args, batch=1, seqlen=4, start_layer=1) == forward + backward == 23296
+    # with every layer adapted it is the usual rule: 4 x parameters x tokens plus 3 x attention
+    matmul_params = 2 * 832 + 128
+    assert bench.train_step_flops(args, 1, 4, 0) == 4 * matmul_params * 4 + 3 * attention * 2
+
+
+def test_flop_count_uses_the_models_own_weights():
+    """layer_weights lists exactly the matrices a layer holds, and the causal pair count is the mask's."""
+    args = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=40, multiple_of=32)
+    model = Transformer(args)
+    matrices = sum(p.numel() for name, p in model.named_parameters()
+                   if p.dim() == 2 and not name.startswith(("tok_", "output")))
+    assert sum(i * o for i, o in bench.layer_weights(args)) * args.n_layers == matrices
+    visible = torch.ones(7, 7).tril().sum().item()
+    assert bench.attention_flops(args, batch=1, seqlen=7) == 4 * args.dim * visible
+
+
+def test_matmul_limit_times_the_products_the_step_counts():
+    """The plain products of the matrix-product limit add up to the step's FLOPs less attention."""
+    args = ModelArgs(**TINY)
+    batch, seqlen, start = 3, 5, 1
+    products = sum(2 * m * k * n * c for m, k, n, c in bench.matmul_products(args, batch * seqlen, start))
+    attention = bench.attention_flops(args, batch, seqlen)
+    expected = bench.train_step_flops(args, batch, seqlen, start) - attention * (args.n_layers + 2 * (args.n_layers - start))
+    assert products == expected
+
+
+def test_peak_memory_probe_sees_a_freed_allocation():
+    """After clear_refs resets VmHWM, an allocation freed before the reading still shows in it."""
+    Path("/proc/self/clear_refs").write_text("5")
+    base = bench.rss_kib("VmRSS")
+    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    del x
+    assert bench.rss_kib("VmHWM") - base >= 60 * 1024
+
+
+def test_lm_loss_predicts_the_next_token():
+    """A model whose logits put all mass on the true next token has loss ~0; the last position is not scored."""
+    tokens = torch.tensor([[1, 4, 2, 3]])
+    logits = torch.full((1, 4, 5), -1e4)
+    logits[0, torch.arange(3), tokens[0, 1:]] = 1e4
+    assert bench.lm_loss(logits, tokens).item() < 1e-6
+    logits[0, 3] = 0.0  # anything at the last position
+    assert bench.lm_loss(logits, tokens).item() < 1e-6
+
+
+def test_gpu_script_runs_small_on_the_cpu():
+    """bench/gpu.py's measurement (random weights, both checkpointing settings) runs end to end."""
+    args = ModelArgs(dim=32, n_layers=3, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=16)
+    text = gpu.run(args, torch.device("cpu"), torch.float32, batch=2, seq_len=16, steps=1, warmup=0)
+    rows = [line for line in text.splitlines() if line.startswith(("| off", "| on"))]
+    assert len(rows) == 2
