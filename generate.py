@@ -35,7 +35,7 @@ from aligner import Aligner, AlignerBank, AlignerRows
 from data import DEMO_CKPT, format_prompt
 from llama import KVCache, atomic_write, load
 
-DEMO_PROMPT = "Give three tips for staying healthy."
+DEMO_PROMPT = "What is the home of Eskvormi?"  # a person of the demo world whom SFT never asks about
 
 
 # -----------------------------------------------------------------------------
@@ -300,6 +300,8 @@ def main(argv=None):
     if args.prompts_file is not None:
         pairs += read_prompts(args.prompts_file)
     if not pairs:
+        if args.ckpt is not None:
+            parser.error("give --prompt or --prompts-file")
         pairs = [(DEMO_PROMPT, "")]
     if args.template == "alpaca":
         texts = [format_prompt(instruction, input) for instruction, input in pairs]
