@@ -430,7 +430,7 @@ def default_data(task):
 
 def print_table(task, results):
     for source, result in results.items():
-        print(f"\n{task}: {source}  {json.dumps(result['info'])}")
+        print(f"\n{task}: {source}" + (f"  {json.dumps(result['info'])}" if result["info"] else ""))
         for name, r in result["rows"].items():
             if task == "gsm8k":
                 line = f"strict {100 * r['strict']:6.2f}  flexible {100 * r['flexible']:6.2f}"
