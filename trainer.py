@@ -87,6 +87,14 @@ def init_distributed() -> Dist:
     return Dist(0, 1, device)
 
 
+def close_distributed():
+    """Leave the process group together: a rank that exits while its peers still hold
+    connections to it can make them abort (SIGABRT) instead of ending cleanly."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def micro_batch_size(args, d: Dist) -> int:
     """--micro-batch-size, or its default: on a GPU memory bounds it (4096 tokens' worth: 8 examples
     of 512 for SFT, 4 pairs of 1024 for DPO); on CPU one big batch is fastest."""
