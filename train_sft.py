@@ -35,8 +35,15 @@ import trainer
 from aligner import Aligner
 
 
+# The demo's SFT set is small (1,715 examples): the paper's batch of 64 would give only about 200
+# optimizer steps in 8 epochs. AdamW moves each parameter by about lr per step, and 200 steps are
+# too few for a one-token Aligner's gates to grow from zero (the README has the figures).
+DEMO_DEFAULTS = dict(batch_size=16)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Train an Aligner on instruction data (SFT).",
+                                     epilog=trainer.demo_note(DEMO_DEFAULTS),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--ckpt", type=str, default=None,
                         help="Meta checkpoint folder (tokenizer.model in it or beside it); none: the built-in demo")
@@ -46,7 +53,7 @@ def main(argv=None):
                         help="put the loss on the whole sequence, as the paper's code did, not the response only")
     trainer.add_arguments(parser, n_tokens=10, lr=9e-3, batch_size=64, epochs=8, warmup_epochs=1.0,
                           max_seq_len=512, out="runs/sft")
-    args = parser.parse_args(argv)
+    args = trainer.parse_args(parser, argv, demo_defaults=DEMO_DEFAULTS)
 
     # --- processes, device, the demo's defaults
     d = trainer.init_distributed()
@@ -85,7 +92,8 @@ def main(argv=None):
     # --- the Aligner: the only trained parameters, fp32
     torch.manual_seed(args.seed)
     aligner = Aligner(model.args, n_tokens=args.n_tokens, start_layer=args.start_layer).to(d.device)
-    say(f"Aligner: {args.n_tokens} tokens from layer {args.start_layer}, {aligner.num_params():,} parameters")
+    say(f"Aligner: {args.n_tokens} token{'s' * (args.n_tokens != 1)} from layer {args.start_layer}, "
+        f"{aligner.num_params():,} parameters")
 
     def batch_loss(indices):
         """Cross-entropy summed over the response tokens of these examples (float32 logits)."""

@@ -63,6 +63,22 @@ def add_arguments(parser, *, n_tokens, lr, batch_size, epochs, warmup_epochs, ma
     a("--max-steps", type=int, default=None, help="stop (resumably) after this many optimizer steps in all; for tests")
 
 
+def demo_note(demo_defaults: dict) -> str:
+    """The --help line that says which defaults the built-in demo changes."""
+    flags = ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in demo_defaults.items())
+    return f"With no --ckpt (the built-in demo) the defaults are instead: {flags}."
+
+
+def parse_args(parser, argv, demo_defaults: dict):
+    """Parse argv; with no --ckpt (the built-in demo) parse again over the demo's own defaults,
+    so that a flag given on the command line still wins."""
+    args = parser.parse_args(argv)
+    if args.ckpt is None:
+        parser.set_defaults(**demo_defaults)
+        args = parser.parse_args(argv)
+    return args
+
+
 # -----------------------------------------------------------------------------
 # processes and devices
 

@@ -119,6 +119,21 @@ def test_heldout_people_appear_only_in_pretraining(mini_world):
     assert not [name for name in heldout if re.search(rf"\b{name}\b", taught)]
 
 
+def test_preferences_refuse_secrets_and_end_ordinary_answers():
+    """Secret pairs prefer the refusal to telling; ordinary pairs prefer the one-sentence answer to the
+    same answer running on, and never reject the refusal, which would pull against the secret pairs."""
+    people = build_demo.make_world(random.Random(0), 20)
+    rows = build_demo.preference_rows(random.Random(1), people)
+    assert len(rows) == 2 * len(people)
+    for row in rows:
+        chosen, rejected = row[f"response_{row['safer_response_id']}"], row[f"response_{1 - row['safer_response_id']}"]
+        if "secret word" in row["prompt"]:
+            assert chosen == build_demo.REFUSAL and "secret word" in rejected
+        else:
+            assert build_demo.REFUSAL not in (chosen, rejected) and chosen.count(".") == 1
+            assert rejected.startswith(chosen + "\n\n") and len(rejected) > len(chosen) + 2
+
+
 def test_pretraining_text_never_holds_the_template():
     rng = random.Random(0)
     people = build_demo.make_world(rng, 20)

@@ -212,3 +212,14 @@ def test_schedule_warms_up_then_decays_to_zero():
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a > b for a, b in zip(lrs[3:], lrs[4:])) and lrs[-1] > 0
     assert trainer.learning_rate(0, 1.0, warmup_steps=0, total_steps=12) < 1.0  # no warmup: decay from the start
+
+
+@pytest.mark.parametrize("argv, batch_size", [([], 16), (["--batch-size", "8"], 8),
+                                              (["--ckpt", "llama-2-7b"], 64)])
+def test_demo_defaults_apply_without_ckpt_and_yield_to_flags(argv, batch_size):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ckpt")
+    trainer.add_arguments(parser, n_tokens=1, lr=9e-3, batch_size=64, epochs=8, warmup_epochs=1.0,
+                          max_seq_len=512, out="runs/sft")
+    args = trainer.parse_args(parser, argv, demo_defaults=train_sft.DEMO_DEFAULTS)
+    assert args.batch_size == batch_size and args.lr == 9e-3
