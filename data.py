@@ -112,7 +112,7 @@ def _json_list(path, text, pos) -> list:
     return records
 
 
-def _fields(path, where, record, required, optional=()) -> dict:
+def string_fields(path, where, record, required, optional=()) -> dict:
     """The record's string fields, or a DataError that says which key is wrong."""
     if not isinstance(record, dict):
         raise DataError(f"{path}, {where}: expected a JSON object, got {type(record).__name__}")
@@ -135,13 +135,13 @@ def read_sft(path) -> list:
     pairs = []
     for where, record in read_records(path):
         if isinstance(record, dict) and "prompt" in record:
-            r = _fields(path, where, record, ("prompt", "response"))
+            r = string_fields(path, where, record, ("prompt", "response"))
             pairs.append((r["prompt"], r["response"]))
         else:
             if isinstance(record, dict) and "instruction" not in record:
                 raise DataError(f"{path}, {where}: expected keys instruction, input, output "
                                 f"(Alpaca) or prompt, response; the record has {sorted(record)}")
-            r = _fields(path, where, record, ("instruction", "output"), optional=("input",))
+            r = string_fields(path, where, record, ("instruction", "output"), optional=("input",))
             pairs.append((format_prompt(r["instruction"], r["input"]), r["output"]))
     if not pairs:
         raise DataError(f"{path}: no records")
@@ -166,13 +166,13 @@ def read_preferences(path, pair="safer", keep_unsafe=False):
     triples, dropped = [], 0
     for where, record in read_records(path):
         if isinstance(record, dict) and "chosen" in record:
-            r = _fields(path, where, record, ("prompt", "chosen", "rejected"))
+            r = string_fields(path, where, record, ("prompt", "chosen", "rejected"))
             triples.append((r["prompt"], r["chosen"], r["rejected"]))
             continue
         if not isinstance(record, dict) or "response_0" not in record:
             raise DataError(f"{path}, {where}: expected keys prompt, chosen, rejected, or "
                             f"PKU-SafeRLHF's {', '.join(PKU_KEYS)}")
-        r = _fields(path, where, record, ("prompt", "response_0", "response_1"))
+        r = string_fields(path, where, record, ("prompt", "response_0", "response_1"))
         for key in PKU_KEYS[3:5]:
             if not isinstance(record.get(key), bool):
                 raise DataError(f"{path}, {where}: {key!r} must be true or false, not {record.get(key)!r}")

@@ -58,7 +58,7 @@ import torch
 from tqdm import tqdm
 
 from aligner import Aligner
-from data import DEMO_CKPT, DEMO_DATA, check_demo, format_prompt, read_records
+from data import DEMO_CKPT, DEMO_DATA, check_demo, format_prompt, read_records, string_fields
 from generate import generate
 from llama import atomic_write, load
 
@@ -249,9 +249,7 @@ def read_items(path, keys) -> list:
     """The records of a JSON Lines (or JSON list) file, each with string fields `keys`."""
     items = []
     for where, record in read_records(path):
-        for key in keys:
-            if not isinstance(record, dict) or not isinstance(record.get(key), str):
-                raise ValueError(f"{path}, {where}: no string field {key!r}")
+        string_fields(path, where, record, keys)  # else a DataError that names the file, line and key
         items.append(record)
     if not items:
         raise ValueError(f"{path}: no records")

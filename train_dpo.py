@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 
 import data
-import llama
 import trainer
 from aligner import Aligner
 
@@ -115,27 +114,20 @@ def main(argv=None):
                         help="for PKU-SafeRLHF rows: keep pairs whose chosen response is itself unsafe")
     trainer.add_arguments(parser, n_tokens=1, lr=1e-4, batch_size=64, epochs=1, warmup_epochs=0.1,
                           max_seq_len=1024, out="runs/dpo")
-    args = trainer.parse_args(parser, argv, demo_defaults=DEMO_DEFAULTS)
+    args = trainer.parse_args(parser, argv, demo_defaults=DEMO_DEFAULTS, demo_data="pku_saferlhf.jsonl")
 
-    # --- processes, device, the demo's defaults
+    # --- processes and devices; on the demo, start from its SFT run
     d = trainer.init_distributed()
     say = print if d.rank == 0 else (lambda *a, **k: None)
-    if args.ckpt is None:
-        args.ckpt = str(data.DEMO_CKPT)
-        args.data = args.data or str(data.DEMO_DATA / "pku_saferlhf.jsonl")
-        data.check_demo(args.ckpt, args.data)
+    if args.ckpt == str(data.DEMO_CKPT):
         if args.init_aligner is None and Path("runs/sft/best.pt").is_file():
             args.init_aligner = "runs/sft/best.pt"
-        say(f"No --ckpt given: training on the built-in demo ({args.ckpt}, {args.data}), "
+        say(f"Training on the built-in demo ({args.ckpt}, {args.data}), "
             f"from {args.init_aligner or 'a fresh Aligner (no runs/sft/best.pt yet: run train_sft.py first)'}.")
-    elif args.data is None:
-        parser.error("--data is required with --ckpt")
-    dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
     args.micro_batch_size = trainer.micro_batch_size(args, d)
 
     # --- load the frozen base model: policy and reference share it
-    model, tokenizer = llama.load(args.ckpt, device=d.device, dtype=dtype, max_seq_len=args.max_seq_len)
-    model.grad_checkpointing = args.grad_checkpointing
+    model, tokenizer = trainer.load_base(args, d)
 
     # --- data: read, tokenise, split
     triples, n_unsafe = data.read_preferences(args.data, args.pair, args.keep_unsafe)

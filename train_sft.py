@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 
 import data
-import llama
 import trainer
 from aligner import Aligner
 
@@ -53,24 +52,17 @@ def main(argv=None):
                         help="put the loss on the whole sequence, as the paper's code did, not the response only")
     trainer.add_arguments(parser, n_tokens=10, lr=9e-3, batch_size=64, epochs=8, warmup_epochs=1.0,
                           max_seq_len=512, out="runs/sft")
-    args = trainer.parse_args(parser, argv, demo_defaults=DEMO_DEFAULTS)
+    args = trainer.parse_args(parser, argv, demo_defaults=DEMO_DEFAULTS, demo_data="alpaca.json")
 
-    # --- processes, device, the demo's defaults
+    # --- processes and devices
     d = trainer.init_distributed()
     say = print if d.rank == 0 else (lambda *a, **k: None)
-    if args.ckpt is None:
-        args.ckpt = str(data.DEMO_CKPT)
-        args.data = args.data or str(data.DEMO_DATA / "alpaca.json")
-        data.check_demo(args.ckpt, args.data)
-        say(f"No --ckpt given: training on the built-in demo ({args.ckpt}, {args.data}).")
-    elif args.data is None:
-        parser.error("--data is required with --ckpt")
-    dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    if args.ckpt == str(data.DEMO_CKPT):
+        say(f"Training on the built-in demo ({args.ckpt}, {args.data}).")
     args.micro_batch_size = trainer.micro_batch_size(args, d)
 
     # --- load the frozen base model
-    model, tokenizer = llama.load(args.ckpt, device=d.device, dtype=dtype, max_seq_len=args.max_seq_len)
-    model.grad_checkpointing = args.grad_checkpointing
+    model, tokenizer = trainer.load_base(args, d)
 
     # --- data: read, tokenise, split
     pairs = data.read_sft(args.data)

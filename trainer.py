@@ -35,7 +35,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from llama import atomic_save, atomic_write
+from data import DEMO_CKPT, DEMO_DATA, check_demo
+from llama import atomic_save, atomic_write, load
 
 
 # -----------------------------------------------------------------------------
@@ -69,14 +70,27 @@ def demo_note(demo_defaults: dict) -> str:
     return f"With no --ckpt (the built-in demo) the defaults are instead: {flags}."
 
 
-def parse_args(parser, argv, demo_defaults: dict):
-    """Parse argv; with no --ckpt (the built-in demo) parse again over the demo's own defaults,
-    so that a flag given on the command line still wins."""
+def parse_args(parser, argv, demo_defaults: dict, demo_data: str):
+    """Parse argv. With no --ckpt, the run is on the built-in demo: its checkpoint, its file
+    demo_data unless --data is given, and its own defaults, over which a flag given still wins."""
     args = parser.parse_args(argv)
-    if args.ckpt is None:
-        parser.set_defaults(**demo_defaults)
-        args = parser.parse_args(argv)
+    if args.ckpt is not None:
+        if args.data is None:
+            parser.error("--data is required with --ckpt")
+        return args
+    parser.set_defaults(**demo_defaults)
+    args = parser.parse_args(argv)
+    args.ckpt, args.data = str(DEMO_CKPT), args.data or str(DEMO_DATA / demo_data)
+    check_demo(args.ckpt, args.data)
     return args
+
+
+def load_base(args, d: "Dist"):
+    """The frozen base model and its tokenizer: bf16 on a GPU, fp32 on CPU."""
+    dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    model, tokenizer = load(args.ckpt, device=d.device, dtype=dtype, max_seq_len=args.max_seq_len)
+    model.grad_checkpointing = args.grad_checkpointing
+    return model, tokenizer
 
 
 # -----------------------------------------------------------------------------

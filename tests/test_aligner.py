@@ -71,13 +71,20 @@ def test_one_token_aligner_is_a_constant_shift_of_each_adapted_attention_output(
     assert not torch.allclose(aligned, base, atol=1e-3)  # the shift is visible: the test can fail
 
 
-def test_only_the_aligner_gets_gradients_and_early_layers_need_no_backward():
+def frozen_model_and_aligner(n_layers, n_tokens, start_layer, open_gates=True):
+    """A tiny frozen model and an Aligner on it; open_gates draws the gates, which start at zero."""
     torch.manual_seed(0)
-    args = ModelArgs(dim=32, n_layers=4, n_heads=4, vocab_size=50, multiple_of=16)
+    args = ModelArgs(dim=32, n_layers=n_layers, n_heads=4, vocab_size=50, multiple_of=16)
     model = Transformer(args).requires_grad_(False)
-    aligner = Aligner(args, n_tokens=3, start_layer=2)
-    with torch.no_grad():
-        aligner.gates.normal_()
+    aligner = Aligner(args, n_tokens=n_tokens, start_layer=start_layer)
+    if open_gates:
+        with torch.no_grad():
+            aligner.gates.normal_()
+    return model, aligner
+
+
+def test_only_the_aligner_gets_gradients_and_early_layers_need_no_backward():
+    model, aligner = frozen_model_and_aligner(n_layers=4, n_tokens=3, start_layer=2)
     needs_grad = []
     for layer in model.layers:
         layer.register_forward_hook(lambda m, inputs, out: needs_grad.append(out.requires_grad))
@@ -89,22 +96,14 @@ def test_only_the_aligner_gets_gradients_and_early_layers_need_no_backward():
 
 def test_fresh_aligner_trains_its_gates_first():
     """At init the prefix gets no gradient (its term is multiplied by zero gates); the gates do."""
-    torch.manual_seed(0)
-    args = ModelArgs(dim=32, n_layers=3, n_heads=4, vocab_size=50, multiple_of=16)
-    model = Transformer(args).requires_grad_(False)
-    aligner = Aligner(args, n_tokens=2, start_layer=1)
+    model, aligner = frozen_model_and_aligner(n_layers=3, n_tokens=2, start_layer=1, open_gates=False)
     model(torch.randint(0, 50, (1, 5)), aligner=aligner).logsumexp(-1).mean().backward()
     assert torch.count_nonzero(aligner.prefix.grad) == 0
     assert torch.count_nonzero(aligner.gates.grad) > 0
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    torch.manual_seed(0)
-    args = ModelArgs(dim=32, n_layers=3, n_heads=4, vocab_size=50, multiple_of=16)
-    model = Transformer(args).requires_grad_(False)
-    aligner = Aligner(args, n_tokens=2, start_layer=1)
-    with torch.no_grad():
-        aligner.gates.normal_()
+    model, aligner = frozen_model_and_aligner(n_layers=3, n_tokens=2, start_layer=1)
     tokens = torch.randint(0, 50, (2, 6))
     grads = []
     for checkpointing in (False, True):

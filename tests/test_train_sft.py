@@ -215,11 +215,12 @@ def test_schedule_warms_up_then_decays_to_zero():
 
 
 @pytest.mark.parametrize("argv, batch_size", [([], 16), (["--batch-size", "8"], 8),
-                                              (["--ckpt", "llama-2-7b"], 64)])
+                                              (["--ckpt", "llama-2-7b", "--data", "alpaca.json"], 64)])
 def test_demo_defaults_apply_without_ckpt_and_yield_to_flags(argv, batch_size):
     parser = argparse.ArgumentParser()
     parser.add_argument("--ckpt")
+    parser.add_argument("--data")
     trainer.add_arguments(parser, n_tokens=1, lr=9e-3, batch_size=64, epochs=8, warmup_epochs=1.0,
                           max_seq_len=512, out="runs/sft")
-    args = trainer.parse_args(parser, argv, demo_defaults=train_sft.DEMO_DEFAULTS)
+    args = trainer.parse_args(parser, argv, demo_defaults=train_sft.DEMO_DEFAULTS, demo_data="alpaca.json")
     assert args.batch_size == batch_size and args.lr == 9e-3
