@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llama import ModelArgs, atomic_save
+from files import atomic_save
+from llama import ModelArgs
 
 BASE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads")  # the base shape an Aligner file records
 

@@ -58,7 +58,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import DEMO_DIR
-from llama import ModelArgs, Tokenizer, Transformer, atomic_write, save
+from files import atomic_write
+from llama import ModelArgs, Tokenizer, Transformer, save
 
 # -----------------------------------------------------------------------------
 # the world: people and their facts

@@ -60,7 +60,8 @@ from tqdm import tqdm
 from aligner import Aligner
 from data import DEMO_CKPT, DEMO_DATA, check_demo, format_prompt, read_records, string_fields
 from generate import generate
-from llama import atomic_write, load
+from files import atomic_write
+from llama import load
 
 TASKS = ("gsm8k", "mmlu", "qa")
 LETTERS = ("A", "B", "C", "D")

@@ -33,7 +33,8 @@ import torch
 
 from aligner import Aligner, AlignerBank, AlignerRows
 from data import DEMO_CKPT, format_prompt
-from llama import KVCache, atomic_write, load
+from files import atomic_write
+from llama import KVCache, load
 
 DEMO_PROMPT = "What is the home of Eskvormi?"  # a person of the demo world whom SFT never asks about
 

@@ -18,8 +18,6 @@ left-padded, with positions counted from each row's first real token.
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -28,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from files import atomic_save, atomic_text, load_pt
 
 
 @dataclass
@@ -387,29 +387,6 @@ def shard_dim(key: str) -> Optional[int]:
     return 0  # wq, wk, wv, w1, w3, output
 
 
-def atomic_write(path, write, mode="wb"):
-    """Write through `write(file)` to a temporary file beside `path`, then rename over it:
-    a crash at any moment leaves either the old file or the new one, never half of one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def atomic_save(obj, path):
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
 def save(model: Transformer, ckpt_dir, n_shards: int = 1):
     """Write `model` as Meta ships a checkpoint: params.json and n_shards consolidated.NN.pth files."""
     ckpt_dir = Path(ckpt_dir)
@@ -426,7 +403,7 @@ def save(model: Transformer, ckpt_dir, n_shards: int = 1):
     for i, shard in enumerate(shards):
         atomic_save(shard, ckpt_dir / f"consolidated.{i:02d}.pth")
     text = json.dumps(model.args.params(), indent=2) + "\n"
-    atomic_write(ckpt_dir / "params.json", lambda f: f.write(text), mode="w")
+    atomic_text(ckpt_dir / "params.json", text)
 
 
 def read_params(ckpt_dir) -> dict:
@@ -468,7 +445,7 @@ def load(ckpt_dir, device="cpu", dtype=torch.float32, tokenizer_path=None,
     expected_names = [f"consolidated.{i:02d}.pth" for i in range(len(paths))]
     if [p.name for p in paths] != expected_names:
         raise ValueError(f"{ckpt_dir}: shards {[p.name for p in paths]} are not numbered 00 to {len(paths) - 1:02d}")
-    shards = [torch.load(p, map_location="cpu", mmap=True, weights_only=True) for p in paths]
+    shards = [load_pt(p, "checkpoint shard", mmap=True) for p in paths]
     for path, shard in zip(paths, shards):
         shard.pop("rope.freqs", None)  # Meta's files carry the RoPE table; it is recomputed here
 

@@ -36,7 +36,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import DEMO_CKPT, DEMO_DATA, check_demo
-from llama import atomic_save, atomic_write, load
+from files import atomic_save, atomic_write
+from llama import load
 
 
 # -----------------------------------------------------------------------------

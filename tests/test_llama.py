@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import files
 import llama
 from conftest import make_checkpoint
 from llama import KVCache, ModelArgs, Transformer, prefix_attention, repeat_kv, sequence_attention
@@ -195,7 +196,7 @@ def test_wrong_key(tmp_path):
 
 def test_atomic_save_keeps_the_old_file_when_a_write_fails(tmp_path, monkeypatch):
     path = tmp_path / "state.pt"
-    llama.atomic_save({"x": torch.ones(3)}, path)
+    files.atomic_save({"x": torch.ones(3)}, path)
 
     def broken_save(obj, f):
         f.write(b"half a file")
@@ -203,7 +204,7 @@ def test_atomic_save_keeps_the_old_file_when_a_write_fails(tmp_path, monkeypatch
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(KeyboardInterrupt):
-        llama.atomic_save({"x": torch.zeros(3)}, path)
+        files.atomic_save({"x": torch.zeros(3)}, path)
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
