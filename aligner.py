@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from files import atomic_save
+from files import atomic_save, check_values, load_pt
 from llama import ModelArgs
 
 BASE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads")  # the base shape an Aligner file records
@@ -60,15 +60,14 @@ class Aligner(nn.Module):
     def load(cls, path, args: ModelArgs = None) -> "Aligner":
         """An Aligner saved by `save`; with `args`, refuses a file made for a base of another shape."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no Aligner file here")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_pt(path, "Aligner file")
         needed = ("n_tokens", "start_layer", "base", "prefix", "gates")
         if not isinstance(state, dict) or any(key not in state for key in needed):
             if isinstance(state, dict) and "global_value_embedding.weight" in state:
                 raise ValueError(f"{path}: this is an Aligner in the authors' lit-llama layout; "
                                  "read it with Aligner.from_lit_llama")
             raise ValueError(f"{path}: not an Aligner file (it needs the keys {list(needed)})")
+        check_values(path, {key: state[key] for key in ("prefix", "gates")}, "Aligner file")
         base = state["base"]
         shape_args = ModelArgs(**{key: base[key] for key in BASE_KEYS}, vocab_size=1)
         aligner = cls(shape_args, n_tokens=state["n_tokens"], start_layer=state["start_layer"])
@@ -91,7 +90,7 @@ class Aligner(nn.Module):
         Their per-layer `adapter_wte` copies of the prefix are not needed.
         """
         path = Path(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_pt(path, "lit-llama Aligner file")
         if isinstance(state.get("model"), dict):
             state = state["model"]
         if "global_value_embedding.weight" not in state:

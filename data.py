@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from files import read_text
+
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 DEMO_CKPT = DEMO_DIR / "llama-demo"  # Meta layout; demo/tokenizer.model lies beside it
 DEMO_DATA = DEMO_DIR / "data"
@@ -55,7 +57,7 @@ def read_records(path) -> list:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no data file here")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "data file")
     start = len(text) - len(text.lstrip())
     if text[start:start + 1] == "[":
         return _json_list(path, text, start)

@@ -5,11 +5,17 @@ file that cannot be read is named in a one-line error, never left to a
 traceback from deep inside torch.
 """
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
 
 import torch
+
+# A value this large in an Aligner has exploded: AdamW moves a value by about lr per step, so even a
+# million steps at lr 1 stay below 1e7, while 1e10 is still far from where float32 (3.4e38) or the
+# attention's dot products would overflow. A file or a training step beyond it is refused.
+EXPLODED = 1e10
 
 
 class FileError(ValueError):
@@ -45,12 +51,111 @@ def atomic_text(path, text: str):
 
 def load_pt(path, what: str, mmap: bool = False):
     """torch.load(weights_only=True) of `path`, or a FileError that names the file: missing,
-    truncated, not a torch file, or holding something other than tensors and plain data."""
+    empty, truncated, not a torch file, or holding something other than tensors and plain data."""
     path = Path(path)
     if not path.is_file():
         raise FileError(f"{path}: no {what} here")
+    if path.stat().st_size == 0:
+        raise FileError(f"{path}: the file is empty; expected a {what}")
     try:
         return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except Exception as e:  # torch raises RuntimeError, pickle errors, EOFError, ... by the file's damage
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FileError(f"{path}: cannot be read as a {what} ({reason[:200]})") from None
+
+
+def read_text(path, what: str) -> str:
+    """The UTF-8 text of `path`, or a FileError that names the file: missing, a folder,
+    unreadable, or not UTF-8 (with the line of the first bad byte)."""
+    path = Path(path)
+    if path.is_dir():
+        raise FileError(f"{path}: a folder, not a {what}")
+    if not path.is_file():
+        raise FileError(f"{path}: no {what} here")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise FileError(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise FileError(f"{path}, line {line}: not UTF-8 text (byte {raw[e.start]:#04x}); "
+                        f"save the {what} as UTF-8") from None
+
+
+def bad_value(tensors: dict):
+    """A sentence about the first of these tensors that is not a tensor, or holds NaN, an infinity
+    or a value beyond EXPLODED in magnitude, as 'prefix holds NaN'; None where all are usable."""
+    for key, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            return f"{key} is a {type(tensor).__name__}, not a tensor"
+        if not tensor.is_floating_point():
+            continue
+        t = tensor.detach()
+        if torch.isnan(t).any():
+            return f"{key} holds NaN"
+        if torch.isinf(t).any():
+            return f"{key} holds an infinite value"
+        if t.numel() and t.abs().max().item() > EXPLODED:
+            return f"{key} holds {t.abs().max().item():.3g}, beyond {EXPLODED:.0e}: it has exploded"
+    return None
+
+
+def check_values(path, tensors: dict, what: str):
+    """Refuse a file whose tensors hold NaN, infinities or exploded values, naming the file and key."""
+    problem = bad_value(tensors)
+    if problem is not None:
+        raise FileError(f"{path}: {problem}; this {what} is not usable")
+
+
+def sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def append_line(path, line: str):
+    """Append one line with a single write to a file opened for appending, then fsync: a kill can
+    cut only the line being written, never one before it."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(fd, (line + "\n").encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -----------------------------------------------------------------------------
+# where results go: checked before the work, never written over unasked
+
+def check_writable(path, flag: str = "--out", folder: bool = True):
+    """Stop now, naming the flag, where results could not be written to `path` (a folder, or a
+    file when folder=False): a file in the way, or a place this process may not write. Nothing
+    is created: a probe file is written and removed in the nearest folder that exists."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise FileError(f"{flag} {path}: a file is there, not a folder")
+    if not folder and path.is_dir():
+        raise FileError(f"{flag} {path}: a folder is there, not a file")
+    existing = path if path.is_dir() else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FileError(f"{flag} {path}: {existing} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise FileError(f"{flag} {path}: cannot write in {existing} ({e.strerror or e})") from None
+
+
+def refuse_existing(paths, flag: str = "--out"):
+    """Stop, naming them, where any of these result files already exists: --overwrite replaces them."""
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing:
+        raise FileError(f"{flag}: {', '.join(existing)} already exist(s); choose another {flag}, "
+                        "or pass --overwrite to replace")

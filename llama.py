@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from files import atomic_save, atomic_text, load_pt
+from files import FileError, atomic_save, atomic_text, load_pt, read_text
 
 
 @dataclass
@@ -350,7 +350,11 @@ class Tokenizer:
         model_path = Path(model_path)
         if not model_path.is_file():
             raise FileNotFoundError(f"{model_path}: no tokenizer model here")
-        self.sp = SentencePieceProcessor(model_file=str(model_path))
+        try:
+            self.sp = SentencePieceProcessor(model_file=str(model_path))
+        except Exception as e:  # SentencePiece raises RuntimeError or OSError on a damaged file
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise FileError(f"{model_path}: cannot be read as a SentencePiece tokenizer ({reason[:200]})") from None
         self.n_words = self.sp.vocab_size()
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
@@ -406,19 +410,53 @@ def save(model: Transformer, ckpt_dir, n_shards: int = 1):
     atomic_text(ckpt_dir / "params.json", text)
 
 
+# What each params.json key must hold: (integer only?, may be null?, the values it allows)
+PARAM_RULES = {"dim": (True, False, "positive"), "n_layers": (True, False, "positive"),
+               "n_heads": (True, False, "positive"), "n_kv_heads": (True, True, "positive"),
+               "vocab_size": (True, False, "-1 or positive"), "multiple_of": (True, False, "positive"),
+               "ffn_dim_multiplier": (False, True, "positive"), "norm_eps": (False, False, "positive"),
+               "rope_theta": (False, False, "positive")}
+
+
+def param_problem(value, integer: bool, nullable: bool, allowed: str):
+    """What is wrong with one params.json value, or None."""
+    if value is None and nullable:
+        return None
+    number = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not number or not math.isfinite(value):
+        return f"must be {'an integer' if integer else 'a number'}{' or null' if nullable else ''}, not {value!r}"
+    if not (value > 0 or (allowed == "-1 or positive" and value == -1)):
+        return f"is {value}; it must be {allowed}"
+    return None
+
+
 def read_params(ckpt_dir) -> dict:
-    path = Path(ckpt_dir) / "params.json"
+    """params.json as a dict of ModelArgs' keys, each checked for its type and range, so that a
+    wrong value stops here with the file and the key, not later inside the model."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"{ckpt_dir}: no checkpoint folder here")
+    path = ckpt_dir / "params.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; a Meta checkpoint folder holds params.json "
                                 "beside consolidated.00.pth")
     try:
-        params = json.loads(path.read_text())
+        params = json.loads(read_text(path, "params.json"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"{path}: expected a JSON object of the model's settings, got {type(params).__name__}")
     known = set(ModelArgs().params())
-    for key in params:
+    for key, value in params.items():
         if key not in known:
             raise ValueError(f"{path}: unknown key {key!r}; this model reads {sorted(known)}")
+        problem = param_problem(value, *PARAM_RULES[key])
+        if problem:
+            raise ValueError(f"{path}: {key!r} {problem}")
+    try:
+        ModelArgs(**params)
+    except ValueError as e:  # dim, n_heads and n_kv_heads that do not divide
+        raise ValueError(f"{path}: {e}") from None
     return params
 
 
@@ -447,6 +485,8 @@ def load(ckpt_dir, device="cpu", dtype=torch.float32, tokenizer_path=None,
         raise ValueError(f"{ckpt_dir}: shards {[p.name for p in paths]} are not numbered 00 to {len(paths) - 1:02d}")
     shards = [load_pt(p, "checkpoint shard", mmap=True) for p in paths]
     for path, shard in zip(paths, shards):
+        if not isinstance(shard, dict) or not all(isinstance(t, torch.Tensor) for t in shard.values()):
+            raise ValueError(f"{path}: not a checkpoint shard (expected a dict of weight names to tensors)")
         shard.pop("rope.freqs", None)  # Meta's files carry the RoPE table; it is recomputed here
 
     with torch.device("meta"):
