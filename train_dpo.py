@@ -29,12 +29,12 @@ whose prompt goes through the Alpaca template, or {"prompt", "chosen",
 
 import argparse
 import copy
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+import cli
 import data
 import trainer
 from aligner import Aligner
@@ -86,10 +86,11 @@ def pair_logps(model, aligner, pairs):
 # the pairs whose rejected answer runs on are still far from saturating the loss long after that
 # answer has stopped, and their push undoes what SFT taught (the README has the figures).
 DEMO_DEFAULTS = dict(batch_size=16, epochs=20, lr=3e-3, beta=1.0)
+DEMO_INIT = "runs/sft/best.pt"  # on the demo, DPO starts from train_sft.py's run where there is one
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Train an Aligner on preference pairs (DPO, Eq. 10).",
+    parser = cli.ArgumentParser(description="Train an Aligner on preference pairs (DPO, Eq. 10).",
                                      epilog=trainer.demo_note(DEMO_DEFAULTS),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--ckpt", type=str, default=None,
@@ -104,9 +105,9 @@ def main(argv=None):
                              "or an Aligner file")
     parser.add_argument("--precompute-ref", action="store_true",
                         help="compute the reference log-probs once before training, not at every step")
-    parser.add_argument("--beta", type=float, default=0.1, help="beta of Eq. 10")
+    parser.add_argument("--beta", type=cli.positive_float, default=0.1, help="beta of Eq. 10")
     parser.add_argument("--loss", choices=("dpo", "ipo"), default="dpo", help="Eq. 10 (dpo) or IPO's squared loss")
-    parser.add_argument("--label-smoothing", type=float, default=0.0,
+    parser.add_argument("--label-smoothing", type=cli.smoothing, default=0.0,
                         help="conservative DPO: the assumed fraction of flipped labels (0: plain DPO)")
     parser.add_argument("--pair", choices=("safer", "better"), default="safer",
                         help="for PKU-SafeRLHF rows: the id that names the chosen response")
@@ -115,15 +116,20 @@ def main(argv=None):
     trainer.add_arguments(parser, n_tokens=1, lr=1e-4, batch_size=64, epochs=1, warmup_epochs=0.1,
                           max_seq_len=1024, out="runs/dpo")
     args = trainer.parse_args(parser, argv, demo_defaults=DEMO_DEFAULTS, demo_data="pku_saferlhf.jsonl")
+    demo = args.ckpt == str(data.DEMO_CKPT)
+    if demo and args.init_aligner is None and Path(DEMO_INIT).is_file():
+        args.init_aligner = DEMO_INIT
+    for path in (args.init_aligner, None if args.reference in ("init", "base") else args.reference):
+        if path is not None:
+            Aligner.load(path)  # an unreadable or unusable Aligner file stops here, before the base loads
+    trainer.open_run(args)  # a finished run in --out is refused, and --resume checked, before anything loads
 
     # --- processes and devices; on the demo, start from its SFT run
-    d = trainer.init_distributed()
+    d = trainer.init_distributed(torch.device(args.device))
     say = print if d.rank == 0 else (lambda *a, **k: None)
-    if args.ckpt == str(data.DEMO_CKPT):
-        if args.init_aligner is None and Path("runs/sft/best.pt").is_file():
-            args.init_aligner = "runs/sft/best.pt"
+    if demo:
         say(f"Training on the built-in demo ({args.ckpt}, {args.data}), "
-            f"from {args.init_aligner or 'a fresh Aligner (no runs/sft/best.pt yet: run train_sft.py first)'}.")
+            f"from {args.init_aligner or f'a fresh Aligner (no {DEMO_INIT} yet: run train_sft.py first)'}.")
     args.micro_batch_size = trainer.micro_batch_size(args, d)
 
     # --- load the frozen base model: policy and reference share it
@@ -138,6 +144,9 @@ def main(argv=None):
         n_cut += c_cut or r_cut
         if len(c_tokens) > c_start and len(r_tokens) > r_start:  # else the prompt alone filled max_seq_len
             pairs.append(((c_tokens, c_start), (r_tokens, r_start)))
+    if not pairs:
+        raise ValueError(f"{args.data}: no pairs left: in every one the prompt alone fills "
+                         f"--max-seq-len {args.max_seq_len}")
     lengths = [len(c[0]) + len(r[0]) for c, r in pairs]  # tokens a pair puts through the model
     units = [1] * len(pairs)  # the loss is a mean over pairs
     say(f"{args.data}: {len(pairs)} pairs; {n_unsafe} dropped because the chosen response is unsafe"
@@ -196,7 +205,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
+    cli.run(main)

@@ -24,11 +24,11 @@ The Aligner files land in --out (runs/sft): best.pt, epoch-E.pt.
 """
 
 import argparse
-import sys
 
 import torch
 import torch.nn.functional as F
 
+import cli
 import data
 import trainer
 from aligner import Aligner
@@ -41,7 +41,7 @@ DEMO_DEFAULTS = dict(batch_size=16)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Train an Aligner on instruction data (SFT).",
+    parser = cli.ArgumentParser(description="Train an Aligner on instruction data (SFT).",
                                      epilog=trainer.demo_note(DEMO_DEFAULTS),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--ckpt", type=str, default=None,
@@ -53,9 +53,10 @@ def main(argv=None):
     trainer.add_arguments(parser, n_tokens=10, lr=9e-3, batch_size=64, epochs=8, warmup_epochs=1.0,
                           max_seq_len=512, out="runs/sft")
     args = trainer.parse_args(parser, argv, demo_defaults=DEMO_DEFAULTS, demo_data="alpaca.json")
+    trainer.open_run(args)  # a finished run in --out is refused, and --resume checked, before anything loads
 
     # --- processes and devices
-    d = trainer.init_distributed()
+    d = trainer.init_distributed(torch.device(args.device))
     say = print if d.rank == 0 else (lambda *a, **k: None)
     if args.ckpt == str(data.DEMO_CKPT):
         say(f"Training on the built-in demo ({args.ckpt}, {args.data}).")
@@ -73,6 +74,9 @@ def main(argv=None):
         n_cut += cut
         if len(tokens) > loss_start:  # else the prompt alone filled max_seq_len: nothing to learn
             examples.append((tokens, loss_start))
+    if not examples:
+        raise ValueError(f"{args.data}: no examples left: in every one the prompt alone fills "
+                         f"--max-seq-len {args.max_seq_len}")
     lengths = [len(tokens) for tokens, _ in examples]
     units = [data.n_targets(e) for e in examples]  # the loss is a mean over these tokens
     say(f"{args.data}: {len(pairs)} examples; {n_cut} cut to --max-seq-len {args.max_seq_len} tokens"
@@ -102,7 +106,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
+    cli.run(main)

@@ -13,8 +13,16 @@ state.pt (everything --resume needs: Aligner, optimizer, step, RNG). The data
 order is a pure function of (seed, epoch), so the step number alone says where
 in the data a resumed run continues, and a stopped and resumed run ends with
 the same Aligner, bit for bit on CPU, as one that never stopped. Every file is
-written atomically (write beside, then rename), so a kill at any moment leaves
-the last good checkpoint whole.
+written atomically (write beside, then rename), and metrics.jsonl grows by one
+whole line per write, so a kill at any moment leaves the last good checkpoint
+whole and can cut only the metrics line being written, which --resume drops.
+
+A run is never destroyed unasked: into an --out that already holds one, a
+script refuses unless --resume (continue it) or --overwrite (replace it). The
+resumed run must be the same run: the same settings, and inputs (checkpoint,
+data, initial Aligner) with the same content, wherever they now live. A step
+whose loss or gradients are not finite, or whose update leaves a parameter
+NaN, infinite or exploded, stops the run before it is saved.
 
 Several processes (torchrun): each rank takes its share of every global batch;
 the Aligner's gradients are all-reduced by hand after backward. (DDP would hook
@@ -28,16 +36,19 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import cli
 from data import DEMO_CKPT, DEMO_DATA, check_demo
-from files import atomic_save, atomic_write
-from llama import load
+from files import (FileError, append_line, atomic_save, atomic_text, bad_value, check_values,
+                   check_writable, load_pt, read_text, sha256)
+from llama import find_tokenizer, load
 
 
 # -----------------------------------------------------------------------------
@@ -45,24 +56,34 @@ from llama import load
 
 def add_arguments(parser, *, n_tokens, lr, batch_size, epochs, warmup_epochs, max_seq_len, out):
     a = parser.add_argument
-    a("--n-tokens", type=int, default=n_tokens, help="N, the number of Aligner tokens")
-    a("--start-layer", type=int, default=2, help="the first layer that attends to the Aligner")
-    a("--lr", type=float, default=lr, help="peak learning rate of AdamW")
-    a("--weight-decay", type=float, default=0.02, help="AdamW's weight decay")
-    a("--batch-size", type=int, default=batch_size, help="global batch: examples per optimizer step, all ranks together")
-    a("--micro-batch-size", type=int, default=None,
+    a("--n-tokens", type=cli.positive_int, default=n_tokens, help="N, the number of Aligner tokens")
+    a("--start-layer", type=cli.non_negative_int, default=2, help="the first layer that attends to the Aligner")
+    a("--lr", type=cli.positive_float, default=lr, help="peak learning rate of AdamW")
+    a("--weight-decay", type=cli.non_negative_float, default=0.02, help="AdamW's weight decay")
+    a("--batch-size", type=cli.positive_int, default=batch_size,
+      help="global batch: examples per optimizer step, all ranks together")
+    a("--micro-batch-size", type=cli.positive_int, default=None,
       help="examples per forward on one rank; gradients accumulate up to --batch-size "
            "(default: 4096 // --max-seq-len on a GPU, the whole batch on CPU)")
-    a("--epochs", type=int, default=epochs, help="passes over the training data")
-    a("--warmup-epochs", type=float, default=warmup_epochs, help="linear warmup length, in epochs; cosine decay to zero after it")
-    a("--max-seq-len", type=int, default=max_seq_len, help="longer examples are cut to this many tokens (and counted)")
-    a("--val", type=str, default="0.05", help="held-out validation split: a fraction (0.05) or a count (500)")
-    a("--seed", type=int, default=0, help="seeds the Aligner's initialisation, the split and the data order")
+    a("--epochs", type=cli.positive_int, default=epochs, help="passes over the training data")
+    a("--warmup-epochs", type=cli.non_negative_float, default=warmup_epochs,
+      help="linear warmup length, in epochs; cosine decay to zero after it")
+    a("--max-seq-len", type=cli.positive_int, default=max_seq_len,
+      help="longer examples are cut to this many tokens (and counted)")
+    a("--val", type=cli.split_size, default="0.05", help="held-out validation split: a fraction (0.05) or a count (500)")
+    a("--seed", type=cli.seed, default=0, help="seeds the Aligner's initialisation, the split and the data order")
     a("--grad-checkpointing", action="store_true", help="recompute activations in backward: less memory for long sequences")
     a("--out", type=Path, default=Path(out), help="folder for Aligner files, metrics.jsonl, settings.json and state.pt")
-    a("--save-every", type=int, default=100, help="also save the resumable state every this many optimizer steps")
-    a("--resume", action="store_true", help="continue the run in --out from its state.pt")
-    a("--max-steps", type=int, default=None, help="stop (resumably) after this many optimizer steps in all; for tests")
+    a("--save-every", type=cli.positive_int, default=100,
+      help="also save the resumable state every this many optimizer steps")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue the run in --out from its state.pt")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in --out (its settings.json, metrics.jsonl, state.pt, "
+                            "best.pt and epoch-*.pt; nothing else there)")
+    a("--max-steps", type=cli.positive_int, default=None,
+      help="stop (resumably) after this many optimizer steps in all; for tests")
+    cli.add_common_flags(parser)
 
 
 def demo_note(demo_defaults: dict) -> str:
@@ -73,23 +94,30 @@ def demo_note(demo_defaults: dict) -> str:
 
 def parse_args(parser, argv, demo_defaults: dict, demo_data: str):
     """Parse argv. With no --ckpt, the run is on the built-in demo: its checkpoint, its file
-    demo_data unless --data is given, and its own defaults, over which a flag given still wins."""
+    demo_data unless --data is given, and its own defaults, over which a flag given still wins.
+    The device and dtype are settled here."""
     args = parser.parse_args(argv)
-    if args.ckpt is not None:
+    if args.ckpt is None:
+        parser.set_defaults(**demo_defaults)
+        args = parser.parse_args(argv)
+        args.ckpt = str(DEMO_CKPT)
+        check_demo(args.ckpt)
         if args.data is None:
-            parser.error("--data is required with --ckpt")
-        return args
-    parser.set_defaults(**demo_defaults)
-    args = parser.parse_args(argv)
-    args.ckpt, args.data = str(DEMO_CKPT), args.data or str(DEMO_DATA / demo_data)
-    check_demo(args.ckpt, args.data)
+            args.data = str(DEMO_DATA / demo_data)
+            check_demo(args.data)
+    elif args.data is None:
+        parser.error("--data is required with --ckpt")
+    cli.place(args)
     return args
 
 
 def load_base(args, d: "Dist"):
-    """The frozen base model and its tokenizer: bf16 on a GPU, fp32 on CPU."""
-    dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
-    model, tokenizer = load(args.ckpt, device=d.device, dtype=dtype, max_seq_len=args.max_seq_len)
+    """The frozen base model and its tokenizer, on the device and in the dtype cli.place chose."""
+    model, tokenizer = load(args.ckpt, device=d.device, dtype=getattr(torch, args.dtype),
+                            max_seq_len=args.max_seq_len)
+    if args.start_layer >= model.args.n_layers:
+        raise ValueError(f"--start-layer {args.start_layer}: the model has {model.args.n_layers} layers, "
+                         f"numbered 0 to {model.args.n_layers - 1}")
     model.grad_checkpointing = args.grad_checkpointing
     return model, tokenizer
 
@@ -104,15 +132,12 @@ class Dist:
     device: torch.device
 
 
-def init_distributed() -> Dist:
+def init_distributed(device: torch.device) -> Dist:
     """Join torchrun's process group if there is one (NCCL on GPUs, Gloo on CPU); else a single process."""
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if dist.is_initialized():
         return Dist(dist.get_rank(), dist.get_world_size(), device)
     return Dist(0, 1, device)
@@ -140,6 +165,125 @@ def all_reduce_sum(t: torch.Tensor, world: int) -> torch.Tensor:
     if world > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+# -----------------------------------------------------------------------------
+# the run in --out: what it is, so that it is never destroyed unasked and resumes only as itself
+
+# Flags that say how to run this time, not what the run is: left out of settings.json.
+NOT_SETTINGS = ("resume", "overwrite", "max_steps", "debug")
+# Settings a resumed run may change: where it runs, its speed and memory, not its result.
+FREE = ("out", "device", "micro_batch_size", "save_every", "grad_checkpointing")
+# Files and folders the run reads: compared on resume by their content (settings["inputs"]), not by path,
+# so that a run whose folder or inputs moved still resumes.
+INPUTS = ("ckpt", "data", "init_aligner", "reference")
+
+
+def run_files(out: Path) -> list:
+    """The files of a run in `out`: what --overwrite removes, and all it removes."""
+    if not out.is_dir():
+        return []
+    names = ("settings.json", "metrics.jsonl", "state.pt", "best.pt")
+    return sorted([out / n for n in names if (out / n).exists()] + list(out.glob("epoch-*.pt")))
+
+
+def fingerprint(value):
+    """What an input holds, cheaply enough for a 13 GB checkpoint. A file: its size and sha256.
+    A checkpoint folder: its params.json, the names and sizes of its shards, and its tokenizer's
+    sha256. Anything else (None, 'init', 'base'): itself."""
+    path = Path(value) if isinstance(value, (str, Path)) else None
+    if path is not None and path.is_file():
+        return {"bytes": path.stat().st_size, "sha256": sha256(path)}
+    if path is not None and path.is_dir():
+        try:
+            tokenizer = sha256(find_tokenizer(path))
+        except FileNotFoundError:
+            tokenizer = None
+        params = path / "params.json"
+        return {"params.json": sha256(params) if params.is_file() else None,
+                "shards": {p.name: p.stat().st_size for p in sorted(path.glob("consolidated.*.pth"))},
+                "tokenizer.model": tokenizer}
+    return None if value is None else str(value)
+
+
+def run_settings(args) -> dict:
+    """What settings.json and state.pt record: every flag, and the content of every input."""
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in NOT_SETTINGS}
+    settings["inputs"] = {k: fingerprint(getattr(args, k)) for k in INPUTS if hasattr(args, k)}
+    return settings
+
+
+def check_same_run(path, old: dict, new: dict):
+    """Refuse to resume with settings or inputs that would change the result."""
+    keys = (old.keys() | new.keys()) - set(FREE) - set(INPUTS) - {"inputs"}
+    changed = [f"--{k.replace('_', '-')} {old.get(k)} (now {new.get(k)})" for k in sorted(keys)
+               if old.get(k) != new.get(k)]
+    old_inputs, new_inputs = old.get("inputs", {}), new.get("inputs", {})
+    changed += [f"--{k.replace('_', '-')}'s content" for k in sorted(old_inputs.keys() | new_inputs.keys())
+                if old_inputs.get(k) != new_inputs.get(k)]
+    if changed:
+        raise ValueError(f"{path}: the run was started with other settings: {'; '.join(changed)}. "
+                         "Resume it with the same flags and files, or start anew with --overwrite")
+
+
+def read_state(path: Path) -> dict:
+    """state.pt, checked: every key --resume needs, and an Aligner with usable values."""
+    state = load_pt(path, "training state")
+    needed = ("aligner", "optimizer", "step", "best", "last_val", "rng", "settings")
+    missing = [k for k in needed if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise FileError(f"{path}: not a training state (no {', '.join(missing)})")
+    check_values(path, state["aligner"], "training state")
+    return state
+
+
+def open_run(args, settings: dict = None):
+    """Check --data and --out before anything loads or is written; returns state.pt's contents
+    under --resume.
+
+    A folder that already holds a run is refused unless --resume (whose state.pt must then
+    match these settings and inputs) or --overwrite (whose old files train() removes first).
+    """
+    data = getattr(args, "data", None)
+    if data is not None and not Path(data).is_file():
+        raise FileNotFoundError(f"--data {data}: " + ("a folder, not a file" if Path(data).is_dir() else "no such file"))
+    out = Path(args.out)
+    check_writable(out, "--out")
+    settings = settings or run_settings(args)
+    if args.resume:
+        path = out / "state.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: nothing to resume (run without --resume to start)")
+        state = read_state(path)
+        check_same_run(path, state["settings"], settings)
+        return state
+    existing = run_files(out)
+    if existing and not getattr(args, "overwrite", False):
+        raise FileError(f"--out {out} already holds a run ({', '.join(p.name for p in existing)}); "
+                        "continue it with --resume, or replace it with --overwrite")
+    return None
+
+
+def trim_metrics(path: Path, step: int):
+    """Keep metrics.jsonl's lines up to `step`, the step state.pt holds. A last line without
+    its newline was cut by a kill while being written, and goes; so do lines past `step`."""
+    if not path.is_file():
+        atomic_text(path, "")
+        return
+    *complete, last = read_text(path, "metrics log").split("\n")
+    keep = []
+    for number, line in enumerate(complete, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise FileError(f"{path}, line {number}: not a metrics record; remove the line to resume")
+        if record["step"] <= step:
+            keep.append(line)
+    atomic_text(path, "".join(line + "\n" for line in keep))
 
 
 # -----------------------------------------------------------------------------
@@ -186,7 +330,46 @@ def learning_rate(step: int, peak: float, warmup_steps: int, total_steps: int) -
 
 
 # -----------------------------------------------------------------------------
-# the loop
+# the loop, in named steps: start (or resume), an optimizer step, validate, save
+
+@dataclass
+class Schedule:
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+@dataclass
+class Run:
+    """What stays fixed while a run trains: its flags and recorded settings, the Aligner and
+    its optimizer, the task's loss and its examples' sizes, the processes and the schedule."""
+    args: object
+    settings: dict
+    aligner: torch.nn.Module
+    params: list
+    optimizer: torch.optim.Optimizer
+    batch_loss: Callable
+    train_idx: list
+    val_idx: list
+    lengths: list
+    units: list
+    stat_names: tuple
+    d: Dist
+    schedule: Schedule
+
+    @property
+    def out(self) -> Path:
+        return Path(self.args.out)
+
+
+@dataclass
+class Progress:
+    """What changes as a run trains; state.pt records it."""
+    step: int = 0  # optimizer steps taken
+    best: float = math.inf  # the best validation loss so far
+    last_val: dict = field(default_factory=dict)  # the last validation's metrics
+    last_saved: int = 0  # the step state.pt holds
+
 
 def evaluate(batch_loss, val_idx, lengths, units, d: Dist, micro_batch_size: int, stat_names) -> dict:
     """Validation loss (and the task's statistics) per unit, over all of val_idx, all ranks together."""
@@ -201,6 +384,108 @@ def evaluate(batch_loss, val_idx, lengths, units, d: Dist, micro_batch_size: int
     return {"val_loss": sums[0].item(), **{f"val_{k}": v.item() for k, v in zip(stat_names, sums[1:])}}
 
 
+def start(run: Run) -> Progress:
+    """Resume from state.pt, or begin: clear an old run that --overwrite replaces, write settings.json."""
+    out, d = run.out, run.d
+    if not run.args.resume and d.rank != 0:
+        return Progress()  # rank 0 alone checks and prepares --out: the others could see its new files
+    state = open_run(run.args, run.settings)
+    if state is not None:
+        run.aligner.load_state_dict(state["aligner"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        progress = Progress(state["step"], state["best"], state["last_val"], last_saved=state["step"])
+        if d.rank == 0:
+            trim_metrics(out / "metrics.jsonl", progress.step)
+            print(f"resuming {out} at step {progress.step} of {run.schedule.total_steps}")
+        return progress
+    if d.rank == 0:
+        for path in run_files(out):  # --overwrite: the old run's files, and nothing else in the folder
+            path.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_text(out / "settings.json", json.dumps(run.settings, indent=2) + "\n")
+        atomic_text(out / "metrics.jsonl", "")
+    return Progress()
+
+
+def log(run: Run, record: dict):
+    if run.d.rank == 0:
+        append_line(run.out / "metrics.jsonl", json.dumps(record))
+
+
+def optimizer_step(run: Run, progress: Progress) -> dict:
+    """One optimizer step over the global batch at progress.step; returns its metrics record.
+
+    Stops with FloatingPointError, before anything is saved, where the loss or a gradient is
+    not finite, or where the update leaves a parameter NaN, infinite or exploded (files.EXPLODED).
+    """
+    args, d, schedule, step = run.args, run.d, run.schedule, progress.step
+    epoch, i = divmod(step, schedule.steps_per_epoch)
+    batch = global_batches(run.train_idx, args.batch_size, args.seed, epoch)[i]
+    for group in run.optimizer.param_groups:
+        group["lr"] = learning_rate(step, args.lr, schedule.warmup_steps, schedule.total_steps)
+    batch_units = sum(run.units[j] for j in batch)
+    sums = torch.zeros(2 + len(run.stat_names), dtype=torch.float64)  # loss, tokens, stats
+    t0 = time.perf_counter()
+    run.optimizer.zero_grad(set_to_none=False)
+    for micro in my_micro_batches(batch, run.lengths, d.rank, d.world, args.micro_batch_size):
+        loss, stats = run.batch_loss(micro)
+        (loss / batch_units).backward()
+        sums += torch.tensor([loss.item(), sum(run.lengths[j] for j in micro)]
+                             + [float(stats[k]) for k in run.stat_names], dtype=torch.float64)
+    for p in run.params:
+        if p.grad is None:  # a rank with no examples in this batch still joins the all-reduce
+            p.grad = torch.zeros_like(p)
+        all_reduce_sum(p.grad, d.world)
+    sums = all_reduce_sum(sums.to(d.device), d.world).cpu()
+    loss = sums[0].item() / batch_units
+    last_good = f"The last good checkpoint is {run.out / 'state.pt'} (step {progress.last_saved})"
+    if not math.isfinite(loss) or not all(torch.isfinite(p.grad).all() for p in run.params):
+        raise FloatingPointError(f"step {step + 1}: the loss is {loss}; stopping. {last_good}")
+    run.optimizer.step()
+    problem = bad_value({name: p for name, p in run.aligner.named_parameters() if p.requires_grad})
+    if problem is not None:
+        raise FloatingPointError(f"step {step + 1}: after the update the Aligner's {problem}; stopping "
+                                 f"(a smaller --lr may help). {last_good}")
+    tokens_per_s = sums[1].item() / (time.perf_counter() - t0)
+    return {"step": step + 1, "epoch": round((step + 1) / schedule.steps_per_epoch, 4), "loss": loss,
+            "lr": run.optimizer.param_groups[0]["lr"], "tokens_per_s": round(tokens_per_s, 1),
+            **{k: v.item() / batch_units for k, v in zip(run.stat_names, sums[2:])}}
+
+
+def validate(run: Run, progress: Progress, epoch: int) -> Progress:
+    """Validation after `epoch` (0: before training): log it, save epoch-E.pt, and best.pt where
+    the loss is the best so far (every epoch where there is no validation split)."""
+    args, d = run.args, run.d
+    last_val = evaluate(run.batch_loss, run.val_idx, run.lengths, run.units, d, args.micro_batch_size,
+                        run.stat_names)
+    log(run, {"step": progress.step, "epoch": epoch, **last_val})
+    best = progress.best
+    if d.rank == 0:
+        if epoch > 0:
+            run.aligner.save(run.out / f"epoch-{epoch}.pt")
+        if last_val.get("val_loss", -math.inf) < best or not run.val_idx:
+            best = last_val.get("val_loss", best)
+            run.aligner.save(run.out / "best.pt")
+        tqdm.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_val.items()))
+    return replace(progress, best=best, last_val=last_val)
+
+
+def save_state(run: Run, progress: Progress) -> Progress:
+    """Write state.pt, everything --resume needs; returns the progress with this step as the last saved."""
+    if run.d.rank == 0:
+        atomic_save({"aligner": run.aligner.state_dict(), "optimizer": run.optimizer.state_dict(),
+                     "step": progress.step, "best": progress.best, "last_val": progress.last_val,
+                     "rng": torch.get_rng_state(), "settings": run.settings}, run.out / "state.pt")
+    return replace(progress, last_saved=progress.step)
+
+
+def show(bar, record: dict, stat_names):
+    bar.update(1)
+    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
+                    **{k.split("/")[-1]: f"{record[k]:.3f}" for k in stat_names})
+
+
 def train(args, aligner, batch_loss, train_idx: list, val_idx: list, lengths: list, units: list,
           d: Dist, stat_names=()) -> dict:
     """Train `aligner` in place; returns the last validation metrics.
@@ -209,116 +494,36 @@ def train(args, aligner, batch_loss, train_idx: list, val_idx: list, lengths: li
     the task's whole forward. lengths[i] (tokens) groups micro-batches;
     units[i] (loss tokens or pairs) normalises a global batch's loss.
     """
-    out = args.out
     params = [p for p in aligner.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(train_idx) / args.batch_size)
-    total_steps = steps_per_epoch * args.epochs
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-                if k not in ("resume", "max_steps")}
+    schedule = Schedule(steps_per_epoch, steps_per_epoch * args.epochs, round(args.warmup_epochs * steps_per_epoch))
+    run = Run(args, run_settings(args), aligner, params, optimizer, batch_loss, train_idx, val_idx, lengths, units,
+              tuple(stat_names), d, schedule)
 
-    # --- start, or continue from state.pt
-    step, best, last_val = 0, math.inf, {}
-    if args.resume:
-        path = out / "state.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: nothing to resume (run without --resume to start)")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        free = ("micro_batch_size", "save_every", "grad_checkpointing")  # change speed or memory, not the result
-        changed = sorted(k for k in settings if k not in free and state["settings"].get(k) != settings[k])
-        if changed:
-            raise ValueError(f"{path}: the run was started with other settings for {changed}; "
-                             "resume it with the same flags")
-        aligner.load_state_dict(state["aligner"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, best, last_val = state["step"], state["best"], state["last_val"]
-        torch.set_rng_state(state["rng"])
-        if d.rank == 0:
-            keep = [line for line in (out / "metrics.jsonl").read_text().splitlines()
-                    if json.loads(line)["step"] <= step] if (out / "metrics.jsonl").exists() else []
-            atomic_write(out / "metrics.jsonl", lambda f: f.write("".join(l + "\n" for l in keep)), mode="w")
-            print(f"resuming {out} at step {step} of {total_steps}")
-    elif d.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(settings, indent=2) + "\n"
-        atomic_write(out / "settings.json", lambda f: f.write(text), mode="w")
-        (out / "metrics.jsonl").write_text("")
-
-    def log(record):
-        if d.rank == 0:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def save_state():
-        if d.rank == 0:
-            atomic_save({"aligner": aligner.state_dict(), "optimizer": optimizer.state_dict(),
-                         "step": step, "best": best, "last_val": last_val,
-                         "rng": torch.get_rng_state(), "settings": settings}, out / "state.pt")
-
-    def validate(epoch):
-        nonlocal best, last_val
-        last_val = evaluate(batch_loss, val_idx, lengths, units, d, args.micro_batch_size, stat_names)
-        log({"step": step, "epoch": epoch, **last_val})
-        if d.rank == 0:
-            if epoch > 0:
-                aligner.save(out / f"epoch-{epoch}.pt")
-            if last_val.get("val_loss", -math.inf) < best or not val_idx:
-                best = last_val.get("val_loss", best)
-                aligner.save(out / "best.pt")
-            bar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_val.items()))
-
-    bar = tqdm(total=total_steps, initial=step, disable=d.rank != 0, dynamic_ncols=True, desc="train")
-    if step == 0:
-        validate(0)
-        save_state()
-
-    # --- optimizer steps
-    last_saved = step
-    while step < total_steps:
-        epoch, i = divmod(step, steps_per_epoch)
-        batch = global_batches(train_idx, args.batch_size, args.seed, epoch)[i]
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.lr, warmup_steps, total_steps)
-        batch_units = sum(units[j] for j in batch)
-        sums = torch.zeros(2 + len(stat_names), dtype=torch.float64)  # loss, tokens, stats
-        t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=False)
-        for micro in my_micro_batches(batch, lengths, d.rank, d.world, args.micro_batch_size):
-            loss, stats = batch_loss(micro)
-            (loss / batch_units).backward()
-            sums += torch.tensor([loss.item(), sum(lengths[j] for j in micro)]
-                                 + [float(stats[k]) for k in stat_names], dtype=torch.float64)
-        for p in params:
-            if p.grad is None:  # a rank with no examples in this batch still joins the all-reduce
-                p.grad = torch.zeros_like(p)
-            all_reduce_sum(p.grad, d.world)
-        sums = all_reduce_sum(sums.to(d.device), d.world).cpu()
-        loss = sums[0].item() / batch_units
-        if not math.isfinite(loss) or not all(torch.isfinite(p.grad).all() for p in params):
-            bar.close()
-            raise FloatingPointError(f"step {step + 1}: the loss is {loss}; stopping. The last good "
-                                     f"checkpoint is {out / 'state.pt'} (step {last_saved})")
-        optimizer.step()
-        step += 1
-        tokens_per_s = sums[1].item() / (time.perf_counter() - t0)
-        record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss,
-                  "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": round(tokens_per_s, 1),
-                  **{k: v.item() / batch_units for k, v in zip(stat_names, sums[2:])}}
-        log(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{tokens_per_s:.0f}",
-                        **{k.split("/")[-1]: f"{record[k]:.3f}" for k in stat_names})
-
-        if step % steps_per_epoch == 0:
-            validate(step // steps_per_epoch)
-        if step % steps_per_epoch == 0 or step % args.save_every == 0 or step == args.max_steps:
-            save_state()
-            last_saved = step
-        if args.max_steps is not None and step >= args.max_steps and step < total_steps:
-            bar.close()
-            if d.rank == 0:
-                print(f"stopped at step {step} (--max-steps); continue with --resume")
-            return last_val
-    bar.close()
-    return last_val
+    progress = start(run)
+    bar = tqdm(total=schedule.total_steps, initial=progress.step, disable=d.rank != 0, dynamic_ncols=True,
+               desc="train")
+    try:
+        if progress.step == 0:
+            progress = save_state(run, validate(run, progress, epoch=0))
+        while progress.step < schedule.total_steps:
+            record = optimizer_step(run, progress)
+            progress = replace(progress, step=record["step"])
+            log(run, record)
+            show(bar, record, run.stat_names)
+            epoch_done = progress.step % steps_per_epoch == 0
+            if epoch_done:
+                progress = validate(run, progress, epoch=progress.step // steps_per_epoch)
+            if epoch_done or progress.step % args.save_every == 0 or progress.step == args.max_steps:
+                progress = save_state(run, progress)
+            if args.max_steps is not None and schedule.total_steps > progress.step >= args.max_steps:
+                if d.rank == 0:
+                    tqdm.write(f"stopped at step {progress.step} (--max-steps); continue with --resume")
+                break
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"stopped at step {progress.step}; {run.out / 'state.pt'} holds step "
+                                f"{progress.last_saved}: continue with --resume") from None
+    finally:
+        bar.close()
+    return progress.last_val
