@@ -48,6 +48,7 @@ no digit (a run of dots such as "..." is not a number).
 
 import argparse
 import csv
+import io
 import json
 import random
 import re
@@ -57,10 +58,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import cli
 from aligner import Aligner
 from data import DEMO_CKPT, DEMO_DATA, check_demo, format_prompt, read_records, string_fields
 from generate import generate
-from files import atomic_write
+from files import atomic_write, check_writable, load_pt, read_text, refuse_existing
 from llama import load
 
 TASKS = ("gsm8k", "mmlu", "qa")
@@ -135,7 +137,7 @@ def read_mmlu_csv(path) -> list:
     Fields are quoted and may span lines, so this is a CSV parser's job, not split(",").
     """
     rows = []
-    with open(path, newline="", encoding="utf-8") as f:
+    with io.StringIO(read_text(path, "MMLU file"), newline="") as f:
         reader = csv.reader(f)
         for row in reader:
             if len(row) != 6:
@@ -416,7 +418,7 @@ def run_qa(model, tokenizer, aligner, name, prepared, args):
 
 def load_aligner(path, args):
     """An Aligner file of this project or of the paper's authors (lit-llama layout)."""
-    state = torch.load(path, map_location="cpu", weights_only=True) if Path(path).is_file() else None
+    state = load_pt(path, "Aligner file")
     if isinstance(state, dict) and "global_value_embedding.weight" in state.get("model", state):
         return Aligner.from_lit_llama(path, args)
     return Aligner.load(path, args)
@@ -442,7 +444,7 @@ def print_table(task, results):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("task", nargs="?", choices=(*TASKS, "all"), default="all",
                         help="what to evaluate; all: the three tasks on their default data (default)")
@@ -453,39 +455,58 @@ def main(argv=None):
     parser.add_argument("--data", nargs="+", help="gsm8k: test .jsonl (shots from train.jsonl beside it); "
                         "mmlu: folder with dev/ and test/; qa: .jsonl files, each reported alone "
                         "(default: the demo's data for the task)")
-    parser.add_argument("--shots", type=int, help="few-shot examples (default: gsm8k 8, mmlu 5)")
+    parser.add_argument("--shots", type=cli.non_negative_int, help="few-shot examples (default: gsm8k 8, mmlu 5)")
     parser.add_argument("--alpaca", action="store_true",
                         help="gsm8k: zero-shot in the Alpaca template, for instruction-tuned models")
-    parser.add_argument("--limit", type=int, help="only the first N items of each file (mmlu: of each subject)")
-    parser.add_argument("--batch-size", type=int, default=16,
+    parser.add_argument("--limit", type=cli.positive_int, help="only the first N items of each file (mmlu: of each subject)")
+    parser.add_argument("--batch-size", type=cli.positive_int, default=16,
                         help="prompts per forward or generation batch (default 16)")
-    parser.add_argument("--max-new-tokens", type=int, default=256,
+    parser.add_argument("--max-new-tokens", type=cli.positive_int, default=256,
                         help="generation limit for gsm8k and qa (default 256)")
-    parser.add_argument("--max-seq-len", type=int, default=2048,
+    parser.add_argument("--max-seq-len", type=cli.positive_int, default=2048,
                         help="the model's context (default 2048; 4096 for LLaMA-2): "
                              "longer prompts drop shots until they fit")
-    parser.add_argument("--seed", type=int, default=1234,
+    parser.add_argument("--seed", type=cli.seed, default=1234,
                         help="the seed of the gsm8k few-shot draw (default 1234, the harness's)")
     parser.add_argument("--out", help="folder for results.json and <task>.jsonl per-item predictions")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where the model runs (bfloat16 on cuda, float32 on cpu)")
+    parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    cli.add_common_flags(parser)
     args = parser.parse_args(argv)
     tasks = TASKS if args.task == "all" else (args.task,)
     if args.data and len(tasks) > 1:
         parser.error("--data needs a single task (gsm8k, mmlu or qa)")
+    if args.max_new_tokens >= args.max_seq_len and {"gsm8k", "qa"} & set(tasks):
+        parser.error(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt within "
+                     f"--max-seq-len {args.max_seq_len}")
 
-    # --- load
+    # --- check what can be checked before anything loads
     if args.ckpt is None:
         check_demo(DEMO_CKPT, DEMO_DATA)
         args.ckpt = DEMO_CKPT
         print(f"no --ckpt given: evaluating the built-in demo ({DEMO_CKPT} on {DEMO_DATA})")
+    for task in tasks:
+        paths = args.data or default_data(task)
+        if not paths:
+            raise FileNotFoundError(f"{task}: no data files; pass --data")
+        if not args.data:
+            check_demo(*paths)
+        for path in paths:
+            if not Path(path).exists():
+                raise FileNotFoundError(f"--data {path}: no such file or folder")
+    for path in args.aligner:
+        if path != "base" and not Path(path).is_file():
+            raise FileNotFoundError(f"--aligner {path}: no such file")
+    if args.out:
+        check_writable(args.out, "--out")
+        if not args.overwrite:
+            refuse_existing([Path(args.out) / name for name in ("results.json", *(f"{t}.jsonl" for t in tasks))])
+    device, dtype = cli.place(args)
 
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    model, tokenizer = load(args.ckpt, args.device, dtype, max_seq_len=args.max_seq_len,
-                            max_batch_size=args.batch_size)
+    # --- load
+    model, tokenizer = load(args.ckpt, device, dtype, max_seq_len=args.max_seq_len, max_batch_size=args.batch_size)
     aligners = {}
     for path in args.aligner or ["base"]:
-        aligners[path] = None if path == "base" else load_aligner(path, model.args).to(args.device)
+        aligners[path] = None if path == "base" else load_aligner(path, model.args).to(device)
 
     # --- evaluate: prompts are built once per file, then run under each Aligner
     results, predictions = {}, {}
@@ -493,8 +514,6 @@ def main(argv=None):
         for task in tasks:
             shots = args.shots if args.shots is not None else {"gsm8k": 8, "mmlu": 5, "qa": 0}[task]
             paths = [Path(p) for p in (args.data or default_data(task))]
-            if not paths:
-                sys.exit(f"{task}: no data files; pass --data")
             prepare, run = {"gsm8k": (prepare_gsm8k, run_gsm8k), "mmlu": (prepare_mmlu, run_mmlu),
                             "qa": (prepare_qa, run_qa)}[task]
             results[task], predictions[task] = {}, []
@@ -521,4 +540,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -24,16 +24,17 @@ Departures from Meta's generation.py: left padding instead of right padding
 it would alone); stop strings besides EOS; top-k beside top-p.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
+import cli
 from aligner import Aligner, AlignerBank, AlignerRows
-from data import DEMO_CKPT, format_prompt
-from files import atomic_write
+from data import DEMO_CKPT, check_demo, format_prompt
+from files import atomic_text, check_writable, read_text, refuse_existing
 from llama import KVCache, load
 
 DEMO_PROMPT = "What is the home of Eskvormi?"  # a person of the demo world whom SFT never asks about
@@ -225,26 +226,33 @@ def generate_batch(model, tokenizer, prompts, aligner, first_row, max_new_tokens
 # -----------------------------------------------------------------------------
 # the command line
 
+class Prompt(NamedTuple):
+    instruction: str
+    input: str
+    source: str  # where it came from, for messages: '--prompt 2' or 'prompts.jsonl, line 7'
+
+
 def read_prompts(path) -> list:
-    """(instruction, input) pairs: one prompt per line, or JSON Lines (.jsonl) with the
+    """Prompts from a file: one instruction per line, or JSON Lines (.jsonl) with the
     Alpaca keys "instruction" and, optionally, "input"."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no prompts file here")
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_text(path, "prompts file").splitlines(), 1):
         if not line.strip():
             continue
+        source = f"{path}, line {number}"
         if path.suffix != ".jsonl":
-            prompts.append((line, ""))
+            prompts.append(Prompt(line, "", source))
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {number}: not valid JSON ({e})") from None
+            raise ValueError(f"{source}: not valid JSON ({e})") from None
         if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
-            raise ValueError(f"{path}, line {number}: expected an object with an \"instruction\" string")
-        prompts.append((record["instruction"], record.get("input") or ""))
+            raise ValueError(f"{source}: expected an object with an \"instruction\" string")
+        if not isinstance(record.get("input") or "", str):
+            raise ValueError(f"{source}: \"input\" must be a string")
+        prompts.append(Prompt(record["instruction"], record.get("input") or "", source))
     if not prompts:
         raise ValueError(f"{path}: no prompts in this file")
     return prompts
@@ -256,8 +264,45 @@ def aligner_names(paths) -> list:
     return [stem if stems.count(stem) == 1 else str(p) for stem, p in zip(stems, paths)]
 
 
+def same_shape_groups(aligners: list) -> list:
+    """The indices of `aligners` in groups that one AlignerBank can hold: Aligners of the same
+    number of tokens and start layer. None (the base model) joins the first group."""
+    groups = {}
+    for k, aligner in enumerate(aligners):
+        shape = None if aligner is None else (aligner.n_tokens, aligner.start_layer)
+        groups.setdefault(shape, []).append(k)
+    base = groups.pop(None, [])
+    if not groups:
+        return [base]
+    shaped = list(groups.values())
+    shaped[0] = sorted(base + shaped[0])
+    return shaped
+
+
+def generate_side_by_side(model, tokenizer, prompts: list, aligners: list, **options) -> list:
+    """Every prompt answered by every Aligner: the answer of prompt i by Aligner k is at
+    i * K + k. Aligners of one shape decode in shared batches, each row with its own Aligner;
+    Aligners of different shapes (a 1-token and a 10-token one) decode group by group."""
+    n = len(aligners)
+    outputs = [None] * (len(prompts) * n)
+    for group in same_shape_groups(aligners):
+        members = [aligners[k] for k in group]
+        if all(a is None for a in members):
+            row_aligners = None
+        elif len(members) == 1:
+            row_aligners = members[0]
+        else:
+            row_aligners = AlignerBank(members).select([j for _ in prompts for j in range(len(members))])
+        rows = [p for p in prompts for _ in members]
+        answers = generate(model, tokenizer, rows, row_aligners, **options)
+        for r, answer in enumerate(answers):
+            i, j = divmod(r, len(members))
+            outputs[i * n + group[j]] = answer
+    return outputs
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Generate text with a LLaMA checkpoint and any number of Aligners.")
+    parser = cli.ArgumentParser(description="Generate text with a LLaMA checkpoint and any number of Aligners.")
     parser.add_argument("--ckpt", type=Path, default=None,
                         help="Meta checkpoint folder (params.json, consolidated.*.pth; tokenizer.model "
                              "inside or beside it); default: the built-in demo, " + str(DEMO_CKPT))
@@ -269,83 +314,90 @@ def main(argv=None):
                         help="one instruction per line, or .jsonl with \"instruction\" and optional \"input\"")
     parser.add_argument("--template", choices=["alpaca", "none"], default="alpaca",
                         help="wrap each instruction in the Alpaca prompt, or use it as it is")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="at most this many tokens per answer")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; otherwise sample")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this much probability")
-    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most probable tokens; 0: all")
+    parser.add_argument("--max-new-tokens", type=cli.positive_int, default=256,
+                        help="at most this many tokens per answer")
+    parser.add_argument("--max-seq-len", type=cli.positive_int, default=2048,
+                        help="the model's context, prompt and answer together (2048; 4096 for LLaMA-2)")
+    parser.add_argument("--temperature", type=cli.non_negative_float, default=0.0, help="0: greedy; otherwise sample")
+    parser.add_argument("--top-p", type=cli.probability, default=1.0,
+                        help="nucleus sampling: keep this much probability")
+    parser.add_argument("--top-k", type=cli.non_negative_int, default=0,
+                        help="sample among the k most probable tokens; 0: all")
     parser.add_argument("--stop", action="append", default=[], help="end an answer before this string; repeatable")
-    parser.add_argument("--seed", type=int, default=None, help="seed for sampling, for reproducible output")
+    parser.add_argument("--seed", type=cli.seed, default=None, help="seed for sampling, for reproducible output")
     parser.add_argument("--out", type=Path, default=None,
                         help="also write JSON Lines: instruction, input, aligner, output")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where the model runs: cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
+    cli.add_common_flags(parser)
     args = parser.parse_args(argv)
 
-    # --- load -------------------------------------------------------------------
+    # --- check what can be checked before anything loads -----------------------
+    if args.out is not None:
+        check_writable(args.out, "--out", folder=False)
+        if not args.overwrite:
+            refuse_existing([args.out])
+    for path in args.aligner:
+        if path != "base" and not Path(path).is_file():
+            raise FileNotFoundError(f"--aligner {path}: no such file")
+    prompts = [Prompt(p, "", f"--prompt {n}") for n, p in enumerate(args.prompt, 1)]
+    if args.prompts_file is not None:
+        prompts += read_prompts(args.prompts_file)
+    if not prompts and args.ckpt is not None:
+        parser.error("give --prompt or --prompts-file")
     ckpt = args.ckpt
     if ckpt is None:
-        if not DEMO_CKPT.is_dir():
-            sys.exit(f"generate.py: the built-in demo {DEMO_CKPT} does not exist yet; build it with "
-                     "`python build_demo.py`, or pass --ckpt")
+        check_demo(DEMO_CKPT)
         ckpt = DEMO_CKPT
         print(f"using the built-in demo model {ckpt} (pass --ckpt for another)", file=sys.stderr)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
-    model, tokenizer = load(ckpt, device=args.device, dtype=dtype)
+        prompts = prompts or [Prompt(DEMO_PROMPT, "", "the demo's prompt")]
+    device, dtype = cli.place(args)
+
+    # --- load -------------------------------------------------------------------
+    model, tokenizer = load(ckpt, device=device, dtype=dtype, max_seq_len=args.max_seq_len)
     names = aligner_names(args.aligner) if args.aligner else ["base"]
     aligners = [None if p == "base" else Aligner.load(p, args=model.args) for p in args.aligner] or [None]
 
     # --- prompts ----------------------------------------------------------------
-    pairs = [(p, "") for p in args.prompt]
-    if args.prompts_file is not None:
-        pairs += read_prompts(args.prompts_file)
-    if not pairs:
-        if args.ckpt is not None:
-            parser.error("give --prompt or --prompts-file")
-        pairs = [(DEMO_PROMPT, "")]
     if args.template == "alpaca":
-        texts = [format_prompt(instruction, input) for instruction, input in pairs]
+        texts = [format_prompt(p.instruction, p.input) for p in prompts]
     else:
-        texts = [instruction + (f"\n\n{input}" if input else "") for instruction, input in pairs]
+        texts = [p.instruction + (f"\n\n{p.input}" if p.input else "") for p in prompts]
+    encoded = [tokenizer.encode(text, bos=True) for text in texts]
+    for prompt, ids in zip(prompts, encoded):
+        if len(ids) >= args.max_seq_len:
+            raise ValueError(f"{prompt.source}: the prompt is {len(ids)} tokens, and --max-seq-len "
+                             f"{args.max_seq_len} leaves no room for an answer")
 
-    # --- generate: row (prompt i, Aligner k) is i * K + k, all in shared batches --
+    # --- generate: the answer of prompt i by Aligner k is outputs[i * K + k] ------
     n_aligners = len(aligners)
-    prompts = [tokenizer.encode(text, bos=True) for text in texts for _ in aligners]
-    if n_aligners == 1:
-        row_aligners = aligners[0]
-    else:
-        row_aligners = None  # every --aligner is 'base'
-        if any(a is not None for a in aligners):
-            row_aligners = AlignerBank(aligners).select([k for _ in texts for k in range(n_aligners)])
-    stream = len(prompts) == 1 and sys.stdout.isatty()
+    stream = len(encoded) * n_aligners == 1 and sys.stdout.isatty()
     on_token = (lambda row, piece: print(piece, end="", flush=True)) if stream else None
-    outputs = generate(model, tokenizer, prompts, row_aligners, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, stop=args.stop,
-                       seed=args.seed, on_token=on_token)
+    outputs = generate_side_by_side(model, tokenizer, encoded, aligners, max_new_tokens=args.max_new_tokens,
+                                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                    stop=args.stop, seed=args.seed, on_token=on_token)
 
     # --- print and save ---------------------------------------------------------
     if stream:
         print()
-    elif len(prompts) == 1:
+    elif len(outputs) == 1:
         print(outputs[0])
     else:
-        for i, (instruction, input) in enumerate(pairs):
-            print(f"=== {instruction}" + (f"\n{input}" if input else "") + " ===")
+        for i, prompt in enumerate(prompts):
+            print(f"=== {prompt.instruction}" + (f"\n{prompt.input}" if prompt.input else "") + " ===")
             for k, name in enumerate(names):
                 if n_aligners > 1:
                     print(f"--- {name} ---")
                 print(outputs[i * n_aligners + k])
             print()
     if args.out is not None:
-        records = [{"instruction": instruction, "input": input, "aligner": name,
+        records = [{"instruction": prompt.instruction, "input": prompt.input, "aligner": name,
                     "output": outputs[i * n_aligners + k]}
-                   for i, (instruction, input) in enumerate(pairs) for k, name in enumerate(names)]
+                   for i, prompt in enumerate(prompts) for k, name in enumerate(names)]
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(args.out, lambda f: f.write(text), mode="w")
+        atomic_text(args.out, text)
         print(f"wrote {len(records)} answers to {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

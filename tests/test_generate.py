@@ -353,7 +353,7 @@ def test_command_line_names_the_line_of_a_bad_prompts_file(tiny_ckpt, tmp_path):
 
 def test_without_the_demo_it_says_how_to_build_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(generate_script, "DEMO_CKPT", tmp_path / "demo" / "llama-demo")
-    with pytest.raises(SystemExit, match="build_demo.py"):
+    with pytest.raises(FileNotFoundError, match="build_demo.py"):
         generate_script.main([])
 
 
