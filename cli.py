@@ -28,12 +28,16 @@ import torch
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+class UsageError(Exception):
+    """A command line that argparse refuses; `run` prints it as one line with exit code 2."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser, whose errors are one line like every other error of the scripts:
-    `<script>: error: argument --x: <why>`, exit code 2, without the usage block."""
+    """argparse's parser, whose errors are one line like every other error of the scripts
+    (`<script>: error: argument --x: <why>`, exit code 2), without the usage block."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+        raise UsageError(message)
 
 
 # -----------------------------------------------------------------------------
@@ -171,8 +175,9 @@ def first_line(error: BaseException) -> str:
 
 def run(main, argv=None):
     """Run a script's main(argv). Any exception ends the process with one line on stderr
-    (`<script>: error: <first line of the message>`) and exit code 1; Ctrl-C with one line
-    and exit code 130. With --debug or ALIGNER_DEBUG=1 the exception propagates, traceback and all.
+    (`<script>: error: <first line of the message>`) and exit code 1; a refused flag with exit
+    code 2, as argparse's own; Ctrl-C with one line and exit code 130. With --debug or
+    ALIGNER_DEBUG=1 the exception propagates, traceback and all.
 
     Errors the project raises itself (ValueError and its FileError and DataError,
     OSError, FloatingPointError) are sentences written for the user and print as they
@@ -183,6 +188,9 @@ def run(main, argv=None):
         main(argv)
     except SystemExit:
         raise
+    except UsageError as e:
+        print(f"{prog}: error: {e} (--help lists the flags)", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt as e:
         if debugging(argv):
             raise
