@@ -57,8 +57,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import cli
 from data import DEMO_DIR
-from files import atomic_write
+from files import FileError, atomic_write, check_writable
 from llama import ModelArgs, Tokenizer, Transformer, save
 
 # -----------------------------------------------------------------------------
@@ -493,21 +494,34 @@ def checksums(folder) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(DEMO_DIR), help="folder to write the world into")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the world, the corpus and the training")
-    parser.add_argument("--steps", type=int, default=700, help="pretraining steps (12 windows of 384 tokens each)")
-    cli = parser.parse_args()
+def check_out(out: Path):
+    """Write a world only into an empty folder or over an earlier world (one with llama-demo/params.json):
+    never among files of another kind, such as a training run's."""
+    check_writable(out, "--out")
+    if out.is_dir() and any(out.iterdir()) and not (out / "llama-demo" / "params.json").is_file():
+        names = ", ".join(sorted(p.name for p in out.iterdir())[:5])
+        raise FileError(f"--out {out} holds other files ({names}); a world is written into an empty folder "
+                        "or over an earlier world")
+
+
+def main(argv=None):
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=DEMO_DIR,
+                        help="folder to write the world into: empty, or holding an earlier world")
+    parser.add_argument("--seed", type=cli.seed, default=0, help="seed of the world, the corpus and the training")
+    parser.add_argument("--steps", type=cli.positive_int, default=700,
+                        help="pretraining steps (12 windows of 384 tokens each)")
+    parser.add_argument("--debug", action="store_true", help="on an error, show Python's traceback")
+    args = parser.parse_args(argv)
+    check_out(args.out)
     # One thread: the thread count changes float sums, so it is fixed for byte-identical rebuilds,
     # and one thread also wastes least on a busy machine.
     torch.set_num_threads(1)
-    loss = build(cli.out, seed=cli.seed, steps=cli.steps)
-    print(f"final pretraining loss {loss:.3f}; wrote {cli.out}")
-    for path, digest in checksums(cli.out).items():
+    loss = build(args.out, seed=args.seed, steps=args.steps)
+    print(f"final pretraining loss {loss:.3f}; wrote {args.out}")
+    for path, digest in checksums(args.out).items():
         print(f"{digest[:16]}  {path}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -17,7 +17,6 @@ comes from the median step time over all steps of all repeats, so other work on
 a shared machine slows every case alike.
 """
 
-import argparse
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 from aligner import Aligner, AlignerBank  # noqa: E402
 from generate import decode_one_token, prefill, rows_of  # noqa: E402
 from llama import KVCache, ModelArgs, Transformer  # noqa: E402
@@ -65,12 +65,12 @@ def bank_bytes_per_aligner(dtype: torch.dtype, n_aligners: int = 1024) -> float:
     return bank.nbytes() / n_aligners
 
 
-def main():
-    parser = argparse.ArgumentParser(description="Decode throughput with and without Aligners, on CPU.")
-    parser.add_argument("--steps", type=int, default=64, help="decode steps per repeat, after a 32-token prompt")
-    parser.add_argument("--repeats", type=int, default=9, help="rounds of --steps steps; the median step time over all of them is reported")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadiest on a shared machine)")
-    args = parser.parse_args()
+def main(argv=None):
+    parser = cli.ArgumentParser(description="Decode throughput with and without Aligners, on CPU.")
+    parser.add_argument("--steps", type=cli.positive_int, default=64, help="decode steps per repeat, after a 32-token prompt")
+    parser.add_argument("--repeats", type=cli.positive_int, default=9, help="rounds of --steps steps; the median step time over all of them is reported")
+    parser.add_argument("--threads", type=cli.positive_int, default=1, help="torch CPU threads (1: steadiest on a shared machine)")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     # --- model and Aligners -------------------------------------------------------
@@ -118,4 +118,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

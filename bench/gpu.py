@@ -16,7 +16,6 @@ torch.cuda.max_memory_allocated during the steps: in all, and less what was
 allocated before them (the weights, the batch, the Aligner).
 """
 
-import argparse
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
+import cli  # noqa: E402
 from aligner import Aligner  # noqa: E402
 from llama import ModelArgs, Transformer, precompute_freqs_cis  # noqa: E402
 from run import START_LAYER, MatmulLimit, lm_loss, synchronize, table, train_step_flops  # noqa: E402
@@ -76,11 +76,11 @@ def measure(model, tokens, steps: int, warmup: int, checkpointing: bool):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Aligner training speed and memory at LLaMA-2-7B's shape on one GPU.")
-    parser.add_argument("--batch", type=int, default=8, help="sequences per step")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is shown)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    parser = cli.ArgumentParser(description="Aligner training speed and memory at LLaMA-2-7B's shape on one GPU.")
+    parser.add_argument("--batch", type=cli.positive_int, default=8, help="sequences per step")
+    parser.add_argument("--seq-len", type=cli.positive_int, default=512, help="tokens per sequence")
+    parser.add_argument("--steps", type=cli.positive_int, default=5, help="timed steps (the median is shown)")
+    parser.add_argument("--warmup", type=cli.non_negative_int, default=2, help="untimed steps before them")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench/gpu.py: no CUDA device here; for the CPU table run bench/run.py")
@@ -127,4 +127,4 @@ def run(model_args, device, dtype, batch, seq_len, steps, warmup) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

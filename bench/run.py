@@ -32,7 +32,6 @@ its default KV cache): tokens generated per second, prefill included, with the
 end-of-sequence token disabled on both sides so each makes every token.
 """
 
-import argparse
 import gc
 import importlib.util
 import json
@@ -50,6 +49,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: llama, aligner, generate
 
+import cli  # noqa: E402
 from aligner import Aligner  # noqa: E402
 from llama import ModelArgs, Transformer, save  # noqa: E402
 
@@ -297,12 +297,12 @@ def table(header: list, rows: list) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Benchmark the Aligner against PEFT on transformers' LLaMA (CPU).")
-    parser.add_argument("--steps", type=int, default=5, help="timed rounds per measurement (the median is shown)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds before them")
-    parser.add_argument("--batch", type=int, default=8, help="sequences per training step and forward")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, the same for all")
+    parser = cli.ArgumentParser(description="Benchmark the Aligner against PEFT on transformers' LLaMA (CPU).")
+    parser.add_argument("--steps", type=cli.positive_int, default=5, help="timed rounds per measurement (the median is shown)")
+    parser.add_argument("--warmup", type=cli.non_negative_int, default=2, help="untimed rounds before them")
+    parser.add_argument("--batch", type=cli.positive_int, default=8, help="sequences per training step and forward")
+    parser.add_argument("--seq-len", type=cli.positive_int, default=256, help="tokens per sequence")
+    parser.add_argument("--threads", type=cli.positive_int, default=torch.get_num_threads(), help="torch threads, the same for all")
     parser.add_argument("--compile", action="store_true",
                         help="add a training row with our forward under torch.compile (about 2 minutes more)")
     args = parser.parse_args(argv)
@@ -447,4 +447,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
