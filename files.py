@@ -7,6 +7,7 @@ traceback from deep inside torch.
 
 import hashlib
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -56,12 +57,17 @@ def load_pt(path, what: str, mmap: bool = False):
     if not path.is_file():
         raise FileError(f"{path}: no {what} here")
     if path.stat().st_size == 0:
-        raise FileError(f"{path}: the file is empty; expected a {what}")
+        raise FileError(f"{path}: the file is empty (expected: {what})")
     try:
         return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
-    except Exception as e:  # torch raises RuntimeError, pickle errors, EOFError, ... by the file's damage
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FileError(f"{path}: cannot be read as a {what} ({reason[:200]})") from None
+    except pickle.UnpicklingError:  # what weights_only refuses to build, or not a pickle at all
+        raise FileError(f"{path}: not a readable {what}: it holds something other than tensors and plain "
+                        "data, or is no torch file at all") from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, KeyError, ... by the file's damage
+        reason = "truncated or damaged, or no torch file at all"
+        if isinstance(e, (RuntimeError, OSError)) and "central directory" not in str(e) and str(e).strip():
+            reason += f": {str(e).strip().splitlines()[0][:160]}"
+        raise FileError(f"{path}: not a readable {what} ({reason})") from None
 
 
 def read_text(path, what: str) -> str:
@@ -77,7 +83,7 @@ def read_text(path, what: str) -> str:
     except OSError as e:
         raise FileError(f"{path}: cannot be read ({e.strerror or e})") from None
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # a byte-order mark, as some editors write, is not part of the text
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         raise FileError(f"{path}, line {line}: not UTF-8 text (byte {raw[e.start]:#04x}); "

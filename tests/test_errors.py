@@ -32,6 +32,7 @@ import train_dpo
 import train_sft
 import trainer
 from aligner import Aligner
+from data import read_sft
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -594,6 +595,14 @@ def test_a_missing_data_file_is_named_not_called_an_unbuilt_demo(script, capsys,
     line = fails(script, ["--data", tmp_path / "mine.json", "--out", tmp_path / "run"], capsys, "--data",
                  "mine.json", watch=[tmp_path])
     assert "build_demo" not in line
+
+
+def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path):
+    records = [{"instruction": "a", "output": "b"}]
+    (tmp_path / "plain.json").write_text(json.dumps(records), encoding="utf-8")
+    (tmp_path / "bom.json").write_text(json.dumps(records), encoding="utf-8-sig")
+    assert (tmp_path / "bom.json").read_bytes()[:3] == b"\xef\xbb\xbf"
+    assert read_sft(tmp_path / "bom.json") == read_sft(tmp_path / "plain.json")
 
 
 def test_a_data_folder_is_named(capsys, tmp_path, tiny_ckpt):
