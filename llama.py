@@ -7,13 +7,15 @@ References:
   checkpoint layout, whose key names the modules below use unchanged.
 - Aligner (Zhou, Wu, Zhu, Terzopoulos, arXiv 2312.05503), Eq. 5-7: every
   layer from `start_layer` on also attends, with a separate softmax and a
-  per-head gate, to one shared set of prefix tokens.
+  per-head gate, to one shared set of prefix tokens. All of it stands in one
+  section below, "The Aligner (Eq. 5-7)"; `Attention.forward` calls it.
 
 Departures from Meta's model.py: no model parallelism (sharded checkpoints are
-merged on load); the KV cache is an object passed to `forward` rather than
-state inside the model, so one frozen base serves training, decoding and many
-concurrent generations; prompts of different lengths in one batch are
-left-padded, with positions counted from each row's first real token.
+merged on load, or split again by FSDP); the KV cache is an object passed to
+`forward` rather than state inside the model, so one frozen base serves
+training, decoding and many concurrent generations; prompts of different
+lengths in one batch are left-padded, with positions counted from each row's
+first real token.
 """
 
 import json
@@ -117,6 +119,23 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
         bsz, n_kv_heads * n_rep, seqlen, head_dim)
 
 
+def sequence_attention(q, k, v, mask=None, is_causal=False):
+    """Eq. 6, first term, written out: softmax(Q K^T / sqrt(d) + mask) V.
+
+    q: (B, H, T, hd); k, v: (B, H, S, hd); mask: bool (B or 1, 1, T, S), True
+    where a query may look; or no mask and is_causal, for a sequence that starts
+    at position 0; or neither, and every query sees every key. The model calls
+    the fused kernel instead (`attention` below); tests/test_llama.py checks
+    that the two agree.
+    """
+    if is_causal:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1).type_as(q) @ v  # (B, H, T, hd)
+
+
 # -----------------------------------------------------------------------------
 # The Aligner (Eq. 5-7): all that the method adds to LLaMA's attention.
 #
@@ -146,22 +165,6 @@ def prefix_keys_values(prefix: torch.Tensor, wk: nn.Linear, wv: nn.Linear, n_hea
     return repeat_kv(k_p, n_rep), repeat_kv(v_p, n_rep)  # (b, H, N, hd)
 
 
-def sequence_attention(q, k, v, mask=None, is_causal=False):
-    """Eq. 6, first term, written out: softmax(Q K^T / sqrt(d) + mask) V.
-
-    q: (B, H, T, hd); k, v: (B, H, S, hd); mask: bool (B or 1, 1, T, S), True
-    where a query may look; or no mask and is_causal, for a sequence that starts
-    at position 0; or neither, and every query sees every key. The model calls
-    the fused kernel instead; tests/test_llama.py checks that the two agree.
-    """
-    if is_causal:
-        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])  # (B, H, T, S)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores, dim=-1).type_as(q) @ v  # (B, H, T, hd)
-
-
 def prefix_attention(q, k_p, v_p, gate):
     """Eq. 7, the second term of Eq. 6: beta_l * softmax(Q K_p^T / sqrt(d)) V_p.
 
@@ -173,10 +176,8 @@ def prefix_attention(q, k_p, v_p, gate):
     if k_p.shape[2] == 1:
         # softmax over a single key is 1: the term is the constant beta_l * V_p at every position
         return (gate * v_p).expand(bsz, n_heads, seqlen, head_dim)  # a view: no copy
-    # The scores are laid out keys-first, (N, T): a softmax over a short last
-    # axis (N is often 10) runs row by row and is slow; over the next-to-last
-    # axis it runs along T. q comes in as a transposed view; made contiguous
-    # first, the product reads q^T in place rather than copying it transposed.
+    # Keys-first scores (N, T): a softmax along T is fast where one over a short
+    # last axis (N = 10) is not; contiguous q lets the product read q^T in place.
     # The gate scales V_p (N rows) rather than the output (T rows).
     scores = (k_p @ q.contiguous().transpose(-2, -1)).float() / math.sqrt(head_dim)  # (b, H, N, T)
     weights = torch.softmax(scores, dim=-2).type_as(q)  # over the N prefix keys
