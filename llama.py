@@ -518,6 +518,16 @@ class MetaCheckpoint:
         """The file to name in an error about `key`."""
         return self.paths[0]
 
+    def shape(self, key: str) -> tuple:
+        """The merged weight's shape, read from the shards' headers, not their data."""
+        pieces = [shard[key].shape for shard in self.shards]
+        dim = shard_dim(key)
+        if dim is None or len(pieces) == 1:
+            return tuple(pieces[0])
+        merged = list(pieces[0])
+        merged[dim] = sum(p[dim] for p in pieces)
+        return tuple(merged)
+
     def get(self, key: str, rows: Optional[slice] = None) -> torch.Tensor:
         """The whole weight, or rows[rows] of its dim 0, merged from the shards that hold them."""
         pieces = [shard[key] for shard in self.shards]
@@ -551,11 +561,10 @@ def model_args(ckpt, tokenizer: "Tokenizer", **runtime) -> ModelArgs:
 
 def checked_weight(ckpt, key: str, shape: tuple, rows: Optional[slice] = None) -> torch.Tensor:
     """ckpt.get(key, rows), refused with a line that names it when its shape is not the model's."""
-    tensor = ckpt.get(key)
-    if tuple(tensor.shape) != shape:
-        raise ValueError(f"{ckpt.folder}: {key} has shape {tuple(tensor.shape)} ({ckpt.layout}); "
+    if ckpt.shape(key) != shape:
+        raise ValueError(f"{ckpt.folder}: {key} has shape {ckpt.shape(key)} ({ckpt.layout}); "
                          f"its params imply {shape}")
-    return tensor if rows is None else ckpt.get(key, rows)
+    return ckpt.get(key, rows)
 
 
 def check_keys(ckpt, expected) -> None:
@@ -569,6 +578,11 @@ def check_keys(ckpt, expected) -> None:
             raise ValueError(f"{ckpt.folder}: missing key {key!r}")
 
 
+def open_checkpoint(ckpt_dir):
+    """The checkpoint in a folder, opened without reading its weights."""
+    return MetaCheckpoint(ckpt_dir)
+
+
 def load(ckpt_dir, device="cpu", dtype=torch.float32, tokenizer_path=None,
          max_seq_len: int = 2048, max_batch_size: int = 32):
     """A frozen Transformer and its Tokenizer from a checkpoint folder.
@@ -576,7 +590,7 @@ def load(ckpt_dir, device="cpu", dtype=torch.float32, tokenizer_path=None,
     The weights are read one at a time, memory-mapped, into a model built on
     the meta device, so at most one full copy of them is ever held.
     """
-    ckpt = MetaCheckpoint(ckpt_dir)
+    ckpt = open_checkpoint(ckpt_dir)
     tokenizer = Tokenizer(tokenizer_path or ckpt.tokenizer_path)
     args = model_args(ckpt, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     with torch.device("meta"):
