@@ -360,8 +360,18 @@ class HFCheckpoint:
                             "that LLaMA's Hugging Face folders hold beside config.json")
         return path
 
+    layout = "Hugging Face layout"
+
     def keys(self) -> list:
         return list(self._shapes)
+
+    def shape(self, key: str) -> tuple:
+        return self._shapes[key]
+
+    def where(self, key: str) -> Path:
+        """The file to name in an error about `key`."""
+        where = self._where.get(hf_name(key), self.folder / "config.json")
+        return where.path if isinstance(where, StoredTensor) else where
 
     def get(self, key: str, rows: Optional[slice] = None) -> torch.Tensor:
         """Weight `key` in Meta's layout and the dtype stored, or only rows[rows] of its dim 0."""

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import hf_checkpoint
 from files import atomic_save, atomic_text, load_pt
 
 
@@ -493,7 +494,6 @@ class MetaCheckpoint:
     def __init__(self, folder):
         self.folder = Path(folder)
         self.params = read_params(self.folder)
-        self.tokenizer_path = find_tokenizer(self.folder)
         paths = sorted(self.folder.glob("consolidated.*.pth"))
         if not paths:
             raise FileNotFoundError(f"{self.folder}: no consolidated.*.pth files")
@@ -510,6 +510,10 @@ class MetaCheckpoint:
             for key in set(shard) ^ set(self.shards[0]):
                 where = "unexpected" if key in shard else "missing"
                 raise ValueError(f"{path}: {where} key {key!r} ({paths[0].name} has {len(self.shards[0])} keys)")
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return find_tokenizer(self.folder)
 
     def keys(self) -> list:
         return list(self.shards[0])
@@ -579,7 +583,12 @@ def check_keys(ckpt, expected) -> None:
 
 
 def open_checkpoint(ckpt_dir):
-    """The checkpoint in a folder, opened without reading its weights."""
+    """The checkpoint in a folder, opened without reading its weights: Meta's layout
+    (params.json, consolidated.NN.pth), or Hugging Face's (config.json, safetensors or .bin)."""
+    if not Path(ckpt_dir).is_dir():
+        raise FileNotFoundError(f"{ckpt_dir}: no checkpoint folder here")
+    if hf_checkpoint.is_hf_folder(ckpt_dir):
+        return hf_checkpoint.HFCheckpoint(ckpt_dir)
     return MetaCheckpoint(ckpt_dir)
 
 

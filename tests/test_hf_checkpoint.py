@@ -2,7 +2,6 @@
 weights, row slices included; damaged files and configs this model cannot represent are refused
 in one line that names the file and the key."""
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -13,6 +12,8 @@ import hf_checkpoint
 from conftest import TINY, make_checkpoint
 from files import FileError
 from hf_checkpoint import HFCheckpoint, is_hf_folder, rotary_rows
+import llama
+from aligner import Aligner
 from hf_layout import to_half_split, write_hf, write_safetensors
 from llama import ModelArgs, Transformer
 
@@ -22,17 +23,6 @@ def meta(tmp_path_factory):
     """(the tiny random model, its tokenizer's path); n_kv_heads 2 of 4 heads."""
     folder = tmp_path_factory.mktemp("meta") / "tiny"
     return make_checkpoint(folder), folder.parent / "tokenizer.model"
-
-
-def model_args(params: dict, **runtime) -> ModelArgs:
-    """ModelArgs from HFCheckpoint.params. Without a hidden_dim field in ModelArgs, a multiple_of of
-    the width itself, with ffn_dim_multiplier taking 8/3 dim down to it, rounds to exactly that width."""
-    if "hidden_dim" in {f.name for f in dataclasses.fields(ModelArgs)}:
-        return ModelArgs(**params, **runtime)
-    params = dict(params)
-    hidden = params.pop("hidden_dim")
-    return ModelArgs(**params, multiple_of=hidden, ffn_dim_multiplier=hidden / int(2 * 4 * params["dim"] / 3),
-                     **runtime)
 
 
 def refusal(build) -> str:
@@ -161,11 +151,38 @@ def test_a_transformer_built_from_params_holds_the_weights(meta, tmp_path):
     """params build the same shapes as the Meta model (the feed-forward width exactly), and its logits."""
     model, _ = meta
     ckpt = HFCheckpoint(write_hf(model.state_dict(), model.args, tmp_path / "hf"))
-    ours = Transformer(model_args(ckpt.params, max_seq_len=64))
+    ours = Transformer(ModelArgs(**ckpt.params, max_seq_len=64))
     ours.load_state_dict({k: ckpt.get(k) for k in ckpt.keys()}, strict=True)
     tokens = torch.randint(0, 384, (2, 16))
     with torch.no_grad():
         assert torch.equal(ours(tokens), model(tokens))
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "safetensors-2-files", "bin", "bin-3-files"])
+def test_load_reads_either_layout_and_an_aligner_fits_both(meta, tmp_path, layout):
+    """llama.load on the same random weights written in Meta's layout and in Hugging Face's: the same
+    logits, with and without an Aligner (prefix keys and values carry no RoPE, so nothing to permute),
+    and the same greedy tokens from a cached decode."""
+    model, tokenizer = meta
+    fmt, n_files, _ = LAYOUTS[layout]
+    hf = write_hf(model.state_dict(), model.args, tmp_path / "hf", fmt, n_files, tokenizer=tokenizer)
+    meta_folder = tmp_path / "meta"
+    llama.save(model, meta_folder)
+    (tmp_path / "tokenizer.model").write_bytes(tokenizer.read_bytes())
+    ours_hf, _ = llama.load(hf, max_seq_len=64)
+    ours_meta, _ = llama.load(meta_folder, max_seq_len=64)
+    torch.manual_seed(0)
+    aligner = Aligner(ours_meta.args, n_tokens=3, start_layer=1)
+    with torch.no_grad():
+        aligner.gates.normal_()
+        tokens = torch.randint(0, 384, (2, 12))
+        for a in (None, aligner):
+            torch.testing.assert_close(ours_hf(tokens, a), ours_meta(tokens, a), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(ours_hf(tokens, aligner), ours_hf(tokens), atol=1e-3)
+    from generate import generate
+    ids = [[1, 5, 9, 30], [1, 7]]
+    assert generate(ours_hf, llama.Tokenizer(tokenizer), ids, aligner, max_new_tokens=8) == \
+        generate(ours_meta, llama.Tokenizer(tokenizer), ids, aligner, max_new_tokens=8)
 
 
 def test_data_not_aligned_to_its_dtype_reads_the_same(meta, tmp_path):
@@ -385,7 +402,7 @@ def test_transformers_save_pretrained_gives_the_same_logits(tmp_path, save):
 
     ckpt = HFCheckpoint(tmp_path)
     assert ckpt.params["rope_theta"] == 500000.0 and ckpt.params["hidden_dim"] == 200
-    ours = Transformer(model_args(ckpt.params, max_seq_len=64))
+    ours = Transformer(ModelArgs(**ckpt.params, max_seq_len=64))
     ours.load_state_dict({k: ckpt.get(k) for k in ckpt.keys()}, strict=True)
     assert not torch.equal(ours.layers[0].attention.wk.weight, theirs.model.layers[0].self_attn.k_proj.weight)
     tokens = torch.randint(0, 96, (2, 20))
