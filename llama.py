@@ -7,26 +7,29 @@ References:
   checkpoint layout, whose key names the modules below use unchanged.
 - Aligner (Zhou, Wu, Zhu, Terzopoulos, arXiv 2312.05503), Eq. 5-7: every
   layer from `start_layer` on also attends, with a separate softmax and a
-  per-head gate, to one shared set of prefix tokens.
+  per-head gate, to one shared set of prefix tokens. All of it stands in one
+  section below, "The Aligner (Eq. 5-7)"; `Attention.forward` calls it.
 
 Departures from Meta's model.py: no model parallelism (sharded checkpoints are
-merged on load); the KV cache is an object passed to `forward` rather than
-state inside the model, so one frozen base serves training, decoding and many
-concurrent generations; prompts of different lengths in one batch are
-left-padded, with positions counted from each row's first real token.
+merged on load, or split again by FSDP); the KV cache is an object passed to
+`forward` rather than state inside the model, so one frozen base serves
+training, decoding and many concurrent generations; prompts of different
+lengths in one batch are left-padded, with positions counted from each row's
+first real token.
 """
 
 import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import hf_checkpoint
 from files import FileError, atomic_save, atomic_text, load_pt, read_text
 
 
@@ -42,6 +45,7 @@ class ModelArgs:
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    hidden_dim: Optional[int] = None  # the feed-forward width itself (a Hugging Face config's intermediate_size)
     # runtime settings, not part of params.json
     max_seq_len: int = 2048
     max_batch_size: int = 32
@@ -57,10 +61,21 @@ class ModelArgs:
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
+    @property
+    def ffn_dim(self) -> int:
+        """The SwiGLU width: hidden_dim where given, else Meta's rule, 2/3 of 4 * dim rounded up to multiple_of."""
+        if self.hidden_dim is not None:
+            return self.hidden_dim
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
     def params(self) -> dict:
-        """The keys written to params.json (the runtime settings are left out)."""
+        """The keys written to params.json (the runtime settings are left out, and hidden_dim when unset)."""
         return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name not in ("max_seq_len", "max_batch_size")}
+                if f.name not in ("max_seq_len", "max_batch_size")
+                and not (f.name == "hidden_dim" and self.hidden_dim is None)}
 
 
 # -----------------------------------------------------------------------------
@@ -105,49 +120,106 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
         bsz, n_kv_heads * n_rep, seqlen, head_dim)
 
 
-def sequence_attention(q, k, v, mask=None):
-    """The first term of Eq. 6: softmax(Q K^T / sqrt(d) + mask) V, written out.
+def sequence_attention(q, k, v, mask=None, is_causal=False):
+    """Eq. 6, first term, written out: softmax(Q K^T / sqrt(d) + mask) V.
 
     q: (B, H, T, hd); k, v: (B, H, S, hd); mask: bool (B or 1, 1, T, S), True
-    where a query may look, or None for the causal mask of a sequence that
-    starts at position 0. Returns (B, H, T, hd).
+    where a query may look; or no mask and is_causal, for a sequence that starts
+    at position 0; or neither, and every query sees every key. The model calls
+    the fused kernel instead (`attention` below); tests/test_llama.py checks
+    that the two agree.
     """
-    seqlen, kvlen = q.shape[2], k.shape[2]
-    if mask is None:
-        mask = torch.ones(seqlen, kvlen, dtype=torch.bool, device=q.device).tril()
+    if is_causal:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
     scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])  # (B, H, T, S)
-    scores = scores.masked_fill(~mask, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     return torch.softmax(scores, dim=-1).type_as(q) @ v  # (B, H, T, hd)
 
 
+# -----------------------------------------------------------------------------
+# The Aligner (Eq. 5-7): all that the method adds to LLaMA's attention.
+#
+# One shared prefix P (N, dim) is read by every layer l >= start_layer:
+#   Eq. 5   K_p = P W_k^l,  V_p = P W_v^l      the layer's own frozen weights; no RoPE, no RMSNorm
+#   Eq. 6   A = softmax(Q K^T / sqrt(d) + mask) V  +  beta_l * softmax(Q K_p^T / sqrt(d)) V_p
+#   Eq. 7   the second term: its own softmax over the N prefix keys, with no mask
+# beta_l, one gate per head, starts at zero and is used raw (no tanh): a fresh
+# Aligner leaves the base model exactly as it was.
+
+class AlignerLayer(NamedTuple):
+    """What one adapted layer reads of the Aligner."""
+    prefix: torch.Tensor  # P, (b, N, dim); b is 1, or the batch size when each row has its own Aligner
+    gate: torch.Tensor  # beta_l, (b, H)
+
+
+def prefix_keys_values(prefix: torch.Tensor, wk: nn.Linear, wv: nn.Linear, n_heads: int, head_dim: int):
+    """Eq. 5: K_p = P W_k, V_p = P W_v through the layer's own frozen projections.
+
+    prefix (b, N, dim) -> k_p, v_p (b, H, N, hd): each key/value head is repeated
+    for the query heads that read it (grouped-query attention).
+    """
+    bsz, n_tokens, _ = prefix.shape
+    k_p = wk(prefix).view(bsz, n_tokens, -1, head_dim).transpose(1, 2)  # (b, H_kv, N, hd)
+    v_p = wv(prefix).view(bsz, n_tokens, -1, head_dim).transpose(1, 2)  # (b, H_kv, N, hd)
+    n_rep = n_heads // k_p.shape[1]
+    return repeat_kv(k_p, n_rep), repeat_kv(v_p, n_rep)  # (b, H, N, hd)
+
+
 def prefix_attention(q, k_p, v_p, gate):
-    """The second term of Eq. 6 (Eq. 7): beta_l * softmax(Q K_p^T / sqrt(d)) V_p.
+    """Eq. 7, the second term of Eq. 6: beta_l * softmax(Q K_p^T / sqrt(d)) V_p.
 
     The prefix has its own softmax and no mask: every position sees all N
-    prefix tokens. q: (B, H, T, hd); k_p, v_p: (B or 1, H, N, hd);
-    gate: (B or 1, H, 1, 1). Returns (B, H, T, hd).
+    prefix tokens. q: (B, H, T, hd); k_p, v_p: (b, H, N, hd); gate: (b, H, 1, 1),
+    b = 1 or B. Returns (B, H, T, hd).
     """
-    # The scores are laid out keys-first, (N, T): a softmax over a short last
-    # axis (N is often 10) runs row by row and is slow; over the next-to-last
-    # axis it runs along T. q comes in as a transposed view; made contiguous
-    # first, the product reads q^T in place rather than copying it transposed.
+    bsz, n_heads, seqlen, head_dim = q.shape
+    if k_p.shape[2] == 1:
+        # softmax over a single key is 1: the term is the constant beta_l * V_p at every position
+        return (gate * v_p).expand(bsz, n_heads, seqlen, head_dim)  # a view: no copy
+    # Keys-first scores (N, T): a softmax along T is fast where one over a short
+    # last axis (N = 10) is not; contiguous q lets the product read q^T in place.
     # The gate scales V_p (N rows) rather than the output (T rows).
-    scores = (k_p @ q.contiguous().transpose(-2, -1)).float() / math.sqrt(q.shape[-1])  # (B, H, N, T)
+    scores = (k_p @ q.contiguous().transpose(-2, -1)).float() / math.sqrt(head_dim)  # (b, H, N, T)
     weights = torch.softmax(scores, dim=-2).type_as(q)  # over the N prefix keys
-    return weights.transpose(-2, -1) @ (gate * v_p)  # (B, H, T, N) @ (B or 1, H, N, hd) -> (B, H, T, hd)
+    return weights.transpose(-2, -1) @ (gate * v_p)  # (B, H, T, N) @ (b, H, N, hd) -> (B, H, T, hd)
+
+
+def attention(q, k, v, mask, is_causal, prefix=None):
+    """Eq. 6: causal attention over the sequence (the fused kernel computes
+    sequence_attention), plus, in an adapted layer, the gated prefix term.
+
+    k, v: (B, H_kv, S, hd), read by H / H_kv query heads each; prefix: None
+    or (k_p, v_p, gate) for prefix_attention. Returns (B, H, T, hd).
+    """
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                         enable_gqa=q.shape[1] != k.shape[1])  # (B, H, T, hd)
+    if prefix is not None:
+        out = out + prefix_attention(q, *prefix)
+    return out
 
 
 # -----------------------------------------------------------------------------
 # the model
 
+class Span(NamedTuple):
+    """Where the tokens of one forward sit: computed once per forward, read by every layer."""
+    positions: torch.Tensor  # (T,) the cache slots these tokens fill
+    freqs_cis: torch.Tensor  # RoPE: (T, hd/2), or (B, T, hd/2) when rows are left-padded
+    kv_len: Optional[int]  # attend to cache slots [0, kv_len); None: the whole cache (static shapes)
+    mask: Optional[torch.Tensor]  # bool (B or 1, 1, T, S), True where a query may look; None: see is_causal
+    is_causal: bool  # with no mask: causal from position 0 (True), or every key visible (False)
+
+
 class KVCache:
     """What a generation computes once and reuses at every step.
 
     The keys and values of the positions seen so far, (B, H_kv, max_len, hd)
-    per layer, and the Aligner's prefix keys and values (Eq. 5), which depend
-    on the Aligner alone and so are computed on the first forward only.
-    `pad[b]` counts the left-padding of row b: those positions are never
-    attended to, and row b's positions count from its first real token.
+    per layer, and each adapted layer's prefix keys and values (Eq. 5), which
+    depend on the Aligner alone and so are computed on the first forward only:
+    a cache serves one generation with one Aligner. `pad[b]` counts the
+    left-padding of row b: those slots are never attended to, and row b's
+    positions count from its first real token.
     """
 
     def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device=None,
@@ -157,18 +229,18 @@ class KVCache:
         shape = (batch_size, args.n_kv_heads, max_len, args.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.max_len = max_len
         self.pad = pad
-        self.length = 0  # positions filled so far
-        self.prefix = None  # per-layer (k_p, v_p, gate), set on the first forward
+        self.length = 0  # positions filled so far, when the model counts them (see Transformer.forward)
+        self.prefix = [None] * args.n_layers  # (k_p, v_p) per adapted layer, from the first forward
 
-    def update(self, layer: int, k, v):
-        """Store k, v (B, H_kv, T, hd) after the filled positions; return all keys and values so far."""
-        end = self.length + k.shape[2]
-        if end > self.k[layer].shape[2]:
-            raise ValueError(f"the KV cache holds {self.k[layer].shape[2]} positions; {end} were asked for")
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+    def update(self, layer: int, k, v, span: Span):
+        """Write k, v (B, H_kv, T, hd) into the slots span.positions; return the keys and values to attend to."""
+        self.k[layer].index_copy_(2, span.positions, k)
+        self.v[layer].index_copy_(2, span.positions, v)
+        if span.kv_len is None:
+            return self.k[layer], self.v[layer]
+        return self.k[layer][:, :, :span.kv_len], self.v[layer][:, :, :span.kv_len]
 
 
 class Attention(nn.Module):
@@ -183,43 +255,31 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def prefix_kv(self, prefix: torch.Tensor):
-        """Eq. 5: K_p = P W_k, V_p = P W_v through this layer's own frozen weights; no RoPE, no norm.
-
-        prefix: (b, N, dim) -> k_p, v_p: (b, H, N, hd), repeated over grouped-query heads.
-        """
-        bsz, n_tokens, _ = prefix.shape
-        k = self.wk(prefix).view(bsz, n_tokens, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(prefix).view(bsz, n_tokens, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        n_rep = self.n_heads // self.n_kv_heads
-        return repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (b, H, N, hd)
-
-    def forward(self, x, freqs_cis, mask, prefix=None, cache: Optional[KVCache] = None):
+    def forward(self, x, span: Span, aligner: Optional[AlignerLayer] = None, cache: Optional[KVCache] = None):
         bsz, seqlen, _ = x.shape
 
         # QKV, and RoPE on the sequence's queries and keys
         q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
+        q, k = apply_rotary_emb(q, span.freqs_cis), apply_rotary_emb(k, span.freqs_cis)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or H_kv, T, hd)
         if cache is not None:
-            k, v = cache.update(self.layer_id, k, v)  # (B, H_kv, S, hd), S = positions so far
+            k, v = cache.update(self.layer_id, k, v, span)  # (B, H_kv, S, hd): every position so far
 
-        # Eq. 6, first term: causal attention over the sequence. The fused kernel
-        # computes sequence_attention above; tests/test_llama.py checks they agree.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                             enable_gqa=self.n_heads != self.n_kv_heads)  # (B, H, T, hd)
-
-        # Eq. 6, second term: the gated attention over the shared prefix
-        if prefix is not None:
-            k_p, v_p, gate = prefix
-            if k_p.shape[2] == 1:
-                # softmax over a single key is 1: the term is the constant gate * V_p
-                out = out + gate * v_p
+        # the Aligner's keys and values (Eq. 5), from this layer's own weights, here in its
+        # forward: under FSDP the weights are gathered only while the layer runs
+        prefix = None
+        if aligner is not None:
+            if cache is None or cache.prefix[self.layer_id] is None:
+                k_p, v_p = prefix_keys_values(aligner.prefix, self.wk, self.wv, self.n_heads, self.head_dim)
+                if cache is not None:
+                    cache.prefix[self.layer_id] = (k_p, v_p)
             else:
-                out = out + prefix_attention(q, k_p, v_p, gate)
+                k_p, v_p = cache.prefix[self.layer_id]
+            prefix = (k_p, v_p, aligner.gate[:, :, None, None])  # gate (b, H, 1, 1)
 
+        out = attention(q, k, v, span.mask, span.is_causal, prefix)  # Eq. 6: (B, H, T, hd)
         out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (B, T, dim)
         return self.wo(out)
 
@@ -227,13 +287,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        hidden = int(2 * (4 * args.dim) / 3)
-        if args.ffn_dim_multiplier is not None:
-            hidden = int(args.ffn_dim_multiplier * hidden)
-        hidden = args.multiple_of * ((hidden + args.multiple_of - 1) // args.multiple_of)
-        self.w1 = nn.Linear(args.dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, args.dim, bias=False)
-        self.w3 = nn.Linear(args.dim, hidden, bias=False)
+        self.w1 = nn.Linear(args.dim, args.ffn_dim, bias=False)
+        self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, args.ffn_dim, bias=False)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
@@ -247,8 +303,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, freqs_cis, mask, prefix=None, cache=None):
-        h = x + self.attention(self.attention_norm(x), freqs_cis, mask, prefix, cache)
+    def forward(self, x, span: Span, aligner: Optional[AlignerLayer] = None, cache: Optional[KVCache] = None):
+        h = x + self.attention(self.attention_norm(x), span, aligner, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -266,74 +322,78 @@ class Transformer(nn.Module):
         self.freqs_cis = precompute_freqs_cis(args.head_dim, args.max_seq_len, args.rope_theta)
         self.grad_checkpointing = False  # recompute each layer's activations in backward
 
-    def prefix_kv(self, aligner) -> list:
-        """Each layer's (k_p, v_p, gate) for the Aligner's shared prefix; None below start_layer.
+    def aligner_layers(self, aligner) -> list:
+        """Each layer's AlignerLayer: the shared prefix and that layer's gates; None below start_layer.
 
         `aligner` carries `prefix` (N, dim), `gates` (n_layers - start_layer, H)
         and `start_layer`; a leading batch axis on both gives each row its own.
         """
+        if aligner is None:
+            return [None] * self.args.n_layers
         prefix, gates = aligner.prefix, aligner.gates
         if prefix.dim() == 2:
             prefix, gates = prefix[None], gates[None]  # one Aligner for every row
-        dtype = self.tok_embeddings.weight.dtype
-        prefix = prefix.to(dtype)  # (b, N, dim)
         n_adapted = self.args.n_layers - aligner.start_layer
         if prefix.shape[-1] != self.args.dim or gates.shape[1:] != (n_adapted, self.args.n_heads):
             raise ValueError(f"the Aligner (prefix {tuple(prefix.shape[1:])}, gates {tuple(gates.shape[1:])}) "
                              f"does not fit this model: dim {self.args.dim}, {n_adapted} adapted layers "
                              f"of {self.args.n_heads} heads")
-        out = [None] * aligner.start_layer
-        for i, layer in enumerate(self.layers[aligner.start_layer:]):
-            k_p, v_p = layer.attention.prefix_kv(prefix)  # (b, H, N, hd)
-            gate = gates[:, i].to(dtype)[:, :, None, None]  # (b, H, 1, 1)
-            out.append((k_p, v_p, gate))
-        return out
+        dtype = self.tok_embeddings.weight.dtype
+        prefix, gates = prefix.to(dtype), gates.to(dtype)  # (b, N, dim), (b, n_adapted, H)
+        return [None] * aligner.start_layer + [AlignerLayer(prefix, gates[:, i]) for i in range(n_adapted)]
 
-    def forward(self, tokens: torch.Tensor, aligner=None, cache: Optional[KVCache] = None) -> torch.Tensor:
+    def span(self, seqlen: int, device, cache: Optional[KVCache], positions: Optional[torch.Tensor]) -> Span:
+        """Where this forward's tokens sit, and the mask they need, if any."""
+        pad = None if cache is None else cache.pad
+        static = positions is not None
+        if not static:
+            start = 0 if cache is None else cache.length
+            end = start + seqlen
+            if end > self.args.max_seq_len:
+                raise ValueError(f"{end} positions exceed max_seq_len {self.args.max_seq_len}")
+            if cache is not None and end > cache.max_len:
+                raise ValueError(f"the KV cache holds {cache.max_len} positions; {end} were asked for")
+            positions = torch.arange(start, end, device=device)
+        freqs_cis = self.freqs_cis.to(device)
+        if pad is None:
+            freqs_cis = freqs_cis[positions]  # (T, hd/2)
+        else:
+            freqs_cis = freqs_cis[(positions[None] - pad[:, None]).clamp(min=0)]  # (B, T, hd/2)
+
+        # No mask where the kernel needs none: a whole sequence from position 0 is
+        # plain causal attention, and one new token sees every key before it.
+        # Handing the kernel a mask it does not need rules out its fastest paths.
+        if not static and pad is None and (start == 0 or seqlen == 1):
+            return Span(positions, freqs_cis, None if cache is None else end, None, start == 0)
+        keys = torch.arange(cache.max_len if static else end, device=device)  # (S,)
+        mask = keys[None, :] <= positions[:, None]  # (T, S) causal
+        if pad is not None:
+            real = keys[None, None, :] >= pad[:, None, None]  # (B, 1, S)
+            # A padding query sees itself, so its (unused) softmax row is never all -inf.
+            itself = keys[None, :] == positions[:, None]  # (T, S)
+            mask = mask & (real | itself)  # (B, T, S)
+        mask = mask[..., None, :, :] if mask.dim() == 3 else mask  # (B, 1, T, S) or (T, S)
+        return Span(positions, freqs_cis, None if static else end, mask, False)
+
+    def forward(self, tokens: torch.Tensor, aligner=None, cache: Optional[KVCache] = None,
+                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, vocab_size) in float32.
 
         aligner: None for the base model. cache: None for a whole sequence from
         position 0 (training); a KVCache to continue where the last call stopped.
+        positions: None, or the (T,) cache slots of the tokens given by the
+        caller, for decoding with static shapes (torch.compile): the whole cache
+        is then attended under a mask, and cache.length is left alone.
         """
         bsz, seqlen = tokens.shape
-        start = 0 if cache is None else cache.length
-        if start + seqlen > self.args.max_seq_len:
-            raise ValueError(f"{start + seqlen} positions exceed max_seq_len {self.args.max_seq_len}")
-        self.freqs_cis = self.freqs_cis.to(tokens.device)
-        positions = torch.arange(start, start + seqlen, device=tokens.device)
-        pad = cache.pad if cache is not None else None
-
-        if pad is None:
-            freqs_cis = self.freqs_cis[positions]  # (T, hd/2)
-            # None asks the kernel for its own causal mask; it is right only from position 0
-            mask = None if start == 0 else torch.ones(seqlen, start + seqlen, dtype=torch.bool,
-                                                      device=tokens.device).tril(start)
-        else:
-            row_positions = (positions[None] - pad[:, None]).clamp(min=0)  # (B, T)
-            freqs_cis = self.freqs_cis[row_positions]  # (B, T, hd/2)
-            keys = torch.arange(start + seqlen, device=tokens.device)
-            causal = keys[None, :] <= positions[:, None]  # (T, S)
-            real = keys[None, None, :] >= pad[:, None, None]  # (B, 1, S)
-            # A padding query sees itself, so its (unused) softmax row is never all -inf.
-            itself = keys[None, :] == positions[:, None]  # (T, S)
-            mask = (causal & (real | itself))[:, None]  # (B, 1, T, S)
-
-        if aligner is None:
-            prefixes = [None] * self.args.n_layers
-        elif cache is None:
-            prefixes = self.prefix_kv(aligner)
-        else:
-            if cache.prefix is None:
-                cache.prefix = self.prefix_kv(aligner)
-            prefixes = cache.prefix
-
+        span = self.span(seqlen, tokens.device, cache, positions)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
-        for layer, prefix in zip(self.layers, prefixes):
-            if self.grad_checkpointing and torch.is_grad_enabled() and h.requires_grad:
-                h = checkpoint(layer, h, freqs_cis, mask, prefix, cache, use_reentrant=False)
+        for layer, layer_aligner in zip(self.layers, self.aligner_layers(aligner)):
+            if self.grad_checkpointing and torch.is_grad_enabled() and (h.requires_grad or layer_aligner is not None):
+                h = checkpoint(layer, h, span, layer_aligner, cache, use_reentrant=False)
             else:
-                h = layer(h, freqs_cis, mask, prefix, cache)
-        if cache is not None:
+                h = layer(h, span, layer_aligner, cache)
+        if cache is not None and positions is None:
             cache.length += seqlen
         return self.output(self.norm(h)).float()  # (B, T, vocab_size)
 
@@ -460,57 +520,133 @@ def read_params(ckpt_dir) -> dict:
     return params
 
 
-def load(ckpt_dir, device="cpu", dtype=torch.float32, tokenizer_path=None,
-         max_seq_len: int = 2048, max_batch_size: int = 32):
-    """A frozen Transformer and its Tokenizer from a Meta checkpoint folder.
+class MetaCheckpoint:
+    """A checkpoint folder as Meta ships it, opened without reading its weights.
 
-    Shards are memory-mapped and merged one weight at a time into a model built
-    on the meta device, so at most one full copy of the weights is ever held.
+    The consolidated.NN.pth shards are memory-mapped; `get` merges one weight
+    from its pieces, or only some of its rows, when asked, so that loading
+    holds at most one copy of the model, and a rank under FSDP reads only the
+    rows it keeps.
     """
-    ckpt_dir = Path(ckpt_dir)
-    params = read_params(ckpt_dir)
-    tokenizer = Tokenizer(tokenizer_path or find_tokenizer(ckpt_dir))
-    args = ModelArgs(**params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.params = read_params(self.folder)
+        paths = sorted(self.folder.glob("consolidated.*.pth"))
+        if not paths:
+            raise FileNotFoundError(f"{self.folder}: no consolidated.*.pth files")
+        expected_names = [f"consolidated.{i:02d}.pth" for i in range(len(paths))]
+        if [p.name for p in paths] != expected_names:
+            raise ValueError(f"{self.folder}: shards {[p.name for p in paths]} are not numbered "
+                             f"00 to {len(paths) - 1:02d}")
+        self.paths = paths
+        self.layout = f"Meta's layout, {len(paths)} shard(s) merged"
+        self.shards = [load_pt(p, "checkpoint shard", mmap=True) for p in paths]
+        for path, shard in zip(paths, self.shards):
+            if not isinstance(shard, dict) or not all(isinstance(t, torch.Tensor) for t in shard.values()):
+                raise ValueError(f"{path}: not a checkpoint shard (expected a dict of weight names to tensors)")
+            shard.pop("rope.freqs", None)  # Meta's files carry the RoPE table; it is recomputed here
+        for path, shard in zip(paths[1:], self.shards[1:]):
+            for key in set(shard) ^ set(self.shards[0]):
+                where = "unexpected" if key in shard else "missing"
+                raise ValueError(f"{path}: {where} key {key!r} ({paths[0].name} has {len(self.shards[0])} keys)")
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return find_tokenizer(self.folder)
+
+    def keys(self) -> list:
+        return list(self.shards[0])
+
+    def where(self, key: str) -> Path:
+        """The file to name in an error about `key`."""
+        return self.paths[0]
+
+    def shape(self, key: str) -> tuple:
+        """The merged weight's shape, read from the shards' headers, not their data."""
+        pieces = [shard[key].shape for shard in self.shards]
+        dim = shard_dim(key)
+        if dim is None or len(pieces) == 1:
+            return tuple(pieces[0])
+        merged = list(pieces[0])
+        merged[dim] = sum(p[dim] for p in pieces)
+        return tuple(merged)
+
+    def get(self, key: str, rows: Optional[slice] = None) -> torch.Tensor:
+        """The whole weight, or rows[rows] of its dim 0, merged from the shards that hold them."""
+        pieces = [shard[key] for shard in self.shards]
+        dim = shard_dim(key)
+        if dim is None or len(pieces) == 1:
+            return pieces[0] if rows is None else pieces[0][rows]
+        if dim == 1:  # every shard holds some columns of every row
+            return torch.cat([p if rows is None else p[rows] for p in pieces], 1)
+        if rows is None:
+            return torch.cat(pieces, 0)
+        first, stop, _ = rows.indices(sum(p.shape[0] for p in pieces))
+        taken, offset = [], 0
+        for p in pieces:  # the rows [first, stop) of the merged weight, from the shards that hold them
+            lo, hi = max(first - offset, 0), min(stop - offset, p.shape[0])
+            if lo < hi:
+                taken.append(p[lo:hi])
+            offset += p.shape[0]
+        return torch.cat(taken, 0) if taken else pieces[0][:0]
+
+
+def model_args(ckpt, tokenizer: "Tokenizer", **runtime) -> ModelArgs:
+    """ModelArgs from a checkpoint's params, with vocab_size checked against (or taken from) the tokenizer."""
+    args = ModelArgs(**ckpt.params, **runtime)
     if args.vocab_size == -1:
         args.vocab_size = tokenizer.n_words
     elif args.vocab_size != tokenizer.n_words:
-        raise ValueError(f"{ckpt_dir / 'params.json'}: vocab_size {args.vocab_size}, "
-                         f"but the tokenizer has {tokenizer.n_words} pieces")
+        raise ValueError(f"{ckpt.folder}: vocab_size {args.vocab_size}, but the tokenizer "
+                         f"{ckpt.tokenizer_path} has {tokenizer.n_words} pieces")
+    return args
 
-    paths = sorted(ckpt_dir.glob("consolidated.*.pth"))
-    if not paths:
-        raise FileNotFoundError(f"{ckpt_dir}: no consolidated.*.pth files")
-    expected_names = [f"consolidated.{i:02d}.pth" for i in range(len(paths))]
-    if [p.name for p in paths] != expected_names:
-        raise ValueError(f"{ckpt_dir}: shards {[p.name for p in paths]} are not numbered 00 to {len(paths) - 1:02d}")
-    shards = [load_pt(p, "checkpoint shard", mmap=True) for p in paths]
-    for path, shard in zip(paths, shards):
-        if not isinstance(shard, dict) or not all(isinstance(t, torch.Tensor) for t in shard.values()):
-            raise ValueError(f"{path}: not a checkpoint shard (expected a dict of weight names to tensors)")
-        shard.pop("rope.freqs", None)  # Meta's files carry the RoPE table; it is recomputed here
 
+def checked_weight(ckpt, key: str, shape: tuple, rows: Optional[slice] = None) -> torch.Tensor:
+    """ckpt.get(key, rows), refused with a line that names it when its shape is not the model's."""
+    if ckpt.shape(key) != shape:
+        raise ValueError(f"{ckpt.folder}: {key} has shape {ckpt.shape(key)} ({ckpt.layout}); "
+                         f"its params imply {shape}")
+    return ckpt.get(key, rows)
+
+
+def check_keys(ckpt, expected) -> None:
+    """Refuse a checkpoint whose weights are not exactly the model's, naming the first key that differs."""
+    have = set(ckpt.keys())
+    for key in ckpt.keys():
+        if key not in expected:
+            raise ValueError(f"{ckpt.where(key)}: unexpected key {key!r}")
+    for key in expected:
+        if key not in have:
+            raise ValueError(f"{ckpt.folder}: missing key {key!r}")
+
+
+def open_checkpoint(ckpt_dir):
+    """The checkpoint in a folder, opened without reading its weights: Meta's layout
+    (params.json, consolidated.NN.pth), or Hugging Face's (config.json, safetensors or .bin)."""
+    if not Path(ckpt_dir).is_dir():
+        raise FileNotFoundError(f"{ckpt_dir}: no checkpoint folder here")
+    if hf_checkpoint.is_hf_folder(ckpt_dir):
+        return hf_checkpoint.HFCheckpoint(ckpt_dir)
+    return MetaCheckpoint(ckpt_dir)
+
+
+def load(ckpt_dir, device="cpu", dtype=torch.float32, tokenizer_path=None,
+         max_seq_len: int = 2048, max_batch_size: int = 32):
+    """A frozen Transformer and its Tokenizer from a checkpoint folder.
+
+    The weights are read one at a time, memory-mapped, into a model built on
+    the meta device, so at most one full copy of them is ever held.
+    """
+    ckpt = open_checkpoint(ckpt_dir)
+    tokenizer = Tokenizer(tokenizer_path or ckpt.tokenizer_path)
+    args = model_args(ckpt, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     with torch.device("meta"):
         model = Transformer(args)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    for path, shard in zip(paths, shards):
-        for key in shard:
-            if key not in expected:
-                raise ValueError(f"{path}: unexpected key {key!r}")
-        for key in expected:
-            if key not in shard:
-                raise ValueError(f"{path}: missing key {key!r}")
-
-    state = {}
-    for key, shape in expected.items():
-        dim = shard_dim(key)
-        pieces = [shard.pop(key) for shard in shards]
-        merged = pieces[0] if dim is None or len(pieces) == 1 else torch.cat(pieces, dim)
-        if tuple(merged.shape) != shape:
-            raise ValueError(f"{ckpt_dir}: {key} is {tuple(merged.shape)} after merging {len(paths)} shard(s); "
-                             f"params.json implies {shape}")
-        state[key] = merged.to(device=device, dtype=dtype)
-        del pieces, merged
+    check_keys(ckpt, expected)
+    state = {key: checked_weight(ckpt, key, shape).to(device=device, dtype=dtype) for key, shape in expected.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.freqs_cis = precompute_freqs_cis(args.head_dim, args.max_seq_len, args.rope_theta).to(device)
-    model.requires_grad_(False)
-    return model.eval(), tokenizer
+    return model.requires_grad_(False).eval(), tokenizer

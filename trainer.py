@@ -187,10 +187,13 @@ def run_files(out: Path) -> list:
     return sorted([out / n for n in names if (out / n).exists()] + list(out.glob("epoch-*.pt")))
 
 
+WEIGHT_FILES = (".pth", ".safetensors", ".bin")  # Meta's shards, Hugging Face's weight files
+
+
 def fingerprint(value):
     """What an input holds, cheaply enough for a 13 GB checkpoint. A file: its size and sha256.
-    A checkpoint folder: its params.json, the names and sizes of its shards, and its tokenizer's
-    sha256. Anything else (None, 'init', 'base'): itself."""
+    A checkpoint folder: the sha256 of its params.json or config.json and of its tokenizer, and
+    the name and size of each weight file. Anything else (None, 'init', 'base'): itself."""
     path = Path(value) if isinstance(value, (str, Path)) else None
     if path is not None and path.is_file():
         return {"bytes": path.stat().st_size, "sha256": sha256(path)}
@@ -199,9 +202,8 @@ def fingerprint(value):
             tokenizer = sha256(find_tokenizer(path))
         except FileNotFoundError:
             tokenizer = None
-        params = path / "params.json"
-        return {"params.json": sha256(params) if params.is_file() else None,
-                "shards": {p.name: p.stat().st_size for p in sorted(path.glob("consolidated.*.pth"))},
+        return {"settings": {n: sha256(path / n) for n in ("params.json", "config.json") if (path / n).is_file()},
+                "weights": {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.name.endswith(WEIGHT_FILES)},
                 "tokenizer.model": tokenizer}
     return None if value is None else str(value)
 

@@ -63,17 +63,9 @@ DECODE_PROMPT, DECODE_NEW = 32, 64  # decode rows: prompt length, tokens generat
 # FLOPs and the matrix-product limit
 
 
-def ffn_hidden(args: ModelArgs) -> int:
-    """The SwiGLU width, by llama.FeedForward's rule."""
-    hidden = int(2 * (4 * args.dim) / 3)
-    if args.ffn_dim_multiplier is not None:
-        hidden = int(args.ffn_dim_multiplier * hidden)
-    return args.multiple_of * ((hidden + args.multiple_of - 1) // args.multiple_of)
-
-
 def layer_weights(args: ModelArgs) -> list:
     """(in, out) of one layer's weights: wq, wk, wv, wo, w1, w3, w2."""
-    kv, hidden = args.n_kv_heads * args.head_dim, ffn_hidden(args)
+    kv, hidden = args.n_kv_heads * args.head_dim, args.ffn_dim
     return [(args.dim, args.dim), (args.dim, kv), (args.dim, kv), (args.dim, args.dim),
             (args.dim, hidden), (args.dim, hidden), (hidden, args.dim)]
 
@@ -283,6 +275,44 @@ def interleaved(contenders: dict, rounds: int, warmup: int) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def precision(folder: Path, ours: Transformer, tokens: torch.Tensor, rounds: int, warmup: int,
+              loss_steps: int = 10) -> str:
+    """A training step and a forward with the base in bfloat16 against float32, timed
+    interleaved, and the loss of an Aligner trained loss_steps steps on the same batch in
+    each, from the same initialisation (the Aligner and AdamW stay float32 in both)."""
+    models = {"float32": ours, "bfloat16": load_ours(folder).to(torch.bfloat16)}
+    aligner = Aligner(ours.args, n_tokens=10, start_layer=START_LAYER)
+    torch.nn.init.normal_(aligner.gates, std=0.1)
+    steps = {name: make_trainer("Aligner N=10", folder, model=m) for name, m in models.items()}
+    runs = {f"step {name}": (lambda s=s: s(tokens)) for name, s in steps.items()}
+    with torch.inference_mode():
+        forwards = interleaved({name: (lambda m=m: m(tokens, aligner)) for name, m in models.items()},
+                               rounds, warmup)
+    seconds = interleaved(runs, rounds, warmup)
+
+    losses = {}
+    for name, model in models.items():
+        torch.manual_seed(0)
+        trained = Aligner(ours.args, n_tokens=10, start_layer=START_LAYER)
+        optimizer = torch.optim.AdamW(trained.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+        losses[name] = []
+        for _ in range(loss_steps):
+            loss = lm_loss(model(tokens, trained), tokens)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses[name].append(loss.item())
+    rows = [[name, f"{seconds[f'step {name}'] * 1e3:.0f}", f"{seconds['step float32'] / seconds[f'step {name}']:.2f}x",
+             f"{forwards[name] * 1e3:.0f}", f"{forwards['float32'] / forwards[name]:.2f}x",
+             f"{losses[name][0]:.4f}", f"{losses[name][-1]:.4f}"] for name in models]
+    return "\n".join([
+        "### Precision: the base in bfloat16 against float32\n",
+        f"An Aligner N=10 training step and a forward; then {loss_steps} AdamW steps on the batch from the same "
+        "initialisation, the loss at the first and the last.\n",
+        table(["base", "ms / step", "speed-up", "forward ms", "speed-up", "loss, step 1", f"loss, step {loss_steps}"],
+              rows)])
+
+
 class IdTokenizer:
     """What generate.generate asks of a tokenizer, for random weights: an EOS that is never sampled."""
     bos_id, eos_id = 1, -1
@@ -395,6 +425,10 @@ def main(argv=None):
     rows = [[name, f"{s * 1e3:.0f}", f"{n_tokens / s:.0f}", f"{s / base - 1:+.1%}"] for name, s in seconds.items()]
     out.append("\n### Forward pass (no gradients)\n")
     out.append(table(["model", "ms", "tokens / s", "time over the base model"], rows))
+
+    # --- precision: the same Aligner step with the base in bfloat16 ----------------
+    print("precision", file=sys.stderr)
+    out.append("\n" + precision(folder, ours, tokens, args.steps, args.warmup))
 
     # --- decoding ---------------------------------------------------------------
     print("decoding", file=sys.stderr)

@@ -10,6 +10,7 @@ from llama import ModelArgs, Transformer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import gpu  # noqa: E402
+import memory  # noqa: E402
 import run as bench  # noqa: E402
 
 TINY = dict(dim=8, n_layers=2, n_heads=2, vocab_size=16, multiple_of=8)  # SwiGLU width 24
@@ -96,3 +97,28 @@ def test_gpu_script_runs_small_on_the_cpu():
     text = gpu.run(args, torch.device("cpu"), torch.float32, batch=2, seq_len=16, steps=1, warmup=0)
     rows = [line for line in text.splitlines() if line.startswith(("| off", "| on"))]
     assert len(rows) == 2
+
+
+def test_memory_count_on_the_meta_device_equals_the_cpu_kernels():
+    """bench/memory.py counts what autograd saves on the meta device, with attention counted as
+    the fused kernels save it; the CPU's fused kernel, run for real, saves exactly as much."""
+    args = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=100, multiple_of=32, max_seq_len=32)
+    counted = memory.saved_bytes(args, batch=2, seq_len=32, n_tokens=3, start_layer=1)
+    torch.manual_seed(0)
+    measured = memory.saved_bytes(args, batch=2, seq_len=32, n_tokens=3, start_layer=1, device="cpu")
+    assert counted == measured
+    assert set(counted["by_layer"]) == {1, 2, "outside the layers"}  # layer 0 is below start_layer: nothing saved
+
+
+def test_precision_rows_run_small(tmp_path):
+    """bench/run.py's precision section: both bases train from the same start to nearby losses."""
+    from llama import save
+
+    torch.manual_seed(0)
+    save(Transformer(ModelArgs(dim=32, n_layers=3, n_heads=4, vocab_size=64, multiple_of=16)), tmp_path / "m")
+    ours = bench.load_ours(tmp_path / "m")
+    text = bench.precision(tmp_path / "m", ours, torch.randint(3, 64, (2, 16)), rounds=1, warmup=0, loss_steps=3)
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
+    assert set(rows) >= {"float32", "bfloat16"}
+    first32, first16 = float(rows["float32"][5]), float(rows["bfloat16"][5])
+    assert abs(first32 - first16) < 0.05 * first32

@@ -482,7 +482,7 @@ PARAMS = [({"dim": "128"}, "'dim'"), ({"n_layers": 0}, "'n_layers'"), ({"n_heads
           ({"norm_eps": "1e-5"}, "'norm_eps'"), ({"dim": None}, "'dim'"), ({"n_layers": True}, "'n_layers'"),
           ({"vocab_size": 0}, "'vocab_size'"), ({"rope_theta": -1}, "'rope_theta'"),
           ({"n_kv_heads": 3}, "n_kv_heads"), ({"multiple_of": [32]}, "'multiple_of'"),
-          ({"use_scaled_rope": True}, "'use_scaled_rope'"), ({"vocab_size": 999}, "vocab_size")]
+          ({"use_scaled_rope": True}, "'use_scaled_rope'")]
 
 
 @pytest.mark.parametrize("change, key", PARAMS)
@@ -490,6 +490,12 @@ def test_a_wrong_params_json_value_names_the_file_and_key(change, key, ckpt, cap
     path = ckpt / "params.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
     fails("generate", ["--ckpt", ckpt, "--prompt", "Hi."], capsys, "params.json", key, watch=[tmp_path])
+
+
+def test_a_vocab_size_that_is_not_the_tokenizers_is_named(ckpt, capsys):
+    path = ckpt / "params.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "vocab_size": 999}))
+    fails("generate", ["--ckpt", ckpt, "--prompt", "Hi."], capsys, "vocab_size 999", "tokenizer.model", "384")
 
 
 @pytest.mark.parametrize("text", ["[1, 2]", "{\"dim\": 64,", "", "\xff\xfe{}"])

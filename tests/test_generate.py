@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import generate as generate_script
+import llama
 from aligner import Aligner, AlignerBank
 from conftest import TINY
 from data import format_prompt
@@ -101,10 +102,11 @@ def test_cached_decoding_gives_the_logits_of_a_full_forward(n_kv_heads, n_tokens
 def test_prefix_keys_and_values_are_computed_once_per_generation(tiny, monkeypatch):
     model, tokenizer = tiny
     calls = []
-    real = type(model).prefix_kv
-    monkeypatch.setattr(model, "prefix_kv", lambda aligner: calls.append(1) or real(model, aligner))
-    generate(model, tokenizer, encode(tokenizer, PROMPTS[:2]), trained_aligner(model.args), max_new_tokens=12)
-    assert len(calls) == 1
+    real = llama.prefix_keys_values
+    monkeypatch.setattr(llama, "prefix_keys_values", lambda *args: calls.append(1) or real(*args))
+    aligner = trained_aligner(model.args)
+    generate(model, tokenizer, encode(tokenizer, PROMPTS[:2]), aligner, max_new_tokens=12)
+    assert len(calls) == model.args.n_layers - aligner.start_layer  # once per adapted layer, not per step
 
 
 def test_one_token_shortcut_equals_the_general_prefix_attention():

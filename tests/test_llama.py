@@ -49,9 +49,10 @@ def test_module_names_are_metas_checkpoint_keys():
 
 def hand_written_attention(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False):
     """scaled_dot_product_attention's signature, computed by llama.sequence_attention."""
-    assert is_causal == (attn_mask is None)
+    assert not (is_causal and attn_mask is not None)
+    assert enable_gqa == (q.shape[1] != k.shape[1])
     n_rep = q.shape[1] // k.shape[1]
-    return sequence_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask)
+    return sequence_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask, is_causal)
 
 
 @settings(max_examples=15, deadline=None)
@@ -125,15 +126,39 @@ def test_meta_checkpoint_round_trip(tmp_path, n_shards):
     assert all(not p.requires_grad for p in loaded.parameters())
 
 
+# Meta's model-parallel layout, written out (fairscale's ParallelEmbedding and RowParallelLinear
+# split the input dimension, ColumnParallelLinear the output one; norms are whole in every shard)
+META_SPLIT = {"tok_embeddings.weight": 1, "norm.weight": None, "output.weight": 0,
+              "attention.wq.weight": 0, "attention.wk.weight": 0, "attention.wv.weight": 0,
+              "attention.wo.weight": 1, "feed_forward.w1.weight": 0, "feed_forward.w2.weight": 1,
+              "feed_forward.w3.weight": 0, "attention_norm.weight": None, "ffn_norm.weight": None}
+
+
+def meta_split(key):
+    return META_SPLIT[key.split(".", 2)[-1] if key.startswith("layers.") else key]
+
+
 def test_shards_split_as_meta_splits_them(tmp_path):
+    """Every kind of weight, in shard 1 of 2, is the half Meta's layout puts there."""
     model = make_checkpoint(tmp_path / "tiny", n_shards=2)
     shard = torch.load(tmp_path / "tiny" / "consolidated.01.pth", weights_only=True)
     full = model.state_dict()
-    assert torch.equal(shard["tok_embeddings.weight"], full["tok_embeddings.weight"].chunk(2, 1)[1])
-    assert torch.equal(shard["layers.0.attention.wo.weight"], full["layers.0.attention.wo.weight"].chunk(2, 1)[1])
-    assert torch.equal(shard["layers.0.attention.wk.weight"], full["layers.0.attention.wk.weight"].chunk(2, 0)[1])
-    assert torch.equal(shard["output.weight"], full["output.weight"].chunk(2, 0)[1])
-    assert torch.equal(shard["norm.weight"], full["norm.weight"])
+    assert set(shard) == set(full)
+    for key, tensor in full.items():
+        dim = meta_split(key)
+        assert torch.equal(shard[key], tensor if dim is None else tensor.chunk(2, dim)[1]), key
+
+
+@pytest.mark.parametrize("n_shards", [1, 2, 4])
+def test_a_slice_of_rows_reads_what_the_whole_weight_holds(tmp_path, n_shards):
+    """MetaCheckpoint.get(key, rows) equals the merged weight's rows, whichever shards hold them."""
+    model = make_checkpoint(tmp_path / "tiny", n_shards=n_shards)
+    ckpt = llama.MetaCheckpoint(tmp_path / "tiny")
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(ckpt.get(key), tensor) and ckpt.shape(key) == tuple(tensor.shape), key
+        n = tensor.shape[0]
+        for rows in (slice(0, 1), slice(n // 3, n - 1), slice(n // 2 - 1, n // 2 + 1), slice(n - 2, n)):
+            assert torch.equal(ckpt.get(key, rows), tensor[rows]), (key, rows)
 
 
 def test_tokenizer_is_found_in_the_folder_or_beside_it(tmp_path):
