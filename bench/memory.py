@@ -23,7 +23,6 @@ Not counted: the allocator's caching and fragmentation, kernel workspaces,
 and short-lived temporaries; bench/gpu.py measures the real peak on a GPU.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from torch.autograd.graph import saved_tensors_hooks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
+import cli  # noqa: E402
 import llama  # noqa: E402
 from aligner import Aligner  # noqa: E402
 from llama import ModelArgs, Transformer  # noqa: E402
@@ -140,11 +140,12 @@ def table(batch, seq_len, n_tokens, start_layer, ranks=(1, 2, 4, 8)) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Memory per rank of Aligner training at LLaMA-2's sizes.")
-    parser.add_argument("--batch", type=int, default=8, help="sequences per micro-batch on one rank")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
-    parser.add_argument("--n-tokens", type=int, default=10, help="N, the Aligner's tokens")
-    parser.add_argument("--start-layer", type=int, default=2, help="the first adapted layer")
+    parser = cli.ArgumentParser(description="Memory per rank of Aligner training at LLaMA-2's sizes.")
+    parser.add_argument("--batch", type=cli.positive_int, default=8, help="sequences per micro-batch on one rank")
+    parser.add_argument("--seq-len", type=cli.positive_int, default=512, help="tokens per sequence")
+    parser.add_argument("--n-tokens", type=cli.positive_int, default=10, help="N, the Aligner's tokens")
+    parser.add_argument("--start-layer", type=cli.non_negative_int, default=2,
+                        help="the first adapted layer (below 32, LLaMA-2-7B's layer count)")
     args = parser.parse_args(argv)
     print(f"bf16 base, Aligner N={args.n_tokens} from layer {args.start_layer}, "
           f"micro-batch {args.batch} x {args.seq_len} tokens per rank\n")
@@ -152,4 +153,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

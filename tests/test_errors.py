@@ -38,10 +38,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import decode as bench_decode  # noqa: E402
 import gpu as bench_gpu  # noqa: E402
+import memory as bench_memory  # noqa: E402
 import run as bench_run  # noqa: E402
 
 SCRIPTS = {"train_sft": train_sft, "train_dpo": train_dpo, "generate": generate, "evaluate": evaluate,
-           "build_demo": build_demo, "run": bench_run, "gpu": bench_gpu, "decode": bench_decode}
+           "build_demo": build_demo, "run": bench_run, "gpu": bench_gpu, "decode": bench_decode,
+           "memory": bench_memory}
 
 
 # -----------------------------------------------------------------------------
@@ -216,7 +218,8 @@ def test_evaluate_refuses_an_out_of_range_flag(flag, value, capsys, tmp_path):
 @pytest.mark.parametrize("script, flag, value", [
     ("build_demo", "--steps", "0"), ("build_demo", "--seed", "-1"), ("run", "--steps", "0"), ("run", "--batch", "-1"),
     ("run", "--seq-len", "0"), ("run", "--threads", "0"), ("run", "--warmup", "-1"), ("gpu", "--batch", "0"),
-    ("gpu", "--seq-len", "x"), ("decode", "--steps", "0"), ("decode", "--repeats", "0"), ("decode", "--threads", "-2")])
+    ("gpu", "--seq-len", "x"), ("decode", "--steps", "0"), ("decode", "--repeats", "0"), ("decode", "--threads", "-2"),
+    ("memory", "--batch", "0"), ("memory", "--n-tokens", "0"), ("memory", "--start-layer", "-1")])
 def test_the_other_scripts_refuse_an_out_of_range_flag(script, flag, value, capsys, tmp_path):
     fails(script, [flag, value], capsys, f"argument {flag}", watch=[tmp_path], code=2)
 
