@@ -507,6 +507,29 @@ def test_a_params_json_that_is_not_an_object_is_named(text, ckpt, capsys):
     fails("generate", ["--ckpt", ckpt, "--prompt", "Hi."], capsys, "params.json")
 
 
+@pytest.fixture
+def hf_ckpt(tiny_ckpt, tmp_path):
+    """The tiny checkpoint as a Hugging Face folder (config.json, model.safetensors, tokenizer.model)."""
+    from hf_layout import write_hf
+
+    model, _ = llama.load(tiny_ckpt)
+    return write_hf(model.state_dict(), model.args, tmp_path / "hf", tokenizer=tiny_ckpt.parent / "tokenizer.model")
+
+
+@pytest.mark.parametrize("change, culprit", [({"hidden_size": "64"}, "hidden_size"), ({"num_hidden_layers": 0},
+                                             "num_hidden_layers"), ({"rms_norm_eps": None}, "rms_norm_eps")])
+def test_a_wrong_config_json_value_names_the_file_and_key(change, culprit, hf_ckpt, capsys, tmp_path):
+    path = hf_ckpt / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    fails("generate", ["--ckpt", hf_ckpt, "--prompt", "Hi."], capsys, "config.json", culprit, watch=[tmp_path])
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
+def test_a_damaged_safetensors_file_is_named(damage, hf_ckpt, capsys, tmp_path):
+    damage_file(hf_ckpt / "model.safetensors", damage)
+    fails("generate", ["--ckpt", hf_ckpt, "--prompt", "Hi."], capsys, "model.safetensors", watch=[tmp_path])
+
+
 ALIGNER_DAMAGE = ["empty", "truncated", "garbage", "not a state", "a list", "a pickled object"]
 
 
