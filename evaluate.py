@@ -445,7 +445,7 @@ def print_table(task, results):
 
 def main(argv=None):
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("task", nargs="?", choices=(*TASKS, "all"), default="all",
                         help="what to evaluate; all: the three tasks on their default data (default)")
     parser.add_argument("--ckpt", help="Meta checkpoint folder (default: the built-in demo, data.DEMO_CKPT)")

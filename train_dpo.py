@@ -91,8 +91,8 @@ DEMO_INIT = "runs/sft/best.pt"  # on the demo, DPO starts from train_sft.py's ru
 
 def main(argv=None):
     parser = cli.ArgumentParser(description="Train an Aligner on preference pairs (DPO, Eq. 10).",
-                                     epilog=trainer.demo_note(DEMO_DEFAULTS),
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                epilog=trainer.demo_note(DEMO_DEFAULTS),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--ckpt", type=str, default=None,
                         help="Meta checkpoint folder (tokenizer.model in it or beside it); none: the built-in demo")
     parser.add_argument("--data", type=str, default=None,

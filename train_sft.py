@@ -42,8 +42,8 @@ DEMO_DEFAULTS = dict(batch_size=16)
 
 def main(argv=None):
     parser = cli.ArgumentParser(description="Train an Aligner on instruction data (SFT).",
-                                     epilog=trainer.demo_note(DEMO_DEFAULTS),
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                epilog=trainer.demo_note(DEMO_DEFAULTS),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--ckpt", type=str, default=None,
                         help="Meta checkpoint folder (tokenizer.model in it or beside it); none: the built-in demo")
     parser.add_argument("--data", type=str, default=None,
