@@ -458,7 +458,8 @@ def main(argv=None):
     parser.add_argument("--shots", type=cli.non_negative_int, help="few-shot examples (default: gsm8k 8, mmlu 5)")
     parser.add_argument("--alpaca", action="store_true",
                         help="gsm8k: zero-shot in the Alpaca template, for instruction-tuned models")
-    parser.add_argument("--limit", type=cli.positive_int, help="only the first N items of each file (mmlu: of each subject)")
+    parser.add_argument("--limit", type=cli.positive_int,
+                        help="only the first N items of each file (mmlu: of each subject)")
     parser.add_argument("--batch-size", type=cli.positive_int, default=16,
                         help="prompts per forward or generation batch (default 16)")
     parser.add_argument("--max-new-tokens", type=cli.positive_int, default=256,

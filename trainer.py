@@ -70,7 +70,8 @@ def add_arguments(parser, *, n_tokens, lr, batch_size, epochs, warmup_epochs, ma
       help="linear warmup length, in epochs; cosine decay to zero after it")
     a("--max-seq-len", type=cli.positive_int, default=max_seq_len,
       help="longer examples are cut to this many tokens (and counted)")
-    a("--val", type=cli.split_size, default="0.05", help="held-out validation split: a fraction (0.05) or a count (500)")
+    a("--val", type=cli.split_size, default="0.05",
+      help="held-out validation split: a fraction (0.05) or a count (500)")
     a("--seed", type=cli.seed, default=0, help="seeds the Aligner's initialisation, the split and the data order")
     a("--grad-checkpointing", action="store_true", help="recompute activations in backward: less memory for long sequences")
     a("--out", type=Path, default=Path(out), help="folder for Aligner files, metrics.jsonl, settings.json and state.pt")
@@ -248,7 +249,8 @@ def open_run(args, settings: dict = None):
     """
     data = getattr(args, "data", None)
     if data is not None and not Path(data).is_file():
-        raise FileNotFoundError(f"--data {data}: " + ("a folder, not a file" if Path(data).is_dir() else "no such file"))
+        what = "a folder, not a file" if Path(data).is_dir() else "no such file"
+        raise FileNotFoundError(f"--data {data}: {what}")
     out = Path(args.out)
     check_writable(out, "--out")
     settings = settings or run_settings(args)

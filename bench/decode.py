@@ -67,9 +67,12 @@ def bank_bytes_per_aligner(dtype: torch.dtype, n_aligners: int = 1024) -> float:
 
 def main(argv=None):
     parser = cli.ArgumentParser(description="Decode throughput with and without Aligners, on CPU.")
-    parser.add_argument("--steps", type=cli.positive_int, default=64, help="decode steps per repeat, after a 32-token prompt")
-    parser.add_argument("--repeats", type=cli.positive_int, default=9, help="rounds of --steps steps; the median step time over all of them is reported")
-    parser.add_argument("--threads", type=cli.positive_int, default=1, help="torch CPU threads (1: steadiest on a shared machine)")
+    parser.add_argument("--steps", type=cli.positive_int, default=64,
+                        help="decode steps per repeat, after a 32-token prompt")
+    parser.add_argument("--repeats", type=cli.positive_int, default=9,
+                        help="rounds of --steps steps; the median step time over all of them is reported")
+    parser.add_argument("--threads", type=cli.positive_int, default=1,
+                        help="torch CPU threads (1: steadiest on a shared machine)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
