@@ -252,6 +252,18 @@ def test_a_cuda_device_on_a_machine_without_one_is_refused(capsys, monkeypatch):
     fails("generate", ["--device", "cuda", "--prompt", "Hi."], capsys, "argument --device", "no CUDA", code=2)
 
 
+def test_place_defaults_to_float32_on_cpu_and_bfloat16_on_each_ranks_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = argparse.Namespace()
+    assert cli.place(args) == (torch.device("cpu"), torch.float32)
+    assert (args.device, args.dtype) == ("cpu", "float32")  # recorded as the run's settings
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert cli.place(argparse.Namespace()) == (torch.device("cuda", 3), torch.bfloat16)
+    assert cli.place(argparse.Namespace(device="cuda:1")) == (torch.device("cuda", 1), torch.bfloat16)
+    assert cli.place(argparse.Namespace(device="cpu", dtype="bfloat16")) == (torch.device("cpu"), torch.bfloat16)
+
+
 def test_the_flag_types_accept_their_whole_range():
     assert cli.split_size("0.05") == "0.05" and cli.split_size("0") == "0" and cli.split_size("500") == "500"
     assert cli.smoothing("0") == 0 and cli.smoothing("0.49") == 0.49
