@@ -18,11 +18,58 @@ number of times, in the same order (their batches may differ in shape). The
 training loop, evaluation and generation keep them in step.
 """
 
+import os
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
 import llama
+
+
+# -----------------------------------------------------------------------------
+# the process group
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+    fsdp: bool = False  # the base is sharded: every forward is a collective
+
+
+def init_distributed(device: torch.device, fsdp: bool = False) -> Dist:
+    """Join torchrun's process group if there is one (NCCL on GPUs, Gloo on CPU); else a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if fsdp and world < 2:
+        raise ValueError("--fsdp shards the base over the processes that torchrun starts; run it as "
+                         "torchrun --nproc_per_node N <script> ... --fsdp, with N >= 2")
+    if not dist.is_initialized() and world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size(), device, fsdp)
+    return Dist(0, 1, device)
+
+
+def close_distributed():
+    """Leave the process group together: a rank that exits while its peers still hold
+    connections to it can make them abort (SIGABRT) instead of ending cleanly."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+# -----------------------------------------------------------------------------
+# FSDP: the frozen base, sharded
 
 
 def local_rows(global_rows: int, rank: int, world: int) -> slice:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 import cli
 import data
+import distributed
 import trainer
 from aligner import Aligner
 
@@ -125,7 +126,7 @@ def main(argv=None):
     trainer.open_run(args)  # a finished run in --out is refused, and --resume checked, before anything loads
 
     # --- processes and devices; on the demo, start from its SFT run
-    d = trainer.init_distributed(torch.device(args.device))
+    d = distributed.init_distributed(torch.device(args.device), args.fsdp)
     say = print if d.rank == 0 else (lambda *a, **k: None)
     if demo:
         say(f"Training on the built-in demo ({args.ckpt}, {args.data}), "
@@ -176,11 +177,13 @@ def main(argv=None):
     if args.precompute_ref:
         # each rank scores its share; the sum over ranks fills the table
         ref_logps = torch.zeros(len(pairs), 2, device=d.device)
+        everything = list(range(len(pairs)))
         with torch.no_grad():
-            for micro in trainer.my_micro_batches(list(range(len(pairs))), lengths, d.rank, d.world,
-                                                  args.micro_batch_size):
+            for micro in trainer.my_micro_batches(everything, lengths, d.rank, d.world, args.micro_batch_size):
                 ref_logps[micro] = torch.stack(pair_logps(model, reference, [pairs[i] for i in micro]), -1)
-        ref_logps = trainer.all_reduce_sum(ref_logps, d.world)
+            for filler in trainer.fillers(everything, lengths, d, args.micro_batch_size):
+                pair_logps(model, reference, [pairs[i] for i in filler])  # in step with the other ranks
+        ref_logps = distributed.all_reduce_sum(ref_logps, d.world)
 
     def batch_loss(indices):
         """Eq. 10 summed over these pairs, with the reward statistics summed likewise."""
@@ -200,7 +203,7 @@ def main(argv=None):
     # --- train; the Aligner files are written as it goes
     stat_names = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
     trainer.train(args, aligner, batch_loss, train_idx, val_idx, lengths, units, d, stat_names)
-    trainer.close_distributed()
+    distributed.close_distributed()
     say(f"done: {args.out / 'best.pt'} (the best by validation loss), {args.out / 'metrics.jsonl'}")
 
 

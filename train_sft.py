@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 import cli
 import data
+import distributed
 import trainer
 from aligner import Aligner
 
@@ -56,7 +57,7 @@ def main(argv=None):
     trainer.open_run(args)  # a finished run in --out is refused, and --resume checked, before anything loads
 
     # --- processes and devices
-    d = trainer.init_distributed(torch.device(args.device))
+    d = distributed.init_distributed(torch.device(args.device), args.fsdp)
     say = print if d.rank == 0 else (lambda *a, **k: None)
     if args.ckpt == str(data.DEMO_CKPT):
         say(f"Training on the built-in demo ({args.ckpt}, {args.data}).")
@@ -101,7 +102,7 @@ def main(argv=None):
 
     # --- train; the Aligner files are written as it goes
     trainer.train(args, aligner, batch_loss, train_idx, val_idx, lengths, units, d)
-    trainer.close_distributed()
+    distributed.close_distributed()
     say(f"done: {args.out / 'best.pt'} (the best by validation loss), {args.out / 'metrics.jsonl'}")
 
 

@@ -41,13 +41,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import cli
 from data import DEMO_CKPT, DEMO_DATA, check_demo
 from files import (FileError, append_line, atomic_save, atomic_text, bad_value, check_values,
                    check_writable, load_pt, read_text, sha256)
+from distributed import Dist, all_reduce_sum, load_sharded
 from llama import find_tokenizer, load
 
 
@@ -84,6 +84,8 @@ def add_arguments(parser, *, n_tokens, lr, batch_size, epochs, warmup_epochs, ma
                             "best.pt and epoch-*.pt; nothing else there)")
     a("--max-steps", type=cli.positive_int, default=None,
       help="stop (resumably) after this many optimizer steps in all; for tests")
+    a("--fsdp", action="store_true",
+      help="under torchrun: shard the frozen base over the processes (FSDP2) rather than give each a copy")
     cli.add_common_flags(parser)
 
 
@@ -114,8 +116,9 @@ def parse_args(parser, argv, demo_defaults: dict, demo_data: str):
 
 def load_base(args, d: "Dist"):
     """The frozen base model and its tokenizer, on the device and in the dtype cli.place chose."""
-    model, tokenizer = load(args.ckpt, device=d.device, dtype=getattr(torch, args.dtype),
-                            max_seq_len=args.max_seq_len)
+    loader = load_sharded if d.fsdp else load
+    model, tokenizer = loader(args.ckpt, device=d.device, dtype=getattr(torch, args.dtype),
+                              max_seq_len=args.max_seq_len)
     if args.start_layer >= model.args.n_layers:
         raise ValueError(f"--start-layer {args.start_layer}: the model has {model.args.n_layers} layers, "
                          f"numbered 0 to {model.args.n_layers - 1}")
@@ -124,33 +127,7 @@ def load_base(args, d: "Dist"):
 
 
 # -----------------------------------------------------------------------------
-# processes and devices
-
-@dataclass
-class Dist:
-    rank: int
-    world: int
-    device: torch.device
-
-
-def init_distributed(device: torch.device) -> Dist:
-    """Join torchrun's process group if there is one (NCCL on GPUs, Gloo on CPU); else a single process."""
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if dist.is_initialized():
-        return Dist(dist.get_rank(), dist.get_world_size(), device)
-    return Dist(0, 1, device)
-
-
-def close_distributed():
-    """Leave the process group together: a rank that exits while its peers still hold
-    connections to it can make them abort (SIGABRT) instead of ending cleanly."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
+# micro-batches
 
 def micro_batch_size(args, d: Dist) -> int:
     """--micro-batch-size, or its default: on a GPU memory bounds it (4096 tokens' worth: 8 examples
@@ -162,19 +139,13 @@ def micro_batch_size(args, d: Dist) -> int:
     return math.ceil(args.batch_size / d.world)
 
 
-def all_reduce_sum(t: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
 # -----------------------------------------------------------------------------
 # the run in --out: what it is, so that it is never destroyed unasked and resumes only as itself
 
 # Flags that say how to run this time, not what the run is: left out of settings.json.
 NOT_SETTINGS = ("resume", "overwrite", "max_steps", "debug")
 # Settings a resumed run may change: where it runs, its speed and memory, not its result.
-FREE = ("out", "device", "micro_batch_size", "save_every", "grad_checkpointing")
+FREE = ("out", "device", "micro_batch_size", "save_every", "grad_checkpointing", "fsdp")
 # Files and folders the run reads: compared on resume by their content (settings["inputs"]), not by path,
 # so that a run whose folder or inputs moved still resumes.
 INPUTS = ("ckpt", "data", "init_aligner", "reference")
@@ -321,6 +292,17 @@ def my_micro_batches(batch: list, lengths: list, rank: int, world: int, micro_ba
     return [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
 
 
+def fillers(batch: list, lengths: list, d: Dist, micro_batch_size: int) -> list:
+    """Under FSDP every forward and backward is a collective, so every rank must make as many as
+    the rank with the most micro-batches: a rank with fewer makes up the difference with fillers,
+    micro-batches of the global batch's shortest example, whose loss counts zero."""
+    if not d.fsdp or not batch:
+        return []
+    counts = [len(my_micro_batches(batch, lengths, rank, d.world, micro_batch_size)) for rank in range(d.world)]
+    shortest = min(batch, key=lambda i: (lengths[i], i))
+    return [[shortest]] * (max(counts) - counts[d.rank])
+
+
 def learning_rate(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
     """Linear warmup to `peak` over warmup_steps, then cosine decay towards zero at total_steps.
 
@@ -384,6 +366,8 @@ def evaluate(batch_loss, val_idx, lengths, units, d: Dist, micro_batch_size: int
         for micro in my_micro_batches(val_idx, lengths, d.rank, d.world, micro_batch_size):
             loss, stats = batch_loss(micro)
             sums += torch.tensor([loss.item()] + [float(stats[k]) for k in stat_names], dtype=torch.float64)
+        for filler in fillers(val_idx, lengths, d, micro_batch_size):
+            batch_loss(filler)
     sums = all_reduce_sum(sums.to(d.device), d.world).cpu() / sum(units[i] for i in val_idx)
     return {"val_loss": sums[0].item(), **{f"val_{k}": v.item() for k, v in zip(stat_names, sums[1:])}}
 
@@ -437,6 +421,8 @@ def optimizer_step(run: Run, progress: Progress) -> dict:
         (loss / batch_units).backward()
         sums += torch.tensor([loss.item(), sum(run.lengths[j] for j in micro)]
                              + [float(stats[k]) for k in run.stat_names], dtype=torch.float64)
+    for filler in fillers(batch, run.lengths, d, args.micro_batch_size):
+        (run.batch_loss(filler)[0] * 0).backward()  # its collectives, and a zero gradient
     for p in run.params:
         if p.grad is None:  # a rank with no examples in this batch still joins the all-reduce
             p.grad = torch.zeros_like(p)

@@ -25,6 +25,7 @@ import torch
 
 import build_demo
 import cli
+import distributed
 import evaluate
 import generate
 import llama
@@ -798,7 +799,7 @@ def test_a_parameter_made_nan_by_the_update_stops_the_run(tmp_path, monkeypatch)
                                   warmup_epochs=0.0, seed=0, out=tmp_path, save_every=1, resume=False, max_steps=None)
     loss = lambda idx: ((aligner.prefix.sum() + aligner.gates.sum()) * len(idx), {})
     with pytest.raises(FloatingPointError, match=r"step 2: after the update the Aligner's gates holds NaN.*step 1"):
-        trainer.train(settings, aligner, loss, [0, 1], [], [1, 1], [1, 1], trainer.Dist(0, 1, torch.device("cpu")))
+        trainer.train(settings, aligner, loss, [0, 1], [], [1, 1], [1, 1], distributed.Dist(0, 1, torch.device("cpu")))
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     assert state["step"] == 1 and torch.isfinite(state["aligner"]["gates"]).all()
 

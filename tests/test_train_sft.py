@@ -14,6 +14,7 @@ import torch
 import data
 import llama
 import train_sft
+import distributed
 import trainer
 from aligner import Aligner
 
@@ -170,7 +171,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_state(tmp_path):
     settings = argparse.Namespace(
         lr=1e-2, weight_decay=0.0, batch_size=2, micro_batch_size=2, epochs=3, warmup_epochs=0.0, seed=0,
         out=tmp_path, save_every=1, resume=False, max_steps=None)
-    d = trainer.Dist(0, 1, torch.device("cpu"))
+    d = distributed.Dist(0, 1, torch.device("cpu"))
     with pytest.raises(FloatingPointError, match=r"step 3: the loss is nan.*state.pt \(step 2\)"):
         trainer.train(settings, aligner, batch_loss, [0, 1], [], [1, 1], [1, 1], d)
     state = torch.load(tmp_path / "state.pt", weights_only=True)
