@@ -6,6 +6,12 @@ Text generation with a frozen LLaMA and any number of Aligners, through the KV c
     python generate.py --ckpt llama-2-7b --aligner base --aligner out/sft.pt --aligner out/dpo.pt \\
         --prompts-file prompts.jsonl --out answers.jsonl  # each prompt answered by the base and two Aligners
     python generate.py --temperature 0.7 --top-p 0.9 --seed 0 --prompt "Write a haiku about autumn."
+    python generate.py --ckpt llama-2-7b --template metamath --prompt "What is 15% of 80?" \\
+        --aligner aligner1token-llama2-7B-lr0.009bs64-wu1-epoch-3.0-valloss0.7474.pth   # an authors' Aligner
+
+Each instruction is put in --template (data.TEMPLATES) and tokenized alone,
+BOS first: the same ids that training puts before the response. Any Aligner
+file is read by Aligner.read, this project's or the paper's authors'.
 
 The library function is `generate(model, tokenizer, prompts, aligner)`; evaluate.py
 calls it. Decoding follows Meta's generation.py and gpt-fast: one prefill of the
@@ -32,7 +38,7 @@ from pathlib import Path
 import torch
 
 from aligner import Aligner, AlignerBank, AlignerRows
-from data import DEMO_CKPT, format_prompt
+from data import DEMO_CKPT, TEMPLATES, format_prompt
 from files import atomic_write
 from llama import KVCache, load
 
@@ -267,8 +273,9 @@ def main(argv=None):
     parser.add_argument("--prompt", action="append", default=[], help="an instruction; repeatable")
     parser.add_argument("--prompts-file", type=Path, default=None,
                         help="one instruction per line, or .jsonl with \"instruction\" and optional \"input\"")
-    parser.add_argument("--template", choices=["alpaca", "none"], default="alpaca",
-                        help="wrap each instruction in the Alpaca prompt, or use it as it is")
+    parser.add_argument("--template", choices=list(TEMPLATES), default="alpaca",
+                        help="the prompt format each instruction is put in (data.TEMPLATES): Stanford Alpaca's, "
+                             "the authors' MetaMath or Beaver format, or none (the instruction as it is)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="at most this many tokens per answer")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; otherwise sample")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this much probability")
@@ -276,7 +283,8 @@ def main(argv=None):
     parser.add_argument("--stop", action="append", default=[], help="end an answer before this string; repeatable")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling, for reproducible output")
     parser.add_argument("--out", type=Path, default=None,
-                        help="also write JSON Lines: instruction, input, aligner, output")
+                        help="also write JSON Lines: instruction, input, prompt (the exact text given to "
+                             "the model), aligner, output")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the model runs: cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -294,7 +302,7 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     model, tokenizer = load(ckpt, device=args.device, dtype=dtype)
     names = aligner_names(args.aligner) if args.aligner else ["base"]
-    aligners = [None if p == "base" else Aligner.load(p, args=model.args) for p in args.aligner] or [None]
+    aligners = [None if p == "base" else Aligner.read(p, model.args) for p in args.aligner] or [None]
 
     # --- prompts ----------------------------------------------------------------
     pairs = [(p, "") for p in args.prompt]
@@ -304,10 +312,7 @@ def main(argv=None):
         if args.ckpt is not None:
             parser.error("give --prompt or --prompts-file")
         pairs = [(DEMO_PROMPT, "")]
-    if args.template == "alpaca":
-        texts = [format_prompt(instruction, input) for instruction, input in pairs]
-    else:
-        texts = [instruction + (f"\n\n{input}" if input else "") for instruction, input in pairs]
+    texts = [format_prompt(instruction, input, args.template) for instruction, input in pairs]
 
     # --- generate: row (prompt i, Aligner k) is i * K + k, all in shared batches --
     n_aligners = len(aligners)
@@ -338,7 +343,7 @@ def main(argv=None):
                 print(outputs[i * n_aligners + k])
             print()
     if args.out is not None:
-        records = [{"instruction": instruction, "input": input, "aligner": name,
+        records = [{"instruction": instruction, "input": input, "prompt": texts[i], "aligner": name,
                     "output": outputs[i * n_aligners + k]}
                    for i, (instruction, input) in enumerate(pairs) for k, name in enumerate(names)]
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)

@@ -49,36 +49,6 @@ def full_run(tiny_ckpt, tmp_path_factory):
     return task, folder / "run"
 
 
-def test_template_is_alpaca_exactly():
-    assert data.format_prompt("Add.", "2 and 3") == (
-        "Below is an instruction that describes a task, paired with an input that provides further context. "
-        "Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\nAdd.\n\n### Input:\n2 and 3\n\n### Response:\n")
-    assert data.format_prompt("Add.") == (
-        "Below is an instruction that describes a task. "
-        "Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\nAdd.\n\n### Response:\n")
-
-
-def test_prompt_tokens_carry_no_loss(tiny_ckpt):
-    tok = llama.Tokenizer(tiny_ckpt.parent / "tokenizer.model")
-    prompt, response = data.format_prompt("Name a bird."), "A robin is a bird."
-    short = data.encode_example(tok, prompt, response, max_len=512)
-    other = data.encode_example(tok, data.format_prompt("Question: What is two plus three?"), "five.", 512)
-    inputs, targets = data.collate([short, other])
-    n_prompt = len(tok.encode(prompt))
-    tokens = short[0]
-    assert tokens[0] == tok.bos_id and tokens[-1] == tok.eos_id
-    # target t is token t + 1: the first loss target is the first response token
-    assert (targets[0, :n_prompt - 1] == data.IGNORE).all()
-    assert targets[0, n_prompt - 1:len(tokens) - 1].tolist() == tokens[n_prompt:]
-    assert tok.decode(tokens[n_prompt:-1]) == response
-    assert (targets[0, len(tokens) - 1:] == data.IGNORE).all()  # padding
-    # --train-on-prompt: everything after BOS
-    whole = data.encode_example(tok, prompt, response, 512, train_on_prompt=True)
-    assert (data.collate([whole])[1] != data.IGNORE).all()
-
-
 def test_long_examples_are_cut_and_counted(tiny_ckpt, tmp_path, capsys):
     path = tmp_path / "long.jsonl"
     rows = [{"prompt": "Answer: ", "response": "five " * 200}, {"prompt": "Answer: ", "response": "five."}] * 3
@@ -109,16 +79,6 @@ def test_alpaca_json_and_jsonl_give_the_same_examples(tmp_path):
     lines = tmp_path / "task.jsonl"
     lines.write_text("".join(json.dumps(r) + "\n" for r in json.loads(task.read_text())))
     assert data.read_sft(task) == data.read_sft(lines)
-
-
-def test_real_alpaca_sample_parses(shared_data):
-    pairs = data.read_sft(shared_data / "alpaca" / "alpaca_5000.json")
-    assert len(pairs) == 5000
-    assert sum("### Input:" in p for p, _ in pairs) == 1943  # records with a non-empty input
-    tok = llama.Tokenizer(shared_data / "llama-tokenizer" / "tokenizer.model")
-    for prompt, response in pairs[:300]:  # the prompt's tokens begin the whole example's: the mask is right
-        tokens, loss_start, _ = data.encode_example(tok, prompt, response, 10_000)
-        assert tokens[:loss_start] == tok.encode(prompt)
 
 
 def test_loss_falls_on_a_fixed_task(tiny_ckpt, tmp_path):
