@@ -54,7 +54,10 @@ def add_arguments(parser, *, n_tokens, lr, batch_size, epochs, warmup_epochs, ma
       help="examples per forward on one rank; gradients accumulate up to --batch-size "
            "(default: 4096 // --max-seq-len on a GPU, the whole batch on CPU)")
     a("--epochs", type=int, default=epochs, help="passes over the training data")
-    a("--warmup-epochs", type=float, default=warmup_epochs, help="linear warmup length, in epochs; cosine decay to zero after it")
+    a("--warmup-epochs", type=float, default=warmup_epochs, help="linear warmup length, in epochs")
+    a("--schedule", choices=tuple(SCHEDULES), default="cosine",
+      help="after the warmup: cosine decay towards zero, or constant: the authors' finetune script, "
+           "whose warmup starts from zero")
     a("--max-seq-len", type=int, default=max_seq_len, help="longer examples are cut to this many tokens (and counted)")
     a("--val", type=str, default="0.05", help="held-out validation split: a fraction (0.05) or a count (500)")
     a("--seed", type=int, default=0, help="seeds the Aligner's initialisation, the split and the data order")
@@ -185,6 +188,23 @@ def learning_rate(step: int, peak: float, warmup_steps: int, total_steps: int) -
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def constant_learning_rate(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
+    """The Aligner authors' schedule (finetune/aligner.py, finetune/alignerDPO.py): optimizer step
+    `step` (from 0) runs at peak * step / warmup_steps, so the first at zero, then at `peak` for good.
+
+    Their warmup_iters counts micro-batches but is compared with optimizer steps, so their
+    warmup lasts batch / micro-batch times as many epochs as it says. Alpaca SFT (2 epochs,
+    64 / 8): 12,500 steps of a 6,250-step run, which ends at half the peak. DPO (0.5 epoch,
+    64 / 2): 40,000 steps of 7,500. Both are --warmup-epochs 16 here.
+    """
+    if warmup_steps <= 0:
+        return peak
+    return peak * min(step, warmup_steps) / warmup_steps
+
+
+SCHEDULES = {"cosine": learning_rate, "constant": constant_learning_rate}
+
+
 # -----------------------------------------------------------------------------
 # the loop
 
@@ -279,7 +299,7 @@ def train(args, aligner, batch_loss, train_idx: list, val_idx: list, lengths: li
         epoch, i = divmod(step, steps_per_epoch)
         batch = global_batches(train_idx, args.batch_size, args.seed, epoch)[i]
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.lr, warmup_steps, total_steps)
+            group["lr"] = SCHEDULES[args.schedule](step, args.lr, warmup_steps, total_steps)
         batch_units = sum(units[j] for j in batch)
         sums = torch.zeros(2 + len(stat_names), dtype=torch.float64)  # loss, tokens, stats
         t0 = time.perf_counter()

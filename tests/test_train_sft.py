@@ -128,8 +128,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_state(tmp_path):
         return (value * math.nan if len(calls) > 2 else value), {}
 
     settings = argparse.Namespace(
-        lr=1e-2, weight_decay=0.0, batch_size=2, micro_batch_size=2, epochs=3, warmup_epochs=0.0, seed=0,
-        out=tmp_path, save_every=1, resume=False, max_steps=None)
+        lr=1e-2, weight_decay=0.0, batch_size=2, micro_batch_size=2, epochs=3, warmup_epochs=0.0,
+        schedule="cosine", seed=0, out=tmp_path, save_every=1, resume=False, max_steps=None)
     d = trainer.Dist(0, 1, torch.device("cpu"))
     with pytest.raises(FloatingPointError, match=r"step 3: the loss is nan.*state.pt \(step 2\)"):
         trainer.train(settings, aligner, batch_loss, [0, 1], [], [1, 1], [1, 1], d)
@@ -172,6 +172,24 @@ def test_schedule_warms_up_then_decays_to_zero():
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a > b for a, b in zip(lrs[3:], lrs[4:])) and lrs[-1] > 0
     assert trainer.learning_rate(0, 1.0, warmup_steps=0, total_steps=12) < 1.0  # no warmup: decay from the start
+
+
+def test_the_authors_schedule_rises_from_zero_and_stays():
+    """finetune/aligner.py sets lr = learning_rate * step_count / warmup_iters while step_count <=
+    warmup_iters, step_count being the optimizer steps already taken; after that it is left alone."""
+    lrs = [trainer.constant_learning_rate(s, 1.0, warmup_steps=4, total_steps=8) for s in range(8)]
+    assert lrs == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0]
+    # their Alpaca run: peak 9e-3, warmup_iters = 2 * (50000 // 8) = 12500 against 6250 optimizer steps
+    run = [trainer.constant_learning_rate(s, 9e-3, 12_500, 6_250) for s in (0, 1, 6_249)]
+    assert run == pytest.approx([0.0, 7.2e-7, 4.49928e-3], rel=1e-12, abs=0)
+    assert trainer.constant_learning_rate(0, 9e-3, 0, 10) == 9e-3  # no warmup: the peak from the start
+
+
+def test_schedule_flag_picks_the_authors_schedule(tiny_ckpt, tmp_path):
+    task = write_task(tmp_path / "task.json", n=10)
+    train_sft.main(run_args(tiny_ckpt, task, tmp_path / "run", "--schedule", "constant", "--warmup-epochs", "1.5"))
+    lrs = [json.loads(l)["lr"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"lr"' in l]
+    assert lrs == pytest.approx([0.0, 3e-3, 6e-3, 9e-3])  # 2 steps an epoch: a warmup of 3 steps to 9e-3
 
 
 @pytest.mark.parametrize("argv, batch_size", [([], 16), (["--batch-size", "8"], 8),
