@@ -203,8 +203,8 @@ def test_a_single_gating_value_is_spread_over_the_heads(tmp_path, shape):
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("transformer.h.2.attn.gating_factor", torch.zeros(1, 2, 1, 1), r"'transformer\.h\.2\.attn\.gating_factor' has shape "
-                                                                    r"\(1, 2, 1, 1\); expected \(1, 4, 1, 1\)"),
+    ("transformer.h.2.attn.gating_factor", torch.zeros(1, 2, 1, 1),
+     r"'transformer\.h\.2\.attn\.gating_factor' has shape \(1, 2, 1, 1\); expected \(1, 4, 1, 1\)"),
     ("transformer.h.2.attn.gating_factor", torch.zeros(4), r"has shape \(4,\); expected \(1, 4, 1, 1\) or a single"),
     ("transformer.h.2.attn.c_proj.weight", torch.zeros(2), r"unexpected key 'transformer\.h\.2\.attn\.c_proj\.weight'"),
     ("global_value_embedding.weight", torch.zeros(1, 16), r"'global_value_embedding\.weight' has shape \(1, 16\)"),

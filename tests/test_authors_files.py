@@ -72,7 +72,8 @@ def test_dpo_starts_from_and_refers_to_an_authors_file(tiny_ckpt, two_layouts, t
     for name, path in (("authors", authors), ("ours", ours)):
         train_dpo.main([*common, "--init-aligner", str(path), "--reference", str(path), "--out", str(tmp_path / name)])
     trained = [torch.load(tmp_path / name / "epoch-1.pt", weights_only=True) for name in ("authors", "ours")]
-    assert torch.equal(trained[0]["prefix"], trained[1]["prefix"]) and torch.equal(trained[0]["gates"], trained[1]["gates"])
+    for key in ("prefix", "gates"):
+        assert torch.equal(trained[0][key], trained[1][key])
     start = Aligner.read(ours, ModelArgs(**read_params(tiny_ckpt)))
     assert not torch.equal(trained[0]["gates"], start.gates)  # it trained, from the authors' Aligner
     assert (trained[0]["n_tokens"], trained[0]["start_layer"]) == (2, 2)

@@ -473,8 +473,10 @@ def test_real_mmlu_prompts_equal_the_original_releases(shared_data):
             with open(folder / "test" / f"{item.subject}_test.csv", newline="", encoding="utf-8") as f:
                 question = next(r for r in csv.reader(f) if item.prompt.endswith(
                     f"{r[0]}\nA. {r[1]}\nB. {r[2]}\nC. {r[3]}\nD. {r[4]}\nAnswer:"))
+            subject = item.subject.replace("_", " ")
+            header = f"The following are multiple choice questions (with answers) about  {subject}."
             assert item.prompt == (
-                f"The following are multiple choice questions (with answers) about  {item.subject.replace('_', ' ')}.\n\n"
+                header + "\n\n"
                 + "".join(f"{q}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer: {x}\n\n" for q, a, b, c, d, x in dev)
                 + f"{question[0]}\nA. {question[1]}\nB. {question[2]}\nC. {question[3]}\nD. {question[4]}\nAnswer:")
     (first, *_), _ = evaluate.prepare_mmlu(folder, tokenizer, 5, argparse.Namespace(limit=1, max_seq_len=4096))
