@@ -12,6 +12,12 @@ trainable parameters, so one frozen base model serves any number of Aligners:
 The gates start at zero and are used raw (no tanh), so a fresh Aligner leaves
 the base model's outputs unchanged. The prefix starts as an embedding does,
 N(0, 1), the scale of an RMS-normalised hidden state.
+
+Files: `save` writes this project's small file; `Aligner.read` reads it and
+the files the paper's authors released (lit-llama layout, bf16: their
+lit_llama/aligner.py names the prefix global_value_embedding and the gates
+gating_factor). Every script that takes an Aligner file reads it through
+`Aligner.read`, so the authors' Aligners work wherever ours do.
 """
 
 import re
@@ -57,72 +63,129 @@ class Aligner(nn.Module):
                      "prefix": self.prefix.detach().cpu(), "gates": self.gates.detach().cpu()}, path)
 
     @classmethod
+    def read(cls, path, args: ModelArgs) -> "Aligner":
+        """An Aligner file of either layout, for a base of shape `args`: this project's (`save`)
+        or the paper's authors' lit-llama files. Every script reads Aligners through here."""
+        state = load_pt(path, "Aligner file")
+        if is_lit_llama(state):
+            return cls._from_lit_llama_state(_lit_llama_weights(state), Path(path), args)
+        return cls._from_state(state, Path(path), args)
+
+    @classmethod
+    def check_file(cls, path):
+        """Refuse, before any model loads, a file that is no usable Aligner of either layout."""
+        state = load_pt(path, "Aligner file")
+        if is_lit_llama(state):
+            check_values(path, _lit_llama_weights(state), "Aligner file")
+        else:
+            cls._from_state(state, Path(path))
+
+    @classmethod
     def load(cls, path, args: ModelArgs = None) -> "Aligner":
         """An Aligner saved by `save`; with `args`, refuses a file made for a base of another shape."""
-        path = Path(path)
         state = load_pt(path, "Aligner file")
+        if is_lit_llama(state):
+            raise ValueError(f"{path}: this is an Aligner in the authors' lit-llama layout; "
+                             "read it with Aligner.read or Aligner.from_lit_llama")
+        return cls._from_state(state, Path(path), args)
+
+    @classmethod
+    def from_lit_llama(cls, path, args: ModelArgs) -> "Aligner":
+        """An Aligner released by the paper's authors (lit-llama layout, usually bf16)."""
+        state = load_pt(path, "Aligner file")
+        if not is_lit_llama(state):
+            raise ValueError(f"{path}: no 'global_value_embedding.weight'; not an Aligner in lit-llama layout")
+        return cls._from_lit_llama_state(_lit_llama_weights(state), Path(path), args)
+
+    @classmethod
+    def _from_state(cls, state, path: Path, args: ModelArgs = None) -> "Aligner":
         needed = ("n_tokens", "start_layer", "base", "prefix", "gates")
         if not isinstance(state, dict) or any(key not in state for key in needed):
-            if isinstance(state, dict) and "global_value_embedding.weight" in state:
-                raise ValueError(f"{path}: this is an Aligner in the authors' lit-llama layout; "
-                                 "read it with Aligner.from_lit_llama")
             raise ValueError(f"{path}: not an Aligner file (it needs the keys {list(needed)})")
         check_values(path, {key: state[key] for key in ("prefix", "gates")}, "Aligner file")
         base = state["base"]
+        if not isinstance(base, dict) or any(key not in base for key in BASE_KEYS):
+            raise ValueError(f"{path}: 'base' must hold {list(BASE_KEYS)}, not {base!r}")
         shape_args = ModelArgs(**{key: base[key] for key in BASE_KEYS}, vocab_size=1)
         aligner = cls(shape_args, n_tokens=state["n_tokens"], start_layer=state["start_layer"])
         if args is not None:
             aligner.check_fits(args, source=str(path))
         for key in ("prefix", "gates"):
             param = getattr(aligner, key)
-            if state[key].shape != param.shape:
-                raise ValueError(f"{path}: {key} has shape {tuple(state[key].shape)}, "
-                                 f"its settings imply {tuple(param.shape)}")
+            if not isinstance(state[key], torch.Tensor) or state[key].shape != param.shape:
+                shape = tuple(state[key].shape) if isinstance(state[key], torch.Tensor) else type(state[key]).__name__
+                raise ValueError(f"{path}: {key} has shape {shape}, its settings imply {tuple(param.shape)}")
             param.data.copy_(state[key])
         return aligner
 
     @classmethod
-    def from_lit_llama(cls, path, args: ModelArgs) -> "Aligner":
-        """Read an Aligner released by the paper's authors (lit-llama layout, usually bf16).
+    def _from_lit_llama_state(cls, state: dict, path: Path, args: ModelArgs) -> "Aligner":
+        """The authors' layout (their lit_llama/aligner.py):
 
-        `global_value_embedding.weight` (N, dim) is the prefix;
-        `transformer.h.{i}.attn.gating_factor` (1, n_heads, 1, 1) is layer i's gate.
-        Their per-layer `adapter_wte` copies of the prefix are not needed.
+            global_value_embedding.weight          (N, dim)        the prefix P
+            transformer.h.{i}.attn.gating_factor   (1, H, 1, 1)    layer i's gates, i >= start_layer
+            transformer.h.{i}.attn.adapter_wte.weight  (N, dim)    the same P again, once per layer
+
+        Their model shares one embedding module among the layers, so each layer's
+        adapter_wte is a copy of the prefix; a copy that differs is refused. A
+        gating_factor of one value (their older files) is spread over the heads,
+        as their loader (_load_from_state_dict) does.
         """
-        path = Path(path)
-        state = load_pt(path, "lit-llama Aligner file")
-        if isinstance(state.get("model"), dict):
-            state = state["model"]
-        if "global_value_embedding.weight" not in state:
-            raise ValueError(f"{path}: no 'global_value_embedding.weight'; not an Aligner in lit-llama layout")
+        if args is None:
+            raise ValueError(f"{path}: an Aligner in the authors' layout records no model shape; "
+                             "it needs the base model's arguments to be read")
         prefix = state["global_value_embedding.weight"]
+        if not isinstance(prefix, torch.Tensor) or prefix.dim() != 2 or prefix.shape[1] != args.dim:
+            shape = tuple(prefix.shape) if isinstance(prefix, torch.Tensor) else type(prefix).__name__
+            raise ValueError(f"{path}: 'global_value_embedding.weight' has shape {shape}; "
+                             f"the model needs (N, {args.dim})")
+        check_values(path, {key: t for key, t in state.items() if key.endswith(("embedding.weight", "gating_factor"))},
+                     "Aligner file")
         gates = {}
         for key, tensor in state.items():
-            if key == "global_value_embedding.weight" or re.fullmatch(r"transformer\.h\.\d+\.attn\.adapter_wte\.weight", key):
+            if key == "global_value_embedding.weight":
+                continue
+            if re.fullmatch(r"transformer\.h\.\d+\.attn\.adapter_wte\.weight", key):
+                if not torch.equal(tensor, prefix):
+                    raise ValueError(f"{path}: {key!r} differs from 'global_value_embedding.weight'; in the "
+                                     "authors' layout every layer's adapter_wte is the one shared prefix")
                 continue
             match = re.fullmatch(r"transformer\.h\.(\d+)\.attn\.gating_factor", key)
             if match is None:
                 raise ValueError(f"{path}: unexpected key {key!r} for an Aligner in lit-llama layout")
-            gates[int(match.group(1))] = tensor
+            gates[int(match.group(1))] = _spread_gate(tensor, args.n_heads, path, key)
         if not gates:
             raise ValueError(f"{path}: no 'transformer.h.N.attn.gating_factor' keys")
         start_layer = min(gates)
-        missing = [i for i in range(start_layer, args.n_layers) if i not in gates]
-        extra = [i for i in gates if i >= args.n_layers]
-        if missing or extra:
+        if sorted(gates) != list(range(start_layer, args.n_layers)):
             raise ValueError(f"{path}: gates for layers {sorted(gates)} do not cover layers "
                              f"{start_layer}..{args.n_layers - 1} of this model")
         aligner = cls(args, n_tokens=prefix.shape[0], start_layer=start_layer)
-        if prefix.shape[1] != args.dim:
-            raise ValueError(f"{path}: the prefix has width {prefix.shape[1]}, the model's dim is {args.dim}")
         aligner.prefix.data.copy_(prefix.float())
         for i in range(start_layer, args.n_layers):
-            gate = gates[i]
-            if gate.numel() != args.n_heads:
-                raise ValueError(f"{path}: layer {i}'s gating_factor has shape {tuple(gate.shape)}, "
-                                 f"expected (1, {args.n_heads}, 1, 1)")
-            aligner.gates.data[i - start_layer] = gate.float().flatten()
+            aligner.gates.data[i - start_layer] = gates[i]
         return aligner
+
+
+def is_lit_llama(state) -> bool:
+    """Whether a loaded file is an Aligner in the authors' layout (bare, or under "model" as fabric.save writes)."""
+    return isinstance(state, dict) and "global_value_embedding.weight" in _lit_llama_weights(state)
+
+
+def _lit_llama_weights(state: dict) -> dict:
+    return state["model"] if isinstance(state.get("model"), dict) else state
+
+
+def _spread_gate(tensor, n_heads: int, path, key) -> torch.Tensor:
+    """(n_heads,) float32 gates from a gating_factor: (1, H, 1, 1), or one value for all heads."""
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{path}: {key!r} is a {type(tensor).__name__}, not a tensor")
+    if tensor.dim() == 4 and tuple(tensor.shape) == (1, n_heads, 1, 1):
+        return tensor.float().flatten()
+    if tensor.dim() < 4 and tensor.numel() == 1:
+        return tensor.float().reshape(1).repeat(n_heads)
+    raise ValueError(f"{path}: {key!r} has shape {tuple(tensor.shape)}; expected (1, {n_heads}, 1, 1) "
+                     "or a single value for all heads")
 
 
 # -----------------------------------------------------------------------------

@@ -1,21 +1,40 @@
 """
-What the scripts share about data: the prompt template, where the built-in demo
-lives, reading the training files, and turning examples into padded tokens.
+What the scripts share about data: the prompt templates, where the built-in
+demo lives, reading the training files, and turning examples into tokens.
 
-The template is Stanford Alpaca's, in its two variants (with and without an
-input). Training, generation and evaluation all format prompts through
-`format_prompt`, so they can never disagree.
+Templates (`--template`), each taken byte for byte from its source:
+- alpaca: Stanford Alpaca's two PROMPT_DICT strings (tatsu-lab/stanford_alpaca,
+  train.py), ending at "### Response:" with nothing after it. The Aligner
+  authors' generate_prompt (scripts/prepare_alpaca.py) is the same text.
+- metamath: "[|User|] {instruction} [|AI Assistant|] ", the authors'
+  scripts/prepare_metaMath.py (their generate script calls it "orca").
+- beaver: "[User] {instruction} [Assistant] ", the authors'
+  scripts/prepare_beaver_safe.py for PKU-SafeRLHF.
+- none: the instruction as it is.
+A template without an input slot (all but alpaca's second string) puts a
+non-empty input after the instruction, separated by a blank line. Training,
+generation and evaluation all format prompts through `format_prompt`.
 
 Files: Alpaca's JSON list of {"instruction", "input", "output"}, the same
 records as JSON Lines, already formatted {"prompt", "response"} lines for SFT;
 {"prompt", "chosen", "rejected"} lines or PKU-SafeRLHF's own rows for DPO. A
-bad record stops the run with its file and line. An example is BOS + prompt +
-response + EOS with the loss on the response only (Alpaca's own code trained on
-the whole sequence; `train_on_prompt` does that).
+bad record stops the run with its file and line.
+
+An example is BOS + prompt + response + EOS, with the prompt and the response
+tokenized separately and their ids joined, so the prompt's ids are exactly
+those that generation feeds the model for the same prompt. The response is
+tokenized as SentencePiece tokenizes any text: its first piece carries the
+word-start marker ("### Response:" then "▁The"), as a word after a colon does
+in ordinary text. Stanford's and the authors' code instead tokenize
+prompt + output as one string, where that first piece has no word start.
+The loss covers the response only, as Stanford's train.py does (it masks the
+prompt); `train_on_prompt` puts it on every token after BOS, as the authors'
+preparation scripts do (mask_inputs=False).
 """
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -25,23 +44,37 @@ DEMO_DIR = Path(__file__).resolve().parent / "demo"
 DEMO_CKPT = DEMO_DIR / "llama-demo"  # Meta layout; demo/tokenizer.model lies beside it
 DEMO_DATA = DEMO_DIR / "data"
 
-PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
+
+class Template(NamedTuple):
+    """A prompt format: one string, or two where an input has a slot of its own."""
+    no_input: str
+    with_input: str = None  # None: the input follows the instruction after a blank line
 
 
-def format_prompt(instruction: str, input: str = "") -> str:
-    """The Alpaca prompt; the response follows it directly."""
-    if input:
-        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
-    return PROMPT_NO_INPUT.format(instruction=instruction)
+TEMPLATES = {
+    "alpaca": Template(
+        no_input=("Below is an instruction that describes a task. "
+                  "Write a response that appropriately completes the request.\n\n"
+                  "### Instruction:\n{instruction}\n\n### Response:"),
+        with_input=("Below is an instruction that describes a task, paired with an input that provides further "
+                    "context. Write a response that appropriately completes the request.\n\n"
+                    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:")),
+    "metamath": Template("[|User|] {instruction} [|AI Assistant|] "),
+    "beaver": Template("[User] {instruction} [Assistant] "),
+    "none": Template("{instruction}"),
+}
+
+
+def format_prompt(instruction: str, input: str = "", template: str = "alpaca") -> str:
+    """The prompt in one of TEMPLATES; the response follows it directly."""
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
+    t = TEMPLATES[template]
+    if not input:
+        return t.no_input.format(instruction=instruction)
+    if t.with_input is not None:
+        return t.with_input.format(instruction=instruction, input=input)
+    return t.no_input.format(instruction=f"{instruction}\n\n{input}")
 
 
 # -----------------------------------------------------------------------------
@@ -131,20 +164,31 @@ def string_fields(path, where, record, required, optional=()) -> dict:
     return out
 
 
-def read_sft(path) -> list:
-    """[(prompt, response)] from Alpaca records {"instruction", "input", "output"} (the prompt is
-    built by format_prompt) or already formatted {"prompt", "response"} records (used as they are)."""
+class SFTPair(NamedTuple):
+    prompt: str  # the exact text the model sees before the response
+    response: str
+
+
+class Preference(NamedTuple):
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+def read_sft(path, template: str = "alpaca") -> list:
+    """[SFTPair] from Alpaca records {"instruction", "input", "output"} (the prompt is built by
+    format_prompt in `template`) or already formatted {"prompt", "response"} records (used as they are)."""
     pairs = []
     for where, record in read_records(path):
         if isinstance(record, dict) and "prompt" in record:
             r = string_fields(path, where, record, ("prompt", "response"))
-            pairs.append((r["prompt"], r["response"]))
+            pairs.append(SFTPair(r["prompt"], r["response"]))
         else:
             if isinstance(record, dict) and "instruction" not in record:
                 raise DataError(f"{path}, {where}: expected keys instruction, input, output "
                                 f"(Alpaca) or prompt, response; the record has {sorted(record)}")
             r = string_fields(path, where, record, ("instruction", "output"), optional=("input",))
-            pairs.append((format_prompt(r["instruction"], r["input"]), r["output"]))
+            pairs.append(SFTPair(format_prompt(r["instruction"], r["input"], template), r["output"]))
     if not pairs:
         raise DataError(f"{path}: no records")
     return pairs
@@ -154,12 +198,12 @@ PKU_KEYS = ("prompt", "response_0", "response_1", "is_response_0_safe", "is_resp
             "safer_response_id", "better_response_id")
 
 
-def read_preferences(path, pair="safer", keep_unsafe=False):
-    """([(prompt, chosen, rejected)], n_dropped) from preference rows.
+def read_preferences(path, pair="safer", keep_unsafe=False, template: str = "alpaca"):
+    """([Preference], n_dropped) from preference rows.
 
     Either {"prompt", "chosen", "rejected"} (the prompt used as it is, as for
     SFT's {"prompt", "response"}), or PKU-SafeRLHF's own rows, whose prompt
-    goes through format_prompt: `pair` names the id ("safer" or "better")
+    goes through format_prompt in `template`: `pair` names the id ("safer" or "better")
     that picks the chosen response. As in the paper, a PKU pair whose chosen
     response is not itself safe is dropped unless keep_unsafe.
     """
@@ -169,7 +213,7 @@ def read_preferences(path, pair="safer", keep_unsafe=False):
     for where, record in read_records(path):
         if isinstance(record, dict) and "chosen" in record:
             r = string_fields(path, where, record, ("prompt", "chosen", "rejected"))
-            triples.append((r["prompt"], r["chosen"], r["rejected"]))
+            triples.append(Preference(r["prompt"], r["chosen"], r["rejected"]))
             continue
         if not isinstance(record, dict) or "response_0" not in record:
             raise DataError(f"{path}, {where}: expected keys prompt, chosen, rejected, or "
@@ -185,7 +229,8 @@ def read_preferences(path, pair="safer", keep_unsafe=False):
         if not keep_unsafe and not record[f"is_response_{chosen}_safe"]:
             dropped += 1
             continue
-        triples.append((format_prompt(r["prompt"]), r[f"response_{chosen}"], r[f"response_{1 - chosen}"]))
+        triples.append(Preference(format_prompt(r["prompt"], template=template), r[f"response_{chosen}"],
+                                  r[f"response_{1 - chosen}"]))
     if not triples:
         raise DataError(f"{path}: no usable preference pairs ({dropped} dropped as unsafe)")
     return triples, dropped
@@ -197,34 +242,39 @@ def read_preferences(path, pair="safer", keep_unsafe=False):
 IGNORE = -100  # the target of a position that carries no loss (cross_entropy's ignore_index)
 
 
-def encode_example(tokenizer, prompt: str, response: str, max_len: int, train_on_prompt: bool = False):
-    """(tokens, loss_start, truncated): the loss covers tokens[loss_start:], each predicted from those before.
-
-    The whole text is encoded at once, as generation will see it, and the prompt
-    alone gives the boundary. Cut to max_len tokens, which drops the EOS.
-    """
-    tokens = tokenizer.encode(prompt + response, bos=True, eos=True)
-    loss_start = 1 if train_on_prompt else len(tokenizer.encode(prompt, bos=True))
-    return tokens[:max_len], loss_start, len(tokens) > max_len
+class Example(NamedTuple):
+    """One tokenized example: the loss covers tokens[loss_start:], each predicted from those before."""
+    tokens: list  # BOS, the prompt's ids, the response's ids, EOS (cut to max_len)
+    loss_start: int
+    truncated: bool  # cut to max_len, which drops the EOS and perhaps more
 
 
-def n_targets(example) -> int:
-    tokens, loss_start = example[:2]
-    return max(0, len(tokens) - loss_start)
+def encode_example(tokenizer, prompt: str, response: str, max_len: int, train_on_prompt: bool = False) -> Example:
+    """BOS + the prompt's ids + the response's ids + EOS, the two texts tokenized apart: the
+    prompt's ids are exactly those generation feeds the model. Cut to max_len tokens."""
+    prompt_ids = tokenizer.encode(prompt, bos=True)
+    tokens = prompt_ids + tokenizer.encode(response, bos=False, eos=True)
+    loss_start = 1 if train_on_prompt else len(prompt_ids)
+    return Example(tokens[:max_len], loss_start, len(tokens) > max_len)
 
 
-def collate(examples, pad_id: int = 0):
-    """Right-pad (tokens, loss_start) examples to the longest: inputs and targets, both (B, T - 1).
+def n_targets(example: Example) -> int:
+    return max(0, len(example.tokens) - example.loss_start)
+
+
+def collate(examples: list, pad_id: int = 0):
+    """Right-pad Examples to the longest: inputs and targets, both (B, T - 1).
 
     Right padding needs no mask: causal attention never lets a real token see
     the padding after it, and padded positions have the IGNORE target.
     """
-    seqlen = max(len(tokens) for tokens, *_ in examples)
+    seqlen = max(len(e.tokens) for e in examples)
     tokens = torch.full((len(examples), seqlen), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), seqlen), IGNORE, dtype=torch.long)
-    for b, (toks, loss_start, *_) in enumerate(examples):
-        tokens[b, :len(toks)] = torch.tensor(toks)
-        labels[b, loss_start:len(toks)] = tokens[b, loss_start:len(toks)]
+    for b, e in enumerate(examples):
+        n = len(e.tokens)
+        tokens[b, :n] = torch.tensor(e.tokens)
+        labels[b, e.loss_start:n] = tokens[b, e.loss_start:n]
     return tokens[:, :-1], labels[:, 1:]  # position t predicts token t + 1
 
 

@@ -1,49 +1,63 @@
-"""
+r"""
 Evaluate a LLaMA checkpoint, alone or with one or more Aligners side by side, on
 GSM8K, MMLU, or exact-match QA.
 
     python evaluate.py                                   # the built-in demo: all three tasks
     python evaluate.py gsm8k --ckpt llama-2-7b --data gsm8k/test.jsonl --aligner aligner.pt
-    python evaluate.py gsm8k --ckpt llama-2-7b --data gsm8k/test.jsonl --aligner aligner.pt --alpaca
-    python evaluate.py mmlu --ckpt llama-2-7b --data mmlu --max-seq-len 4096 --aligner base --aligner aligner.pt
+    python evaluate.py gsm8k --ckpt llama-2-7b --data gsm8k/test.jsonl --aligner aligner.pt --paper
+    python evaluate.py mmlu --ckpt llama-2-7b --data mmlu --aligner base --aligner aligner.pt
     python evaluate.py qa --ckpt demo/llama-demo --data a.jsonl b.jsonl --out runs/eval
 
-Protocols (the Aligner paper's Experiment 3 scores GSM8K and MMLU; these
-follow lm-evaluation-harness and the original MMLU release, so that the
-numbers compare with the LLaMA-2 paper's and the harness's):
+Protocols. The defaults are LLaMA-2's published setting (GSM8K 8 shots, MMLU
+5), so that LLaMA-2-7B's 14.6 and 45.3 can be checked; --paper gives the
+Aligner paper's, one shot each. The Aligner paper's Experiment 3 scores GSM8K
+and MMLU; these follow lm-evaluation-harness and the original MMLU release.
 
-- GSM8K, as the harness's `gsm8k` task: `--shots` examples (8 by default, as
-  in the LLaMA-2 paper; the Aligner paper used 1) drawn from the train file
-  with random.Random(--seed).sample, a fresh draw for each test item in file
-  order (the harness's default sampler, whose seed is 1234); each shot
+- GSM8K, as the harness's `gsm8k` task (lm_eval/tasks/gsm8k/gsm8k.yaml):
+  `--shots` examples drawn from train.jsonl beside the test file with
+  random.Random(--seed).sample, a fresh draw for each test item in file order
+  (the harness's default sampler; its seed is 1234); each shot
   `Question: {q}\nAnswer: {a}`, shots joined by a blank line, then
-  `Question: {q}\nAnswer:`. Greedy decoding, stopping at `Question:`, a
-  blank line or EOS, at most 256 new tokens (`--max-new-tokens`). Two
-  scores: strict (the number after `#### `, the harness's regex) and flexible
-  (the last number in the output). Both sides lose commas, `$` and a trailing
-  period before an exact string comparison.
-  `--alpaca` instead puts the bare question in the Alpaca template, zero-shot
-  (for instruction-tuned models; the flexible score is the one to read).
-- MMLU, as the original release's evaluation (Hendrycks et al.): the header
+  `Question: {q}\nAnswer:`. Greedy decoding until one of the harness's stop
+  strings, `Question:`, `</s>`, `<|im_end|>`, or EOS, at most 256 new tokens
+  (--max-new-tokens). The harness's two filters: strict-match, the first
+  match of `#### (\-?[0-9\.\,]+)`; flexible-extract, the last match of
+  `(-?[$0-9.,]{2,})|(-?[0-9]+)` taken as it is (its first non-empty group);
+  `[invalid]` where nothing matches. Its exact_match metric then removes `,`,
+  `$`, everything up to the last `#### ` and a final `.` from both the
+  prediction and the whole reference answer, lower-cases both, and compares.
+  With --template the bare question is put in that prompt format instead,
+  zero-shot (for instruction-tuned models), with the same stops and filters.
+- MMLU, as the original release's evaluate.py (hendrycks/test): the header
   `The following are multiple choice questions (with answers) about
-  {subject}.`, the first `--shots` (5) rows of the subject's dev file, then the
-  test question ending in `Answer:`. The prediction is the letter whose
-  continuation " A" ... " D" has the highest log-likelihood after the prompt.
-  With LLaMA's tokenizer each is one token, so this is one forward per
-  question reading the next-token distribution at the last position; where a
+  {subject}.` where the release's format_subject writes a space before each
+  word of the subject, so two follow "about"; the first `--shots` rows of
+  the subject's dev file, each `{q}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer: {x}\n\n`;
+  then the test question ending in `Answer:`. The prediction is the letter
+  whose " A" ... " D" has the highest log-likelihood after the prompt. With
+  LLaMA's tokenizer each is one token, so this is one forward per question
+  reading the next-token distribution at the last position; where a
   tokenizer splits a letter into several tokens, each letter's tokens are
   scored in full (one row per letter). Accuracy per subject, per category
-  (the release's 57-subject map; a category pools its questions) and overall,
-  both as the mean over questions and the mean over subjects.
-- QA: the Alpaca prompt, greedy decoding until EOS, exact match of the
-  stripped completion with the stripped reference.
+  (the release's 57-subject map; a category pools its questions) and
+  overall, both as the mean over questions and the mean over subjects.
+- QA: the question in --template (Stanford Alpaca's by default), greedy
+  decoding until EOS, exact match of the stripped completion with the
+  stripped reference.
 
-Departures: a prompt longer than the context (`--max-seq-len`, less the
-tokens to generate) drops shots from the end until it fits (the original
-MMLU rule, here used for GSM8K too; the harness would cut tokens from the
-left); if even zero shots do not fit, tokens after BOS are cut from the left.
-The flexible GSM8K extractor ignores matches of the harness's regex that hold
-no digit (a run of dots such as "..." is not a number).
+With --out every per-item record holds `prompt`, the exact text given to the
+model (as the harness's --log_samples does), and generation tasks their
+`stop` strings.
+
+Departures: a prompt longer than the context (--max-seq-len, 4096 by default,
+less the tokens to generate) drops shots from its end until it fits, counted
+in results.json and warned about (the original MMLU rule, which counts GPT-2
+tokens against 2048; here used for GSM8K too, where the harness would cut
+tokens from the left); if even zero shots do not fit, tokens after BOS are
+cut from the left, and the record says how many. MMLU's CSV fields are read
+as written: the release's pandas.read_csv turns the 10 test fields "None"
+into "nan" under pandas 2 or later (pandas 1, of the release's time, kept
+"None"), so under a recent pandas those 10 of its 14,042 prompts differ.
 """
 
 import argparse
@@ -54,51 +68,64 @@ import random
 import re
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
 
 import cli
 from aligner import Aligner
-from data import DEMO_CKPT, DEMO_DATA, check_demo, format_prompt, read_records, string_fields
+from data import DEMO_CKPT, DEMO_DATA, TEMPLATES, DataError, check_demo, format_prompt, read_records, string_fields
 from generate import generate
-from files import atomic_write, check_writable, load_pt, read_text, refuse_existing
+from files import atomic_write, check_writable, read_text, refuse_existing
 from llama import load
 
 TASKS = ("gsm8k", "mmlu", "qa")
 LETTERS = ("A", "B", "C", "D")
+LLAMA_2_SHOTS = {"gsm8k": 8, "mmlu": 5, "qa": 0}  # the LLaMA-2 paper's setting, the default
+PAPER_SHOTS = {"gsm8k": 1, "mmlu": 1, "qa": 0}  # the Aligner paper's setting (--paper)
 
 # -----------------------------------------------------------------------------
-# GSM8K: answer extraction and scoring
+# GSM8K: the harness's stop strings, filters and metric (lm_eval/tasks/gsm8k/gsm8k.yaml)
 
-STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")  # the harness's strict-match filter
-NUMBER = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")  # the harness's flexible-extract filter
-
-
-def normalize(answer: str) -> str:
-    """What both sides lose before comparing: commas, `$`, and a trailing period."""
-    answer = answer.strip().replace(",", "").replace("$", "")
-    return re.sub(r"\.$", "", answer)
+GSM8K_STOP = ("Question:", "</s>", "<|im_end|>")  # `until`; EOS ends generation as well
+STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")  # strict-match: the first match
+FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")  # flexible-extract: the last match (group_select -1)
+FALLBACK = "[invalid]"  # what a filter gives where its regex finds nothing
+IGNORED = (",", "\\$", "(?s).*#### ", "\\.$")  # exact_match's regexes_to_ignore, removed in this order
 
 
-def extract_strict(text: str):
-    """The number after the first `#### `, normalized; None where there is none."""
-    match = STRICT.search(text)
-    return normalize(match.group(1)) if match else None
+def regex_filter(text: str, pattern, group_select: int) -> str:
+    """The harness's `regex` filter: match number `group_select` of findall, its first
+    non-empty group where the pattern has several, stripped; FALLBACK where none."""
+    matches = pattern.findall(text)
+    if not matches:
+        return FALLBACK
+    match = matches[group_select]
+    if isinstance(match, tuple):  # one string per group; the groups that did not take part are empty
+        match = next((group for group in match if group), FALLBACK)
+    return match.strip()
 
 
-def extract_flexible(text: str):
-    """The last number in the text, normalized; None where there is none."""
-    numbers = [a or b for a, b in NUMBER.findall(text)]
-    numbers = [n for n in numbers if re.search(r"[0-9]", n)]
-    return normalize(numbers[-1]) if numbers else None
+def extract_strict(text: str) -> str:
+    return regex_filter(text, STRICT, 0)
 
 
-def gold_answer(answer: str):
-    """The reference: what follows the last `#### ` of a GSM8K answer, normalized; None without one."""
-    if "#### " not in answer:
-        return None
-    return normalize(answer.rsplit("#### ", 1)[1])
+def extract_flexible(text: str) -> str:
+    """The last match as it is, even one that holds no digit ("..." after a number)."""
+    return regex_filter(text, FLEXIBLE, -1)
+
+
+def normalize(text: str) -> str:
+    """What exact_match compares (ignore_case true, ignore_punctuation false)."""
+    for pattern in IGNORED:
+        text = re.sub(pattern, "", text)
+    return text.lower()
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    """The harness's exact_match: both sides normalized; the reference is the whole answer."""
+    return normalize(prediction) == normalize(reference)
 
 
 def gsm8k_prompt(question: str, shots: list) -> str:
@@ -167,8 +194,14 @@ def mmlu_example(row, with_answer: bool) -> str:
     return text + f" {answer}\n\n" if with_answer else text
 
 
+def format_subject(subject: str) -> str:
+    """" abstract algebra" for abstract_algebra: the release puts a space before every word,
+    so its header reads "about  abstract algebra." with two spaces."""
+    return "".join(" " + word for word in subject.split("_"))
+
+
 def mmlu_prompt(subject: str, shots: list, row) -> str:
-    header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+    header = f"The following are multiple choice questions (with answers) about {format_subject(subject)}.\n\n"
     return header + "".join(mmlu_example(shot, True) for shot in shots) + mmlu_example(row, False)
 
 
@@ -248,6 +281,32 @@ def aggregate(records) -> dict:
 # -----------------------------------------------------------------------------
 # shared pieces: files, prompts that fit, batches
 
+class GenerationItem(NamedTuple):
+    """One GSM8K or QA item, ready to generate from."""
+    prompt: str  # the exact text given to the model
+    ids: list  # its tokens, BOS first (the oldest cut when even zero shots were too long)
+    gold: str  # the reference: GSM8K's whole answer, or QA's output
+    shots: int  # the shots it holds, fewer than asked where the prompt was too long
+    tokens_cut: int  # tokens cut after BOS where even zero shots were too long
+
+
+class ChoiceItem(NamedTuple):
+    """One MMLU question, ready to score."""
+    subject: str
+    prompt: str  # the exact text given to the model
+    context: list  # its tokens, BOS first
+    continuations: list  # per letter, the tokens " A" ... " D" add after the context
+    gold: str  # the answer letter
+    shots: int
+    tokens_cut: int
+
+
+class Prepared(NamedTuple):
+    """A data file's items, built once and then run under each Aligner."""
+    items: list
+    info: dict  # the protocol's settings and counts, reported in results.json
+
+
 def read_items(path, keys) -> list:
     """The records of a JSON Lines (or JSON list) file, each with string fields `keys`."""
     items = []
@@ -255,7 +314,7 @@ def read_items(path, keys) -> list:
         string_fields(path, where, record, keys)  # else a DataError that names the file, line and key
         items.append(record)
     if not items:
-        raise ValueError(f"{path}: no records")
+        raise DataError(f"{path}: no records")
     return items
 
 
@@ -273,6 +332,13 @@ def fit_shots(build, n_shots: int, size, limit: int):
 def cut_left(ids: list, n: int) -> list:
     """Drop the n oldest tokens after BOS."""
     return ids[:1] + ids[1 + n:]
+
+
+def shot_counts(items: list, shots: int) -> dict:
+    """What results.json reports about prompts that had to be shortened."""
+    return {"shots": shots, "prompts_dropping_shots": sum(item.shots < shots for item in items),
+            "shots_dropped": sum(shots - item.shots for item in items),
+            "prompts_cut": sum(item.tokens_cut > 0 for item in items)}
 
 
 def by_length(prompts, batch_size: int):
@@ -294,61 +360,66 @@ def generate_all(model, tokenizer, prompts, aligner, batch_size, max_new_tokens,
 
 
 # -----------------------------------------------------------------------------
-# the three tasks: each returns (one row of results, per-item predictions)
+# the three tasks: prepare builds a file's items once; run returns (one row of results, per-item records)
 
-def prepare_gsm8k(path, tokenizer, shots: int, args):
-    """Token prompts and references for one GSM8K file; shots come from train.jsonl beside it."""
-    items = read_items(path, ("question", "answer"))[:args.limit]
-    golds = [gold_answer(item["answer"]) for item in items]
-    for n, gold in enumerate(golds, 1):
-        if gold is None:
-            raise ValueError(f"{path}, record {n}: the answer does not end in '#### N'")
-    if args.alpaca:
+def prepare_gsm8k(path, tokenizer, shots: int, args) -> Prepared:
+    """Prompts and references for one GSM8K file; shots come from train.jsonl beside it."""
+    records = read_items(path, ("question", "answer"))[:args.limit]
+    for n, record in enumerate(records, 1):
+        if "#### " not in record["answer"]:
+            raise DataError(f"{path}, record {n}: the answer does not end in '#### N'")
+    if args.template:
         shots = 0
     train_path = Path(path).with_name("train.jsonl")
     pool = read_items(train_path, ("question", "answer")) if shots else []
     if len(pool) < shots:
-        raise ValueError(f"{train_path}: {len(pool)} records, fewer than --shots {shots}")
+        raise DataError(f"{train_path}: {len(pool)} records, fewer than --shots {shots}")
     rng = random.Random(args.seed)  # a fresh draw for each item, in file order, as the harness does
     limit = args.max_seq_len - args.max_new_tokens
-    prompts, dropped, cut = [], 0, 0
-    for item in items:
-        if args.alpaca:
-            build = lambda k: tokenizer.encode(format_prompt(item["question"]), bos=True)
-        else:
-            drawn = rng.sample(pool, shots)
-            build = lambda k: tokenizer.encode(gsm8k_prompt(item["question"], drawn[:k]), bos=True)
-        ids, k = fit_shots(build, shots, len, limit)
-        if len(ids) > limit:
-            ids, cut = cut_left(ids, len(ids) - limit), cut + 1
-        prompts.append(ids)
-        dropped += shots - k
-    info = {"template": "alpaca" if args.alpaca else "few-shot", "shots": shots,
-            "shots_dropped": dropped, "prompts_cut": cut}
-    return items, golds, prompts, info
+    items = []
+    for record in records:
+        drawn = [] if args.template else rng.sample(pool, shots)
+
+        def build(k):
+            if args.template:
+                text = format_prompt(record["question"], template=args.template)
+            else:
+                text = gsm8k_prompt(record["question"], drawn[:k])
+            return text, tokenizer.encode(text, bos=True)
+
+        (prompt, ids), k = fit_shots(build, shots, lambda built: len(built[1]), limit)
+        cut = max(0, len(ids) - limit)
+        items.append(GenerationItem(prompt, cut_left(ids, cut), record["answer"], k, cut))
+    info = {"template": args.template or "few-shot", **shot_counts(items, shots), "stop": list(GSM8K_STOP)}
+    return Prepared(items, info)
 
 
-def run_gsm8k(model, tokenizer, aligner, name, prepared, args):
-    items, golds, prompts, info = prepared
-    stop = () if args.alpaca else ("Question:", "\n\n")
-    outputs = generate_all(model, tokenizer, prompts, aligner, args.batch_size, args.max_new_tokens, stop,
-                           f"gsm8k [{name}]")
-    predictions, strict, flexible = [], 0, 0
-    for n, (item, gold, output) in enumerate(zip(items, golds, outputs)):
-        s, f = extract_strict(output), extract_flexible(output)
-        strict += s == gold
-        flexible += f == gold
-        predictions.append({"aligner": name, "index": n, "gold": gold, "output": output,
-                            "strict": s, "flexible": f, "strict_correct": s == gold, "flexible_correct": f == gold})
+def run_gsm8k(model, tokenizer, aligner, name, prepared: Prepared, args):
+    items = prepared.items
+    outputs = generate_all(model, tokenizer, [item.ids for item in items], aligner, args.batch_size,
+                           args.max_new_tokens, GSM8K_STOP, f"gsm8k [{name}]")
+    records = []
+    for n, (item, output) in enumerate(zip(items, outputs)):
+        strict, flexible = extract_strict(output), extract_flexible(output)
+        records.append({"aligner": name, "index": n, "prompt": item.prompt, "stop": list(GSM8K_STOP),
+                        "shots": item.shots, "tokens_cut": item.tokens_cut, "gold": normalize(item.gold),
+                        "output": output, "strict": strict, "flexible": flexible,
+                        "strict_correct": exact_match(strict, item.gold),
+                        "flexible_correct": exact_match(flexible, item.gold)})
     n = len(items)
-    return {"strict": strict / n, "flexible": flexible / n, "n": n}, predictions
+    return {"strict": sum(r["strict_correct"] for r in records) / n,
+            "flexible": sum(r["flexible_correct"] for r in records) / n, "n": n}, records
 
 
-def prepare_mmlu(folder, tokenizer, shots: int, args):
-    """Per test question: (subject, context ids, letter continuations, gold letter)."""
+def longest_row(context: list, continuations: list) -> int:
+    """The tokens of the longest row continuation_logprobs makes of an MMLU question."""
+    return len(context) + max(len(c) for c in continuations) - 1
+
+
+def prepare_mmlu(folder, tokenizer, shots: int, args) -> Prepared:
+    """Per test question a ChoiceItem; the shots are the first rows of the subject's dev file."""
     folder = Path(folder)
-    items, dropped, cut = [], 0, 0
-    size = lambda built: len(built[0]) + max(len(c) for c in built[1]) - 1  # the longest row it makes
+    items = []
     for subject in mmlu_subjects(folder):
         rows = read_mmlu_csv(folder / "test" / f"{subject}_test.csv")[:args.limit]
         dev = []
@@ -357,72 +428,67 @@ def prepare_mmlu(folder, tokenizer, shots: int, args):
             if not dev_path.is_file():
                 raise FileNotFoundError(f"{dev_path}: missing; the few-shot examples come from the dev split")
             dev = read_mmlu_csv(dev_path)[:shots]
-        encoded = letter_continuations(tokenizer, [mmlu_prompt(subject, dev, row) for row in rows])
-        for row, built in zip(rows, encoded):
+        prompts = [mmlu_prompt(subject, dev, row) for row in rows]
+        encoded = letter_continuations(tokenizer, prompts)
+        for row, prompt, (context, continuations) in zip(rows, prompts, encoded):
             k = len(dev)
-            if size(built) > args.max_seq_len and dev:  # rare: encode again with fewer shots
-                build = lambda k: letter_continuations(tokenizer, [mmlu_prompt(subject, dev[:k], row)])[0]
-                built, k = fit_shots(build, len(dev) - 1, size, args.max_seq_len)
-            context, continuations = built
-            if size(built) > args.max_seq_len:
-                context, cut = cut_left(context, size(built) - args.max_seq_len), cut + 1
-            items.append((subject, context, continuations, row[5]))
-            dropped += len(dev) - k
-    single = sum(all(len(c) == 1 for c in item[2]) for item in items)
-    info = {"shots": shots, "shots_dropped": dropped, "prompts_cut": cut,
-            "letters_single_token": single, "letters_multi_token": len(items) - single}
-    return items, info
+            if longest_row(context, continuations) > args.max_seq_len and dev:  # rare: encode again, fewer shots
+                def build(k):
+                    text = mmlu_prompt(subject, dev[:k], row)
+                    return (text, *letter_continuations(tokenizer, [text])[0])
+                (prompt, context, continuations), k = fit_shots(build, len(dev) - 1,
+                                                                lambda b: longest_row(*b[1:]), args.max_seq_len)
+            cut = max(0, longest_row(context, continuations) - args.max_seq_len)
+            items.append(ChoiceItem(subject, prompt, cut_left(context, cut), continuations, row[5], k, cut))
+    single = sum(all(len(c) == 1 for c in item.continuations) for item in items)
+    info = {**shot_counts(items, shots), "letters_single_token": single, "letters_multi_token": len(items) - single}
+    return Prepared(items, info)
 
 
-def run_mmlu(model, tokenizer, aligner, name, prepared, args):
-    items, info = prepared
-    preds = [None] * len(items)
-    scores = [None] * len(items)
+def run_mmlu(model, tokenizer, aligner, name, prepared: Prepared, args):
+    items = prepared.items
+    preds, scores = [None] * len(items), [None] * len(items)
     with tqdm(total=len(items), desc=f"mmlu [{name}]", file=sys.stderr) as bar:
-        for batch in by_length([item[1] for item in items], args.batch_size):
-            logp = continuation_logprobs(model, [items[i][1:3] for i in batch], aligner)  # (B, 4)
+        for batch in by_length([item.context for item in items], args.batch_size):
+            logp = continuation_logprobs(model, [(items[i].context, items[i].continuations) for i in batch],
+                                         aligner)  # (B, 4)
             for i, row in zip(batch, logp.tolist()):
                 scores[i] = row
                 preds[i] = LETTERS[max(range(4), key=row.__getitem__)]
             bar.update(len(batch))
-    result = aggregate([(item[0], pred == item[3]) for item, pred in zip(items, preds)])
-    predictions = [{"aligner": name, "subject": item[0], "gold": item[3], "pred": pred,
-                    "logprobs": [round(x, 4) for x in s], "correct": pred == item[3]}
-                   for item, pred, s in zip(items, preds, scores)]
-    return result, predictions
+    result = aggregate([(item.subject, pred == item.gold) for item, pred in zip(items, preds)])
+    records = [{"aligner": name, "subject": item.subject, "prompt": item.prompt, "shots": item.shots,
+                "tokens_cut": item.tokens_cut, "gold": item.gold, "pred": pred,
+                "logprobs": [round(x, 4) for x in score], "correct": pred == item.gold}
+               for item, pred, score in zip(items, preds, scores)]
+    return result, records
 
 
-def prepare_qa(path, tokenizer, shots: int, args):
-    items = read_items(path, ("instruction", "output"))[:args.limit]
-    prompts = [tokenizer.encode(format_prompt(item["instruction"], item.get("input", "")), bos=True)
-               for item in items]
-    too_long = [n for n, p in enumerate(prompts, 1) if len(p) + args.max_new_tokens > args.max_seq_len]
+def prepare_qa(path, tokenizer, shots: int, args) -> Prepared:
+    records = read_items(path, ("instruction", "output"))[:args.limit]
+    template = args.template or "alpaca"
+    prompts = [format_prompt(r["instruction"], r.get("input", ""), template) for r in records]
+    items = [GenerationItem(prompt, tokenizer.encode(prompt, bos=True), r["output"], 0, 0)
+             for prompt, r in zip(prompts, records)]
+    too_long = [n for n, item in enumerate(items, 1) if len(item.ids) + args.max_new_tokens > args.max_seq_len]
     if too_long:
-        raise ValueError(f"{path}, record {too_long[0]}: the prompt and --max-new-tokens exceed "
-                         f"--max-seq-len {args.max_seq_len}")
-    return items, prompts, {}
+        raise DataError(f"{path}, record {too_long[0]}: the prompt and --max-new-tokens exceed "
+                        f"--max-seq-len {args.max_seq_len}")
+    return Prepared(items, {"template": template})
 
 
-def run_qa(model, tokenizer, aligner, name, prepared, args):
-    items, prompts, _ = prepared
-    outputs = generate_all(model, tokenizer, prompts, aligner, args.batch_size, args.max_new_tokens, (),
-                           f"qa [{name}]")
-    correct = [out.strip() == item["output"].strip() for item, out in zip(items, outputs)]
-    predictions = [{"aligner": name, "index": n, "gold": item["output"], "output": out, "correct": c}
-                   for n, (item, out, c) in enumerate(zip(items, outputs, correct))]
-    return {"accuracy": sum(correct) / len(items), "n": len(items)}, predictions
+def run_qa(model, tokenizer, aligner, name, prepared: Prepared, args):
+    items = prepared.items
+    outputs = generate_all(model, tokenizer, [item.ids for item in items], aligner, args.batch_size,
+                           args.max_new_tokens, (), f"qa [{name}]")
+    records = [{"aligner": name, "index": n, "prompt": item.prompt, "stop": [], "gold": item.gold,
+                "output": out, "correct": out.strip() == item.gold.strip()}
+               for n, (item, out) in enumerate(zip(items, outputs))]
+    return {"accuracy": sum(r["correct"] for r in records) / len(items), "n": len(items)}, records
 
 
 # -----------------------------------------------------------------------------
 # the script
-
-def load_aligner(path, args):
-    """An Aligner file of this project or of the paper's authors (lit-llama layout)."""
-    state = load_pt(path, "Aligner file")
-    if isinstance(state, dict) and "global_value_embedding.weight" in state.get("model", state):
-        return Aligner.from_lit_llama(path, args)
-    return Aligner.load(path, args)
-
 
 def default_data(task):
     return {"gsm8k": [DEMO_DATA / "gsm8k" / "test.jsonl"], "mmlu": [DEMO_DATA / "mmlu"],
@@ -450,26 +516,31 @@ def main(argv=None):
                         help="what to evaluate; all: the three tasks on their default data (default)")
     parser.add_argument("--ckpt", help="Meta checkpoint folder (default: the built-in demo, data.DEMO_CKPT)")
     parser.add_argument("--aligner", action="append", default=[],
-                        help="an Aligner file; repeat for side-by-side rows; 'base' is the model alone "
-                             "(the only row when none is given)")
+                        help="an Aligner file, this project's or the authors' released one; repeat for "
+                             "side-by-side rows; 'base' is the model alone (the only row when none is given)")
     parser.add_argument("--data", nargs="+", help="gsm8k: test .jsonl (shots from train.jsonl beside it); "
                         "mmlu: folder with dev/ and test/; qa: .jsonl files, each reported alone "
                         "(default: the demo's data for the task)")
-    parser.add_argument("--shots", type=cli.non_negative_int, help="few-shot examples (default: gsm8k 8, mmlu 5)")
-    parser.add_argument("--alpaca", action="store_true",
-                        help="gsm8k: zero-shot in the Alpaca template, for instruction-tuned models")
+    parser.add_argument("--shots", type=cli.non_negative_int,
+                        help="few-shot examples (default: gsm8k 8, mmlu 5, LLaMA-2's setting)")
+    parser.add_argument("--paper", action="store_true",
+                        help="the Aligner paper's setting: one shot for gsm8k and for mmlu")
+    parser.add_argument("--template", choices=list(TEMPLATES),
+                        help="qa: the prompt format (default alpaca); gsm8k: the bare question in this format, "
+                             "zero-shot, instead of the harness's few-shot prompt; mmlu always uses the "
+                             "original release's prompt")
     parser.add_argument("--limit", type=cli.positive_int,
                         help="only the first N items of each file (mmlu: of each subject)")
     parser.add_argument("--batch-size", type=cli.positive_int, default=16,
                         help="prompts per forward or generation batch (default 16)")
     parser.add_argument("--max-new-tokens", type=cli.positive_int, default=256,
                         help="generation limit for gsm8k and qa (default 256)")
-    parser.add_argument("--max-seq-len", type=cli.positive_int, default=2048,
-                        help="the model's context (default 2048; 4096 for LLaMA-2): "
-                             "longer prompts drop shots until they fit")
+    parser.add_argument("--max-seq-len", type=cli.positive_int, default=4096,
+                        help="the model's context (default 4096, LLaMA-2's): longer prompts drop shots until "
+                             "they fit, and the run says how many did")
     parser.add_argument("--seed", type=cli.seed, default=1234,
                         help="the seed of the gsm8k few-shot draw (default 1234, the harness's)")
-    parser.add_argument("--out", help="folder for results.json and <task>.jsonl per-item predictions")
+    parser.add_argument("--out", help="folder for results.json and <task>.jsonl per-item records")
     parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     cli.add_common_flags(parser)
     args = parser.parse_args(argv)
@@ -479,6 +550,10 @@ def main(argv=None):
     if args.max_new_tokens >= args.max_seq_len and {"gsm8k", "qa"} & set(tasks):
         parser.error(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt within "
                      f"--max-seq-len {args.max_seq_len}")
+    if args.paper and args.shots is not None:
+        parser.error("--paper sets the shots (one for gsm8k and mmlu); give either --paper or --shots")
+    if args.template and tasks == ("mmlu",):
+        parser.error("--template applies to qa and gsm8k; mmlu always uses the original release's prompt")
 
     # --- check what can be checked before anything loads
     if args.ckpt is None:
@@ -507,24 +582,25 @@ def main(argv=None):
     model, tokenizer = load(args.ckpt, device, dtype, max_seq_len=args.max_seq_len, max_batch_size=args.batch_size)
     aligners = {}
     for path in args.aligner or ["base"]:
-        aligners[path] = None if path == "base" else load_aligner(path, model.args).to(device)
+        aligners[path] = None if path == "base" else Aligner.read(path, model.args).to(device)
 
     # --- evaluate: prompts are built once per file, then run under each Aligner
-    results, predictions = {}, {}
+    results, records = {}, {}
     with torch.inference_mode():
         for task in tasks:
-            shots = args.shots if args.shots is not None else {"gsm8k": 8, "mmlu": 5, "qa": 0}[task]
+            shots = args.shots if args.shots is not None else (PAPER_SHOTS if args.paper else LLAMA_2_SHOTS)[task]
             paths = [Path(p) for p in (args.data or default_data(task))]
             prepare, run = {"gsm8k": (prepare_gsm8k, run_gsm8k), "mmlu": (prepare_mmlu, run_mmlu),
                             "qa": (prepare_qa, run_qa)}[task]
-            results[task], predictions[task] = {}, []
+            results[task], records[task] = {}, []
             for path in paths:
                 prepared = prepare(path, tokenizer, shots, args)
+                warn_if_shortened(task, path, prepared, args)
                 rows = {}
                 for name, aligner in aligners.items():
-                    rows[name], preds = run(model, tokenizer, aligner, name, prepared, args)
-                    predictions[task] += [{"data": str(path), **p} for p in preds]
-                results[task][str(path)] = {"info": prepared[-1], "rows": rows}
+                    rows[name], item_records = run(model, tokenizer, aligner, name, prepared, args)
+                    records[task] += [{"data": str(path), **r} for r in item_records]
+                results[task][str(path)] = {"info": prepared.info, "rows": rows}
             print_table(task, results[task])
 
     # --- save
@@ -533,11 +609,22 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         summary = {"ckpt": str(args.ckpt), "aligners": list(aligners), "results": results}
         atomic_write(out / "results.json", lambda f: json.dump(summary, f, indent=2), mode="w")
-        for task, preds in predictions.items():
-            lines = "".join(json.dumps(p) + "\n" for p in preds)
+        for task, task_records in records.items():
+            lines = "".join(json.dumps(r) + "\n" for r in task_records)
             atomic_write(out / f"{task}.jsonl", lambda f: f.write(lines), mode="w")
-        print(f"\nwrote {out / 'results.json'} and per-item predictions beside it")
+        print(f"\nwrote {out / 'results.json'} and per-item records beside it")
     return results
+
+
+def warn_if_shortened(task, path, prepared: Prepared, args):
+    """Say on stderr when prompts had to drop shots or tokens to fit the context: the protocol changed."""
+    info, n = prepared.info, len(prepared.items)
+    if info.get("prompts_dropping_shots"):
+        print(f"warning: {task} {path}: {info['prompts_dropping_shots']} of {n} prompts dropped shots "
+              f"({info['shots_dropped']} in all) to fit --max-seq-len {args.max_seq_len}", file=sys.stderr)
+    if info.get("prompts_cut"):
+        print(f"warning: {task} {path}: {info['prompts_cut']} of {n} prompts were cut from the left to fit "
+              f"--max-seq-len {args.max_seq_len} even without shots", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,12 @@ Text generation with a frozen LLaMA and any number of Aligners, through the KV c
     python generate.py --ckpt llama-2-7b --aligner base --aligner out/sft.pt --aligner out/dpo.pt \\
         --prompts-file prompts.jsonl --out answers.jsonl  # each prompt answered by the base and two Aligners
     python generate.py --temperature 0.7 --top-p 0.9 --seed 0 --prompt "Write a haiku about autumn."
+    python generate.py --ckpt llama-2-7b --template metamath --prompt "What is 15% of 80?" \\
+        --aligner aligner1token-llama2-7B-lr0.009bs64-wu1-epoch-3.0-valloss0.7474.pth   # an authors' Aligner
+
+Each instruction is put in --template (data.TEMPLATES) and tokenized alone,
+BOS first: the same ids that training puts before the response. Any Aligner
+file is read by Aligner.read, this project's or the paper's authors'.
 
 The library function is `generate(model, tokenizer, prompts, aligner)`; evaluate.py
 calls it. Decoding follows Meta's generation.py and gpt-fast: one prefill of the
@@ -33,7 +39,7 @@ import torch
 
 import cli
 from aligner import Aligner, AlignerBank, AlignerRows
-from data import DEMO_CKPT, check_demo, format_prompt
+from data import DEMO_CKPT, TEMPLATES, check_demo, format_prompt
 from files import atomic_text, check_writable, read_text, refuse_existing
 from llama import KVCache, load
 
@@ -312,8 +318,9 @@ def main(argv=None):
     parser.add_argument("--prompt", action="append", default=[], help="an instruction; repeatable")
     parser.add_argument("--prompts-file", type=Path, default=None,
                         help="one instruction per line, or .jsonl with \"instruction\" and optional \"input\"")
-    parser.add_argument("--template", choices=["alpaca", "none"], default="alpaca",
-                        help="wrap each instruction in the Alpaca prompt, or use it as it is")
+    parser.add_argument("--template", choices=list(TEMPLATES), default="alpaca",
+                        help="the prompt format each instruction is put in (data.TEMPLATES): Stanford Alpaca's, "
+                             "the authors' MetaMath or Beaver format, or none (the instruction as it is)")
     parser.add_argument("--max-new-tokens", type=cli.positive_int, default=256,
                         help="at most this many tokens per answer")
     parser.add_argument("--max-seq-len", type=cli.positive_int, default=2048,
@@ -326,7 +333,8 @@ def main(argv=None):
     parser.add_argument("--stop", action="append", default=[], help="end an answer before this string; repeatable")
     parser.add_argument("--seed", type=cli.seed, default=None, help="seed for sampling, for reproducible output")
     parser.add_argument("--out", type=Path, default=None,
-                        help="also write JSON Lines: instruction, input, aligner, output")
+                        help="also write JSON Lines: instruction, input, prompt (the exact text given to "
+                             "the model), aligner, output")
     parser.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
     cli.add_common_flags(parser)
     args = parser.parse_args(argv)
@@ -355,13 +363,10 @@ def main(argv=None):
     # --- load -------------------------------------------------------------------
     model, tokenizer = load(ckpt, device=device, dtype=dtype, max_seq_len=args.max_seq_len)
     names = aligner_names(args.aligner) if args.aligner else ["base"]
-    aligners = [None if p == "base" else Aligner.load(p, args=model.args) for p in args.aligner] or [None]
+    aligners = [None if p == "base" else Aligner.read(p, model.args) for p in args.aligner] or [None]
 
     # --- prompts ----------------------------------------------------------------
-    if args.template == "alpaca":
-        texts = [format_prompt(p.instruction, p.input) for p in prompts]
-    else:
-        texts = [p.instruction + (f"\n\n{p.input}" if p.input else "") for p in prompts]
+    texts = [format_prompt(p.instruction, p.input, args.template) for p in prompts]
     encoded = [tokenizer.encode(text, bos=True) for text in texts]
     for prompt, ids in zip(prompts, encoded):
         if len(ids) >= args.max_seq_len:
@@ -390,7 +395,7 @@ def main(argv=None):
                 print(outputs[i * n_aligners + k])
             print()
     if args.out is not None:
-        records = [{"instruction": prompt.instruction, "input": prompt.input, "aligner": name,
+        records = [{"instruction": prompt.instruction, "input": prompt.input, "prompt": texts[i], "aligner": name,
                     "output": outputs[i * n_aligners + k]}
                    for i, prompt in enumerate(prompts) for k, name in enumerate(names)]
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)

@@ -22,14 +22,17 @@ Commands:
 
 --data reads PKU-SafeRLHF's rows (prompt, response_0, response_1,
 is_response_0_safe, is_response_1_safe, safer_response_id, better_response_id),
-whose prompt goes through the Alpaca template, or {"prompt", "chosen",
-"rejected"} lines whose prompt is used as it is. Aligner files land in --out
-(runs/dpo): best.pt, epoch-E.pt.
+whose prompt goes through --template (Stanford Alpaca's by default; the
+authors' preparation script wrote the beaver format), or {"prompt", "chosen",
+"rejected"} lines whose prompt is used as it is. --init-aligner and
+--reference take this project's Aligner files or the authors' released ones.
+Aligner files land in --out (runs/dpo): best.pt, epoch-E.pt.
 """
 
 import argparse
 import copy
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -74,10 +77,16 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
     return losses, chosen_rewards, rejected_rewards
 
 
+class Pair(NamedTuple):
+    """One preference pair, tokenized: the same prompt before each response."""
+    chosen: data.Example
+    rejected: data.Example
+
+
 def pair_logps(model, aligner, pairs):
     """Summed response log-probs of chosen and rejected, both (B,), from one forward over 2B rows."""
     device = model.tok_embeddings.weight.device
-    tokens, targets = data.collate([c for c, _ in pairs] + [r for _, r in pairs])  # (2B, T-1) each
+    tokens, targets = data.collate([p.chosen for p in pairs] + [p.rejected for p in pairs])  # (2B, T-1) each
     logps = response_logps(model(tokens.to(device), aligner=aligner), targets.to(device))  # (2B,)
     return logps[:len(pairs)], logps[len(pairs):]
 
@@ -110,6 +119,8 @@ def main(argv=None):
     parser.add_argument("--loss", choices=("dpo", "ipo"), default="dpo", help="Eq. 10 (dpo) or IPO's squared loss")
     parser.add_argument("--label-smoothing", type=cli.smoothing, default=0.0,
                         help="conservative DPO: the assumed fraction of flipped labels (0: plain DPO)")
+    parser.add_argument("--template", choices=list(data.TEMPLATES), default="alpaca",
+                        help="the prompt format of PKU-SafeRLHF rows (data.TEMPLATES)")
     parser.add_argument("--pair", choices=("safer", "better"), default="safer",
                         help="for PKU-SafeRLHF rows: the id that names the chosen response")
     parser.add_argument("--keep-unsafe", action="store_true",
@@ -122,7 +133,7 @@ def main(argv=None):
         args.init_aligner = DEMO_INIT
     for path in (args.init_aligner, None if args.reference in ("init", "base") else args.reference):
         if path is not None:
-            Aligner.load(path)  # an unreadable or unusable Aligner file stops here, before the base loads
+            Aligner.check_file(path)  # an unreadable or unusable Aligner file stops here, before the base loads
     trainer.open_run(args)  # a finished run in --out is refused, and --resume checked, before anything loads
 
     # --- processes and devices; on the demo, start from its SFT run
@@ -137,18 +148,18 @@ def main(argv=None):
     model, tokenizer = trainer.load_base(args, d)
 
     # --- data: read, tokenise, split
-    triples, n_unsafe = data.read_preferences(args.data, args.pair, args.keep_unsafe)
+    triples, n_unsafe = data.read_preferences(args.data, args.pair, args.keep_unsafe, args.template)
     pairs, n_cut = [], 0
-    for prompt, chosen, rejected in triples:
-        c_tokens, c_start, c_cut = data.encode_example(tokenizer, prompt, chosen, args.max_seq_len)
-        r_tokens, r_start, r_cut = data.encode_example(tokenizer, prompt, rejected, args.max_seq_len)
-        n_cut += c_cut or r_cut
-        if len(c_tokens) > c_start and len(r_tokens) > r_start:  # else the prompt alone filled max_seq_len
-            pairs.append(((c_tokens, c_start), (r_tokens, r_start)))
+    for t in triples:
+        pair = Pair(data.encode_example(tokenizer, t.prompt, t.chosen, args.max_seq_len),
+                    data.encode_example(tokenizer, t.prompt, t.rejected, args.max_seq_len))
+        n_cut += pair.chosen.truncated or pair.rejected.truncated
+        if data.n_targets(pair.chosen) > 0 and data.n_targets(pair.rejected) > 0:  # else the prompt filled it
+            pairs.append(pair)
     if not pairs:
         raise ValueError(f"{args.data}: no pairs left: in every one the prompt alone fills "
                          f"--max-seq-len {args.max_seq_len}")
-    lengths = [len(c[0]) + len(r[0]) for c, r in pairs]  # tokens a pair puts through the model
+    lengths = [len(p.chosen.tokens) + len(p.rejected.tokens) for p in pairs]  # tokens a pair puts through the model
     units = [1] * len(pairs)  # the loss is a mean over pairs
     say(f"{args.data}: {len(pairs)} pairs; {n_unsafe} dropped because the chosen response is unsafe"
         f"{' (kept by --keep-unsafe)' if args.keep_unsafe else ''}; {n_cut} cut to --max-seq-len "
@@ -160,7 +171,7 @@ def main(argv=None):
     # --- the policy's Aligner (trained, fp32) and the reference's (frozen)
     torch.manual_seed(args.seed)
     if args.init_aligner:
-        aligner = Aligner.load(args.init_aligner, model.args)
+        aligner = Aligner.read(args.init_aligner, model.args)
     else:
         aligner = Aligner(model.args, n_tokens=args.n_tokens, start_layer=args.start_layer)
     aligner = aligner.to(d.device)
@@ -169,7 +180,7 @@ def main(argv=None):
     elif args.reference == "base":
         reference = None
     else:
-        reference = Aligner.load(args.reference, model.args).to(d.device).requires_grad_(False)
+        reference = Aligner.read(args.reference, model.args).to(d.device).requires_grad_(False)
     say(f"Aligner: {aligner.n_tokens} token{'s' * (aligner.n_tokens != 1)} from layer {aligner.start_layer}, "
         f"{aligner.num_params():,} parameters; reference: {args.reference}")
 

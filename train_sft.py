@@ -8,9 +8,11 @@ batch 64, linear warmup for one epoch then cosine decay, 8 epochs, examples cut
 to 512 tokens. Only the Aligner trains; the base model is frozen (bf16 on a
 GPU, fp32 on CPU), the Aligner's own parameters stay in fp32.
 
-Departure: the loss covers the response tokens only by default, as is usual
-for instruction tuning; the paper's own code trained on the whole sequence
-(--train-on-prompt).
+Departure: the loss covers the response tokens only by default, as Stanford
+Alpaca's train.py does; the authors' preparation script (prepare_alpaca.py,
+mask_inputs=False) trains on the whole sequence (--train-on-prompt). Their
+finetune script's learning rate rises linearly from zero and never decays
+(--schedule constant); the README's "Reproducing the paper" has their run.
 
 Commands:
     python train_sft.py                          # the built-in demo (build it with python build_demo.py)
@@ -18,8 +20,9 @@ Commands:
     torchrun --nproc_per_node 8 train_sft.py --ckpt llama-2-7b --data alpaca_data.json
     python train_sft.py --ckpt llama-2-7b --data alpaca_data.json --resume   # continue a stopped run
 
---data reads Alpaca's JSON list of {"instruction", "input", "output"}, the same
-records as JSON Lines, or JSON Lines of already formatted {"prompt", "response"}.
+--data reads Alpaca's JSON list of {"instruction", "input", "output"} (put in
+--template, Stanford Alpaca's by default), the same records as JSON Lines, or
+JSON Lines of already formatted {"prompt", "response"}, used as they are.
 The Aligner files land in --out (runs/sft): best.pt, epoch-E.pt.
 """
 
@@ -51,6 +54,8 @@ def main(argv=None):
                         help="Alpaca JSON, Alpaca JSON Lines, or prompt/response JSON Lines; none: the demo's")
     parser.add_argument("--train-on-prompt", action="store_true",
                         help="put the loss on the whole sequence, as the paper's code did, not the response only")
+    parser.add_argument("--template", choices=list(data.TEMPLATES), default="alpaca",
+                        help="the prompt format of instruction/input/output records (data.TEMPLATES)")
     trainer.add_arguments(parser, n_tokens=10, lr=9e-3, batch_size=64, epochs=8, warmup_epochs=1.0,
                           max_seq_len=512, out="runs/sft")
     args = trainer.parse_args(parser, argv, demo_defaults=DEMO_DEFAULTS, demo_data="alpaca.json")
@@ -67,18 +72,17 @@ def main(argv=None):
     model, tokenizer = trainer.load_base(args, d)
 
     # --- data: read, tokenise, split
-    pairs = data.read_sft(args.data)
+    pairs = data.read_sft(args.data, args.template)
     examples, n_cut = [], 0
-    for prompt, response in pairs:
-        tokens, loss_start, cut = data.encode_example(tokenizer, prompt, response, args.max_seq_len,
-                                                      args.train_on_prompt)
-        n_cut += cut
-        if len(tokens) > loss_start:  # else the prompt alone filled max_seq_len: nothing to learn
-            examples.append((tokens, loss_start))
+    for pair in pairs:
+        example = data.encode_example(tokenizer, pair.prompt, pair.response, args.max_seq_len, args.train_on_prompt)
+        n_cut += example.truncated
+        if data.n_targets(example) > 0:  # else the prompt alone filled max_seq_len: nothing to learn
+            examples.append(example)
     if not examples:
         raise ValueError(f"{args.data}: no examples left: in every one the prompt alone fills "
                          f"--max-seq-len {args.max_seq_len}")
-    lengths = [len(tokens) for tokens, _ in examples]
+    lengths = [len(e.tokens) for e in examples]
     units = [data.n_targets(e) for e in examples]  # the loss is a mean over these tokens
     say(f"{args.data}: {len(pairs)} examples; {n_cut} cut to --max-seq-len {args.max_seq_len} tokens"
         + (f", {len(pairs) - len(examples)} of them dropped: no response left" if len(examples) < len(pairs) else ""))

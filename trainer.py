@@ -66,8 +66,10 @@ def add_arguments(parser, *, n_tokens, lr, batch_size, epochs, warmup_epochs, ma
       help="examples per forward on one rank; gradients accumulate up to --batch-size "
            "(default: 4096 // --max-seq-len on a GPU, the whole batch on CPU)")
     a("--epochs", type=cli.positive_int, default=epochs, help="passes over the training data")
-    a("--warmup-epochs", type=cli.non_negative_float, default=warmup_epochs,
-      help="linear warmup length, in epochs; cosine decay to zero after it")
+    a("--warmup-epochs", type=cli.non_negative_float, default=warmup_epochs, help="linear warmup length, in epochs")
+    a("--schedule", choices=tuple(SCHEDULES), default="cosine",
+      help="after the warmup: cosine decay towards zero, or constant: the authors' finetune script, "
+           "whose warmup starts from zero")
     a("--max-seq-len", type=cli.positive_int, default=max_seq_len,
       help="longer examples are cut to this many tokens (and counted)")
     a("--val", type=cli.split_size, default="0.05",
@@ -315,6 +317,23 @@ def learning_rate(step: int, peak: float, warmup_steps: int, total_steps: int) -
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def constant_learning_rate(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
+    """The Aligner authors' schedule (finetune/aligner.py, finetune/alignerDPO.py): optimizer step
+    `step` (from 0) runs at peak * step / warmup_steps, so the first at zero, then at `peak` for good.
+
+    Their warmup_iters counts micro-batches but is compared with optimizer steps, so their
+    warmup lasts batch / micro-batch times as many epochs as it says. Alpaca SFT (2 epochs,
+    64 / 8): 12,500 steps of a 6,250-step run, which ends at half the peak. DPO (0.5 epoch,
+    64 / 2): 40,000 steps of 7,500. Both are --warmup-epochs 16 here.
+    """
+    if warmup_steps <= 0:
+        return peak
+    return peak * min(step, warmup_steps) / warmup_steps
+
+
+SCHEDULES = {"cosine": learning_rate, "constant": constant_learning_rate}
+
+
 # -----------------------------------------------------------------------------
 # the loop, in named steps: start (or resume), an optimizer step, validate, save
 
@@ -411,7 +430,7 @@ def optimizer_step(run: Run, progress: Progress) -> dict:
     epoch, i = divmod(step, schedule.steps_per_epoch)
     batch = global_batches(run.train_idx, args.batch_size, args.seed, epoch)[i]
     for group in run.optimizer.param_groups:
-        group["lr"] = learning_rate(step, args.lr, schedule.warmup_steps, schedule.total_steps)
+        group["lr"] = SCHEDULES[args.schedule](step, args.lr, schedule.warmup_steps, schedule.total_steps)
     batch_units = sum(run.units[j] for j in batch)
     sums = torch.zeros(2 + len(run.stat_names), dtype=torch.float64)  # loss, tokens, stats
     t0 = time.perf_counter()

@@ -52,6 +52,19 @@ def make_checkpoint(folder, n_shards=1, seed=0, **overrides):
     return model
 
 
+def authors_aligner_state(args, n_tokens=1, start_layer=2, seed=0) -> dict:
+    """An Aligner in the paper's authors' layout, as their released files hold it: bf16, keys in
+    their order (the shared prefix, then per layer its gating_factor (1, H, 1, 1) and its own
+    adapter_wte copy of the prefix), gates drawn so that the Aligner changes the model."""
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randn(n_tokens, args.dim, generator=g).bfloat16()
+    state = {"global_value_embedding.weight": prefix}
+    for i in range(start_layer, args.n_layers):
+        state[f"transformer.h.{i}.attn.gating_factor"] = torch.randn(1, args.n_heads, 1, 1, generator=g).bfloat16()
+        state[f"transformer.h.{i}.attn.adapter_wte.weight"] = prefix.clone()
+    return state
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """Path of a tiny random checkpoint folder (params.json, consolidated.00.pth; tokenizer.model beside it)."""

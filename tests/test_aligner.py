@@ -5,6 +5,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from aligner import Aligner, AlignerBank
+from conftest import authors_aligner_state
+from files import FileError
 from llama import ModelArgs, Transformer, prefix_attention
 
 
@@ -153,26 +155,81 @@ def test_not_an_aligner_file(tmp_path):
         Aligner.load(tmp_path / "x.pt")
 
 
-def test_authors_lit_llama_file_is_imported(tmp_path):
-    """A file in the authors' layout, built by hand: bf16, gates (1, H, 1, 1) from layer 2,
-    per-layer adapter_wte copies of the prefix that are ignored."""
-    torch.manual_seed(0)
+def test_authors_lit_llama_file_is_imported_bit_for_bit(tmp_path):
+    """A file in the authors' layout: bf16 prefix and gates (1, H, 1, 1) from layer 2, per-layer
+    adapter_wte copies of the prefix; bf16 widens to float32 exactly."""
     args = ModelArgs(dim=32, n_layers=5, n_heads=4, vocab_size=50, multiple_of=16)
-    prefix = torch.randn(2, 32).bfloat16()
-    gates = {i: torch.randn(1, 4, 1, 1).bfloat16() for i in range(2, 5)}
-    state = {"global_value_embedding.weight": prefix}
-    for i, gate in gates.items():
-        state[f"transformer.h.{i}.attn.gating_factor"] = gate
-        state[f"transformer.h.{i}.attn.adapter_wte.weight"] = prefix.clone()
+    state = authors_aligner_state(args, n_tokens=2)
     torch.save(state, tmp_path / "lit.pth")
-
-    aligner = Aligner.from_lit_llama(tmp_path / "lit.pth", args)
-    assert (aligner.n_tokens, aligner.start_layer) == (2, 2)
-    assert torch.equal(aligner.prefix, prefix.float())
-    for i, gate in gates.items():
-        assert torch.equal(aligner.gates[i - 2], gate.float().flatten())
-    with pytest.raises(ValueError, match="from_lit_llama"):
+    for aligner in (Aligner.read(tmp_path / "lit.pth", args), Aligner.from_lit_llama(tmp_path / "lit.pth", args)):
+        assert (aligner.n_tokens, aligner.start_layer) == (2, 2)
+        assert torch.equal(aligner.prefix, state["global_value_embedding.weight"].float())
+        for i in range(2, 5):
+            assert torch.equal(aligner.gates[i - 2], state[f"transformer.h.{i}.attn.gating_factor"].float().flatten())
+    with pytest.raises(ValueError, match="Aligner.read"):
         Aligner.load(tmp_path / "lit.pth")
+    torch.save({"model": state}, tmp_path / "fabric.pth")  # as lightning's fabric.save nests it
+    assert torch.equal(Aligner.read(tmp_path / "fabric.pth", args).gates, aligner.gates)
+
+
+def test_read_takes_this_projects_files_too(tmp_path):
+    args = ModelArgs(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=16)
+    ours = Aligner(args, n_tokens=3, start_layer=1)
+    ours.save(tmp_path / "a.pt")
+    read = Aligner.read(tmp_path / "a.pt", args)
+    assert torch.equal(read.prefix, ours.prefix) and torch.equal(read.gates, ours.gates)
+
+
+def test_a_copy_of_the_prefix_that_differs_is_refused_by_file_and_key(tmp_path):
+    args = ModelArgs(dim=32, n_layers=4, n_heads=4, vocab_size=50, multiple_of=16)
+    state = authors_aligner_state(args)
+    state["transformer.h.3.attn.adapter_wte.weight"][0, 5] += 1
+    torch.save(state, tmp_path / "lit.pth")
+    with pytest.raises(ValueError, match=r"lit\.pth: 'transformer\.h\.3\.attn\.adapter_wte\.weight' differs from "
+                                         r"'global_value_embedding\.weight'"):
+        Aligner.read(tmp_path / "lit.pth", args)
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1, 1)])
+def test_a_single_gating_value_is_spread_over_the_heads(tmp_path, shape):
+    """As the authors' loader does for their older files: reshape(1, 1, 1, 1).repeat(1, H, 1, 1)."""
+    args = ModelArgs(dim=32, n_layers=4, n_heads=4, vocab_size=50, multiple_of=16)
+    state = authors_aligner_state(args)
+    state["transformer.h.2.attn.gating_factor"] = torch.full(shape, 0.375).bfloat16()
+    torch.save(state, tmp_path / "lit.pth")
+    aligner = Aligner.read(tmp_path / "lit.pth", args)
+    assert aligner.gates[0].tolist() == [0.375, 0.375, 0.375, 0.375]
+    assert torch.equal(aligner.gates[1], state["transformer.h.3.attn.gating_factor"].float().flatten())
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("transformer.h.2.attn.gating_factor", torch.zeros(1, 2, 1, 1),
+     r"'transformer\.h\.2\.attn\.gating_factor' has shape \(1, 2, 1, 1\); expected \(1, 4, 1, 1\)"),
+    ("transformer.h.2.attn.gating_factor", torch.zeros(4), r"has shape \(4,\); expected \(1, 4, 1, 1\) or a single"),
+    ("transformer.h.2.attn.c_proj.weight", torch.zeros(2), r"unexpected key 'transformer\.h\.2\.attn\.c_proj\.weight'"),
+    ("global_value_embedding.weight", torch.zeros(1, 16), r"'global_value_embedding\.weight' has shape \(1, 16\)"),
+    ("transformer.h.3.attn.gating_factor", None, r"gates for layers \[2\] do not cover layers 2\.\.3"),
+])
+def test_a_bad_authors_file_is_named_in_one_line(tmp_path, key, value, message):
+    args = ModelArgs(dim=32, n_layers=4, n_heads=4, vocab_size=50, multiple_of=16)
+    state = authors_aligner_state(args)
+    if value is None:
+        del state[key]
+    else:
+        state[key] = value
+    torch.save(state, tmp_path / "lit.pth")
+    with pytest.raises(ValueError, match=message) as info:
+        Aligner.read(tmp_path / "lit.pth", args)
+    assert str(info.value).startswith(str(tmp_path / "lit.pth")) and "\n" not in str(info.value)
+
+
+def test_a_file_that_is_not_a_torch_file_is_named(tmp_path):
+    (tmp_path / "log.pth").write_text('{"question": "an MMLU log, not an Aligner"}\n')
+    args = ModelArgs(dim=32, n_layers=4, n_heads=4, vocab_size=50)
+    with pytest.raises(FileError, match=r"log\.pth: not a readable Aligner file"):
+        Aligner.read(tmp_path / "log.pth", args)
+    with pytest.raises(FileError, match=r"missing\.pt: no Aligner file here"):
+        Aligner.read(tmp_path / "missing.pt", args)
 
 
 def test_bank_rows_equal_single_aligners():

@@ -796,7 +796,7 @@ def test_a_parameter_made_nan_by_the_update_stops_the_run(tmp_path, monkeypatch)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
     settings = argparse.Namespace(lr=1e-2, weight_decay=0.0, batch_size=2, micro_batch_size=2, epochs=3,
-                                  warmup_epochs=0.0, seed=0, out=tmp_path, save_every=1, resume=False, max_steps=None)
+                                  warmup_epochs=0.0, schedule="cosine", seed=0, out=tmp_path, save_every=1, resume=False, max_steps=None)
     loss = lambda idx: ((aligner.prefix.sum() + aligner.gates.sum()) * len(idx), {})
     with pytest.raises(FloatingPointError, match=r"step 2: after the update the Aligner's gates holds NaN.*step 1"):
         trainer.train(settings, aligner, loss, [0, 1], [], [1, 1], [1, 1], distributed.Dist(0, 1, torch.device("cpu")))

@@ -1,8 +1,10 @@
-"""evaluate.py: GSM8K extraction and prompts, MMLU files, prompts, letter scores and
-aggregation, QA exact match, and the command line end to end on a tiny checkpoint."""
+"""evaluate.py: GSM8K's filters, metric, stops and prompts against lm-evaluation-harness,
+MMLU's prompt against the original release, letter scores and aggregation, QA exact match,
+and the command line end to end on a tiny checkpoint."""
 
 import argparse
 import csv
+import hashlib
 import json
 import random
 
@@ -10,21 +12,54 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import cli
 import evaluate
 from aligner import Aligner
 from data import format_prompt
-from evaluate import (CATEGORIES, SUBJECT_CATEGORY, aggregate, continuation_logprobs, extract_flexible,
-                      extract_strict, gold_answer, gsm8k_prompt, letter_continuations, mmlu_prompt,
+from evaluate import (CATEGORIES, GSM8K_STOP, SUBJECT_CATEGORY, aggregate, continuation_logprobs, exact_match,
+                      extract_flexible, extract_strict, gsm8k_prompt, letter_continuations, mmlu_prompt,
                       mmlu_subjects, read_mmlu_csv)
 from llama import Tokenizer, load
 
 # -----------------------------------------------------------------------------
-# GSM8K answer extraction
+# GSM8K: the harness's filters and metric
+
+
+def test_stop_strings_are_the_harness_until():
+    # lm_eval/tasks/gsm8k/gsm8k.yaml, generation_kwargs.until (no blank line since 2024)
+    assert GSM8K_STOP == ("Question:", "</s>", "<|im_end|>")
+
+
+# (model output, reference answer) -> what the harness's own code gives: its strict-match and
+# flexible-extract filter pipelines (RegexFilter, TakeFirstFilter) and exact_match_hf_evaluate
+# with gsm8k.yaml's settings, run on these strings
+HARNESS = [
+    ("She pays $1,234.56.", "#### 1234.56", "[invalid]", "$1,234.56.", False, True),
+    ("#### $18", "#### 18", "[invalid]", "$18", False, True),  # the strict regex takes no dollar sign
+    ("5 - 3 = 2\n#### 2.", "#### 2", "2.", "2.", True, True),
+    ("It drops to -4 degrees, then 7 ...", "#### 7", "[invalid]", "...", False, False),  # the last match, as it is
+    ("#### -2,125", "#### -2,125", "-2,125", "-2,125", True, True),
+    ("no number at all", "#### 1", "[invalid]", "[invalid]", False, False),
+    ("", "#### 1", "[invalid]", "[invalid]", False, False),
+    ("The answer is 18.\n\nSo she makes $18 every day.", "#### 18", "[invalid]", "$18", False, True),
+    ("so 5 + 3 = 8\n\n#### 8", "#### 8", "8", "8", True, True),  # a blank line before #### no longer stops it
+    ("The total is 1,000,000 dollars", "It costs $1,000,000.\n#### 1,000,000", "[invalid]", "1,000,000", False, True),
+    ("#### 18 dollars, #### 19", "#### 18", "18", "19", True, False),
+    ("She has 12 apples..", "#### 12", "[invalid]", "..", False, False),
+    ("Answer: 3.50", "#### 3.5", "[invalid]", "3.50", False, False),
+    ("#### 0.5", "#### .5", "0.5", "0.5", False, False),
+]
+
+
+@pytest.mark.parametrize("text, reference, strict, flexible, strict_ok, flexible_ok", HARNESS)
+def test_filters_and_metric_give_what_the_harness_gives(text, reference, strict, flexible, strict_ok, flexible_ok):
+    assert (extract_strict(text), extract_flexible(text)) == (strict, flexible)
+    assert (exact_match(strict, reference), exact_match(flexible, reference)) == (strict_ok, flexible_ok)
 
 
 @st.composite
 def written_number(draw, dollar=True):
-    """(the number as a model might write it, the string both sides normalize to)."""
+    """(the number as a model might write it, the plain number it stands for)."""
     sign = draw(st.sampled_from(["", "-"]))
     whole = draw(st.integers(0, 10**7))
     frac = draw(st.one_of(st.just(""), st.text("0123456789", min_size=1, max_size=3)))
@@ -41,45 +76,35 @@ WORDS = st.sampled_from(["The", "answer", "is", "she", "has", "apples", "=", "+"
 
 @settings(max_examples=200, deadline=None)
 @given(parts=st.lists(st.one_of(WORDS, written_number()), max_size=12))
-def test_flexible_takes_the_last_number(parts):
+def test_flexible_scores_the_last_number(parts):
     text = " ".join(p if isinstance(p, str) else p[0] for p in parts)
     numbers = [p[1] for p in parts if not isinstance(p, str)]
-    assert extract_flexible(text) == (numbers[-1] if numbers else None)
+    if numbers:
+        assert exact_match(extract_flexible(text), f"#### {numbers[-1]}")
+    else:
+        assert extract_flexible(text) == "[invalid]"
 
 
 @settings(max_examples=200, deadline=None)
 @given(before=st.lists(st.one_of(WORDS, written_number()), max_size=6), answer=written_number(dollar=False),
        after=st.lists(st.one_of(WORDS, written_number()), max_size=6))
-def test_strict_takes_the_number_after_the_first_hashes(before, answer, after):
+def test_strict_scores_the_number_after_the_first_hashes(before, answer, after):
     words = lambda parts: " ".join(p if isinstance(p, str) else p[0] for p in parts)
     text = f"{words(before)}\n#### {answer[0]} {words(after)}\n#### 99999999"
-    assert extract_strict(text) == answer[1]
+    assert exact_match(extract_strict(text), f"#### {answer[1]}")
 
 
 @settings(max_examples=200, deadline=None)
 @given(text=st.text())
-def test_extractors_never_crash(text):
+def test_filters_always_give_a_string(text):
     for extract in (extract_strict, extract_flexible):
-        assert extract(text) is None or isinstance(extract(text), str)
+        assert isinstance(extract(text), str)
 
 
-@pytest.mark.parametrize("text, strict, flexible", [
-    ("She pays $1,234.56.", None, "1234.56"),
-    ("#### $18", None, "18"),  # the harness's strict regex takes no dollar sign
-    ("5 - 3 = 2\n#### 2.", "2", "2"),
-    ("It drops to -4 degrees, then 7 ...", None, "7"),  # a run of dots is not a number
-    ("#### -2,125", "-2125", "-2125"),
-    ("no number at all", None, None),
-    ("", None, None),
-])
-def test_extraction_on_tricky_strings(text, strict, flexible):
-    assert (extract_strict(text), extract_flexible(text)) == (strict, flexible)
-
-
-def test_gold_answer_is_what_follows_the_last_hashes():
-    assert gold_answer("She has 2,000 + 125 = <<2000+125=2125>>2,125.\n#### 2,125") == "2125"
-    assert gold_answer("no final line") is None
-    assert extract_strict("the model rambles") != gold_answer("#### 3")  # a missing answer is simply wrong
+def test_the_reference_is_what_follows_the_last_hashes():
+    answer = "She has 2,000 + 125 = <<2000+125=2125>>2,125.\n#### 2,125"
+    assert exact_match("2125", answer) and exact_match("$2,125.", answer) and not exact_match("2000", answer)
+    assert not exact_match("[invalid]", "#### 3")  # a missing answer is simply wrong
 
 
 # -----------------------------------------------------------------------------
@@ -123,12 +148,23 @@ def test_a_bad_mmlu_row_is_named_by_file_and_line(tmp_path):
 
 
 def test_mmlu_prompt_with_two_shots_is_exact():
+    """The release's header has two spaces after "about": its format_subject puts one before each word."""
     assert mmlu_prompt("abstract_algebra", [tuple(r) for r in DEV[:2]], tuple(TEST_ROW)) == (
-        "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
+        "The following are multiple choice questions (with answers) about  abstract algebra.\n\n"
         "Which is a prime?\nA. 4\nB. 6\nC. 7\nD. 9\nAnswer: C\n\n"
         "Statement 1 | x, y.\nStatement 2 | \"z\".\nA. True, True\nB. False, False\nC. True, False\n"
         "D. False, True\nAnswer: B\n\n"
         "Find the order of the group, if any.\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer:")
+
+
+def test_mmlu_fields_are_read_as_written(tmp_path):
+    """"None" stays "None", as the release's pandas.read_csv kept it before pandas 2.0 (which reads
+    it as missing and prints "nan"); the README says so."""
+    write_csv(tmp_path / "t.csv", [["Which is printed?", "None", "0", "1", "nan", "A"]])
+    (row,) = read_mmlu_csv(tmp_path / "t.csv")
+    assert mmlu_prompt("college_computer_science", [], row) == (
+        "The following are multiple choice questions (with answers) about  college computer science.\n\n"
+        "Which is printed?\nA. None\nB. 0\nC. 1\nD. nan\nAnswer:")
 
 
 # -----------------------------------------------------------------------------
@@ -201,6 +237,10 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
+                   "completes the request.\n\n### Instruction:\n{}\n\n### Response:")
+
+
 def test_cli_runs_all_tasks_and_a_zero_gate_aligner_matches_the_base(tiny_ckpt, tmp_path):
     data = tmp_path / "data"
     train = [{"question": f"Tom has {i} cats. How many?", "answer": f"He has {i}.\n#### {i}"} for i in range(6)]
@@ -245,6 +285,7 @@ def test_cli_runs_all_tasks_and_a_zero_gate_aligner_matches_the_base(tiny_ckpt, 
         if task == "gsm8k":
             assert result["info"]["shots"] == 2 and len(base) == 2
             assert rows["base"]["flexible"] == sum(p["flexible_correct"] for p in base) / 2
+            assert all(p["gold"] == "5" for p in base)
         elif task == "mmlu":
             assert len(base) == 4 and result["info"]["letters_single_token"] + \
                 result["info"]["letters_multi_token"] == 4
@@ -254,26 +295,91 @@ def test_cli_runs_all_tasks_and_a_zero_gate_aligner_matches_the_base(tiny_ckpt, 
             assert set(rows["base"]["categories"]) == {"STEM", "humanities"}
 
 
+def test_out_records_hold_the_exact_prompt_and_the_stop_strings(tiny_ckpt, tmp_path):
+    train = [{"question": f"Tom has {i} cats. How many?", "answer": f"He has {i}.\n#### {i}"} for i in range(6)]
+    write_jsonl(tmp_path / "gsm8k" / "train.jsonl", train)
+    write_jsonl(tmp_path / "gsm8k" / "test.jsonl", [{"question": "Ann has 2 pens. How many?", "answer": "#### 2"}])
+    write_csv(tmp_path / "mmlu" / "dev" / "anatomy_dev.csv", DEV)
+    write_csv(tmp_path / "mmlu" / "test" / "anatomy_test.csv", [TEST_ROW])
+    write_jsonl(tmp_path / "qa.jsonl", [{"instruction": "What is a robin?", "output": "A bird."}])
+    common = ["--ckpt", str(tiny_ckpt), "--max-new-tokens", "4", "--max-seq-len", "256"]
+    evaluate.main(["gsm8k", *common, "--data", str(tmp_path / "gsm8k" / "test.jsonl"), "--shots", "2",
+                   "--seed", "5", "--out", str(tmp_path / "g")])
+    evaluate.main(["mmlu", *common, "--data", str(tmp_path / "mmlu"), "--paper", "--out", str(tmp_path / "m")])
+    evaluate.main(["qa", *common, "--data", str(tmp_path / "qa.jsonl"), "--out", str(tmp_path / "q")])
+
+    (gsm8k,) = read_jsonl(tmp_path / "g" / "gsm8k.jsonl")
+    a, b = random.Random(5).sample(range(6), 2)  # the harness's draw: random.Random(seed).sample(pool, k)
+    assert gsm8k["prompt"] == (f"Question: Tom has {a} cats. How many?\nAnswer: He has {a}.\n#### {a}\n\n"
+                               f"Question: Tom has {b} cats. How many?\nAnswer: He has {b}.\n#### {b}\n\n"
+                               "Question: Ann has 2 pens. How many?\nAnswer:")
+    assert gsm8k["stop"] == ["Question:", "</s>", "<|im_end|>"] and gsm8k["shots"] == 2
+    (mmlu,) = read_jsonl(tmp_path / "m" / "mmlu.jsonl")
+    assert mmlu["prompt"] == ("The following are multiple choice questions (with answers) about  anatomy.\n\n"
+                              "Which is a prime?\nA. 4\nB. 6\nC. 7\nD. 9\nAnswer: C\n\n"  # --paper: one shot
+                              "Find the order of the group, if any.\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer:")
+    (qa,) = read_jsonl(tmp_path / "q" / "qa.jsonl")
+    assert qa["prompt"] == ALPACA_NO_INPUT.format("What is a robin?") and qa["stop"] == []
+
+
+def test_paper_setting_is_one_shot_each_and_excludes_shots(tiny_ckpt, tmp_path, capsys):
+    write_jsonl(tmp_path / "gsm8k" / "train.jsonl", [{"question": f"Q{i}?", "answer": f"#### {i}"} for i in range(4)])
+    write_jsonl(tmp_path / "gsm8k" / "test.jsonl", [{"question": "T?", "answer": "#### 1"}])
+    results = evaluate.main(["gsm8k", "--ckpt", str(tiny_ckpt), "--data", str(tmp_path / "gsm8k" / "test.jsonl"),
+                             "--paper", "--max-new-tokens", "2", "--max-seq-len", "256"])
+    (result,) = results["gsm8k"].values()
+    assert result["info"]["shots"] == 1
+    with pytest.raises(SystemExit) as stopped:
+        cli.run(evaluate.main, ["gsm8k", "--ckpt", str(tiny_ckpt), "--paper", "--shots", "3"])
+    assert stopped.value.code == 2 and "give either --paper or --shots" in capsys.readouterr().err
+
+
+def test_prompts_that_drop_shots_are_counted_and_warned_about(tiny_ckpt, tmp_path, capsys):
+    write_csv(tmp_path / "mmlu" / "dev" / "anatomy_dev.csv", DEV)
+    write_csv(tmp_path / "mmlu" / "test" / "anatomy_test.csv", [TEST_ROW, ["Short?", "a", "b", "c", "d", "A"]])
+    tokenizer = Tokenizer(tiny_ckpt.parent / "tokenizer.model")
+    ((two_shots, conts),) = letter_continuations(tokenizer, [mmlu_prompt("anatomy", [tuple(r) for r in DEV[:2]],
+                                                                           tuple(TEST_ROW))])
+    limit = len(two_shots) + max(map(len, conts)) - 1  # the first question fits with 2 of its 3 shots
+    results = evaluate.main(["mmlu", "--ckpt", str(tiny_ckpt), "--data", str(tmp_path / "mmlu"), "--shots", "3",
+                             "--max-seq-len", str(limit), "--out", str(tmp_path / "out")])
+    (result,) = results["mmlu"].values()
+    assert result["info"]["prompts_dropping_shots"] >= 1 and result["info"]["prompts_cut"] == 0
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())["results"]["mmlu"]
+    assert list(saved.values())[0]["info"] == result["info"]
+    err = capsys.readouterr().err
+    assert f"warning: mmlu {tmp_path / 'mmlu'}: {result['info']['prompts_dropping_shots']} of 2 prompts dropped " \
+           f"shots ({result['info']['shots_dropped']} in all) to fit --max-seq-len {limit}" in err
+    records = read_jsonl(tmp_path / "out" / "mmlu.jsonl")
+    assert records[0]["shots"] == 2 and records[0]["prompt"].count("Answer:") == 3
+
+
 def test_gsm8k_shots_are_a_seeded_draw_per_item(tiny_ckpt, tmp_path):
     train = [{"question": f"Q{i}?", "answer": f"#### {i}"} for i in range(20)]
     test = [{"question": f"T{i}?", "answer": f"#### {i}"} for i in range(3)]
     write_jsonl(tmp_path / "train.jsonl", train)
     write_jsonl(tmp_path / "test.jsonl", test)
     tokenizer = Tokenizer(tiny_ckpt.parent / "tokenizer.model")
-    args = argparse.Namespace(limit=None, alpaca=False, seed=7, max_seq_len=4096,
-                                                          max_new_tokens=16)
-    items, golds, prompts, info = evaluate.prepare_gsm8k(tmp_path / "test.jsonl", tokenizer, 3, args)
+    args = argparse.Namespace(limit=None, template=None, seed=7, max_seq_len=4096, max_new_tokens=16)
+    items, info = evaluate.prepare_gsm8k(tmp_path / "test.jsonl", tokenizer, 3, args)
     rng = random.Random(7)
-    want = [tokenizer.encode(gsm8k_prompt(t["question"], rng.sample(train, 3)), bos=True) for t in test]
-    assert prompts == want and golds == ["0", "1", "2"] and info["shots_dropped"] == 0
+    want = [gsm8k_prompt(t["question"], rng.sample(train, 3)) for t in test]
+    assert [item.prompt for item in items] == want
+    assert [item.ids for item in items] == [tokenizer.encode(p, bos=True) for p in want]
+    assert [item.gold for item in items] == ["#### 0", "#### 1", "#### 2"] and info["shots_dropped"] == 0
 
 
-def test_alpaca_gsm8k_is_the_bare_question_in_the_template_zero_shot(tiny_ckpt, tmp_path):
+@pytest.mark.parametrize("template, prompt", [
+    ("alpaca", ALPACA_NO_INPUT.format(JANET)),
+    ("metamath", f"[|User|] {JANET} [|AI Assistant|] "),
+])
+def test_a_template_makes_gsm8k_zero_shot_in_that_format(tiny_ckpt, tmp_path, template, prompt):
     write_jsonl(tmp_path / "test.jsonl", [{"question": JANET, "answer": "#### 18"}])
     tokenizer = Tokenizer(tiny_ckpt.parent / "tokenizer.model")
-    args = argparse.Namespace(limit=None, alpaca=True, seed=0, max_seq_len=4096, max_new_tokens=16)
-    _, _, prompts, info = evaluate.prepare_gsm8k(tmp_path / "test.jsonl", tokenizer, 8, args)
-    assert prompts == [tokenizer.encode(format_prompt(JANET), bos=True)] and info["shots"] == 0
+    args = argparse.Namespace(limit=None, template=template, seed=0, max_seq_len=4096, max_new_tokens=16)
+    (item,), info = evaluate.prepare_gsm8k(tmp_path / "test.jsonl", tokenizer, 8, args)
+    assert item.prompt == prompt and item.ids == tokenizer.encode(prompt, bos=True)
+    assert info["shots"] == 0 and info["template"] == template and info["stop"] == list(GSM8K_STOP)
 
 
 def test_a_prompt_too_long_for_the_context_drops_shots_from_the_end(tiny_ckpt, tmp_path):
@@ -284,16 +390,18 @@ def test_a_prompt_too_long_for_the_context_drops_shots_from_the_end(tiny_ckpt, t
     def with_shots(k):
         prompt = mmlu_prompt("anatomy", [tuple(r) for r in DEV[:k]], tuple(TEST_ROW))
         ((context, continuations),) = letter_continuations(tokenizer, [prompt])
-        return context, len(context) + max(map(len, continuations)) - 1  # the longest row it makes
+        return prompt, context, len(context) + max(map(len, continuations)) - 1  # the longest row it makes
 
-    (two, fits), (zero, smallest) = with_shots(2), with_shots(0)
-    items, info = evaluate.prepare_mmlu(tmp_path / "mmlu", tokenizer, 3,
-                                        argparse.Namespace(limit=None, max_seq_len=fits))
-    assert info["shots_dropped"] == 1 and info["prompts_cut"] == 0 and items[0][1] == two
-    items, info = evaluate.prepare_mmlu(tmp_path / "mmlu", tokenizer, 3,
-                                        argparse.Namespace(limit=None, max_seq_len=smallest - 5))
+    (two_text, two, fits), (zero_text, zero, smallest) = with_shots(2), with_shots(0)
+    (item,), info = evaluate.prepare_mmlu(tmp_path / "mmlu", tokenizer, 3,
+                                          argparse.Namespace(limit=None, max_seq_len=fits))
+    assert info["shots_dropped"] == 1 and info["prompts_dropping_shots"] == 1 and info["prompts_cut"] == 0
+    assert (item.prompt, item.context, item.shots, item.tokens_cut) == (two_text, two, 2, 0)
+    (item,), info = evaluate.prepare_mmlu(tmp_path / "mmlu", tokenizer, 3,
+                                          argparse.Namespace(limit=None, max_seq_len=smallest - 5))
     assert info["shots_dropped"] == 3 and info["prompts_cut"] == 1
-    assert items[0][1] == zero[:1] + zero[6:]  # BOS kept, the oldest tokens cut
+    assert item.context == zero[:1] + zero[6:] and item.tokens_cut == 5  # BOS kept, the oldest tokens cut
+    assert item.prompt == zero_text
 
 
 def test_without_the_demo_the_cli_says_how_to_build_it(tmp_path, monkeypatch):
@@ -303,17 +411,91 @@ def test_without_the_demo_the_cli_says_how_to_build_it(tmp_path, monkeypatch):
 
 
 # -----------------------------------------------------------------------------
-# the real files
+# the real files, against the references' own code
 
 
 @pytest.mark.parametrize("split, n", [("test", 1319), ("train", 7473)])
-def test_every_real_gsm8k_gold_answer_scores_through_both_extractors(shared_data, split, n):
+def test_every_real_gsm8k_answer_scores_through_both_filters(shared_data, split, n):
     records = [json.loads(line) for line in (shared_data / "gsm8k" / f"{split}.jsonl").read_text().splitlines()]
     assert len(records) == n
     for r in records:
-        gold = gold_answer(r["answer"])
-        assert gold is not None and gold.lstrip("-").isdigit()
-        assert extract_strict(r["answer"]) == gold and extract_flexible(r["answer"]) == gold
+        assert exact_match(extract_strict(r["answer"]), r["answer"])
+        assert exact_match(extract_flexible(r["answer"]), r["answer"])
+
+
+def sha256(texts) -> str:
+    return hashlib.sha256("\0".join(texts).encode()).hexdigest()
+
+
+def test_real_gsm8k_prompts_and_shot_draws_equal_the_harness(shared_data):
+    """The harness's own code (ContextSampler seeded 1234, gsm8k.yaml's doc_to_text and
+    doc_to_target, build_qa_turn) on these files gives: for the first test item, the train
+    lines (from 0) below; for all prompts, these sha256 digests of their texts joined by NUL."""
+    tokenizer = Tokenizer(shared_data / "llama-tokenizer" / "tokenizer.model")
+    test_path = shared_data / "gsm8k" / "test.jsonl"
+    train = [json.loads(line) for line in (shared_data / "gsm8k" / "train.jsonl").read_text().splitlines()]
+    test = [json.loads(line) for line in test_path.read_text().splitlines()]
+
+    args = argparse.Namespace(limit=200, template=None, seed=1234, max_seq_len=4096, max_new_tokens=256)
+    items, info = evaluate.prepare_gsm8k(test_path, tokenizer, 8, args)
+    assert items[0].prompt == gsm8k_prompt(test[0]["question"],
+                                           [train[i] for i in (6374, 3610, 957, 61, 742, 7462, 6610, 4769)])
+    assert sha256(item.prompt for item in items) == "8d049c70a9ec176b12c17d4e8841d5da05317bd5a3cde19d851688f95e35ec7e"
+    assert info["prompts_dropping_shots"] == 0
+
+    args.limit = None
+    items, _ = evaluate.prepare_gsm8k(test_path, tokenizer, 1, args)  # --paper
+    assert len(items) == 1319
+    assert sha256(item.prompt for item in items) == "614217df57442b3d68eb2c5f1ae625a2baeb3faa9abe237e2355fad0f7b78990"
+    assert items[0].prompt == (
+        "Question: Jen and Tyler are gymnasts practicing flips. Jen is practicing the triple-flip while Tyler is "
+        "practicing the double-flip. Jen did sixteen triple-flips during practice. Tyler flipped in the air half "
+        "the number of times Jen did. How many double-flips did Tyler do?\n"
+        "Answer: Jen did 16 triple-flips, so she did 16 * 3 = <<16*3=48>>48 flips.\n"
+        "Tyler did half the number of flips, so he did 48 / 2 = <<48/2=24>>24 flips.\n"
+        "A double flip has two flips, so Tyler did 24 / 2 = <<24/2=12>>12 double-flips.\n#### 12\n\n"
+        f"Question: {JANET}\nAnswer:")
+
+
+def test_real_mmlu_prompts_equal_the_original_releases(shared_data):
+    """hendrycks/test evaluate.py's own gen_prompt and format_example on these files (read by
+    pandas, none of these rows holding "None") give, for the first 3 test questions of each of
+    the 57 subjects in sorted order, these sha256 digests of the prompts joined by NUL."""
+    tokenizer = Tokenizer(shared_data / "llama-tokenizer" / "tokenizer.model")
+    folder = shared_data / "mmlu"
+    for shots, digest in ((5, "f8bb70307d7100d3de8d89d75e57483c32aca36b823cb467d42ddc08f63f098e"),
+                          (1, "6507c27bc92684675e40ad9f63b41e629ad5c3ba526fdc0c8a1bc86c489e7acb")):
+        items, info = evaluate.prepare_mmlu(folder, tokenizer, shots, argparse.Namespace(limit=3, max_seq_len=4096))
+        assert len(items) == 171 and info["prompts_dropping_shots"] == 0
+        assert sha256(item.prompt for item in items) == digest
+        for item in items:  # the release's rules, stated: its header, the first dev rows, the question
+            with open(folder / "dev" / f"{item.subject}_dev.csv", newline="", encoding="utf-8") as f:
+                dev = list(csv.reader(f))[:shots]
+            with open(folder / "test" / f"{item.subject}_test.csv", newline="", encoding="utf-8") as f:
+                question = next(r for r in csv.reader(f) if item.prompt.endswith(
+                    f"{r[0]}\nA. {r[1]}\nB. {r[2]}\nC. {r[3]}\nD. {r[4]}\nAnswer:"))
+            subject = item.subject.replace("_", " ")
+            header = f"The following are multiple choice questions (with answers) about  {subject}."
+            assert item.prompt == (
+                header + "\n\n"
+                + "".join(f"{q}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer: {x}\n\n" for q, a, b, c, d, x in dev)
+                + f"{question[0]}\nA. {question[1]}\nB. {question[2]}\nC. {question[3]}\nD. {question[4]}\nAnswer:")
+    (first, *_), _ = evaluate.prepare_mmlu(folder, tokenizer, 5, argparse.Namespace(limit=1, max_seq_len=4096))
+    assert first.prompt == (
+        "The following are multiple choice questions (with answers) about  abstract algebra.\n\n"
+        "Find all c in Z_3 such that Z_3[x]/(x^2 + c) is a field.\nA. 0\nB. 1\nC. 2\nD. 3\nAnswer: B\n\n"
+        "Statement 1 | If aH is an element of a factor group, then |aH| divides |a|. Statement 2 | If H and K are "
+        "subgroups of G then HK is a subgroup of G.\nA. True, True\nB. False, False\nC. True, False\n"
+        "D. False, True\nAnswer: B\n\n"
+        "Statement 1 | Every element of a group generates a cyclic subgroup of the group. Statement 2 | The "
+        "symmetric group S_10 has 10 elements.\nA. True, True\nB. False, False\nC. True, False\nD. False, True\n"
+        "Answer: C\n\n"
+        "Statement 1| Every function from a finite set onto itself must be one to one. Statement 2 | Every subgroup "
+        "of an abelian group is abelian.\nA. True, True\nB. False, False\nC. True, False\nD. False, True\n"
+        "Answer: A\n\n"
+        "Find the characteristic of the ring 2Z.\nA. 0\nB. 3\nC. 12\nD. 30\nAnswer: A\n\n"
+        "Find the degree for the given field extension Q(sqrt(2), sqrt(3), sqrt(18)) over Q.\n"
+        "A. 0\nB. 4\nC. 2\nD. 6\nAnswer:")
 
 
 def test_all_57_real_mmlu_subjects_parse_with_the_official_counts(shared_data):

@@ -325,6 +325,9 @@ def test_command_line_answers_side_by_side(tiny, tiny_ckpt, tmp_path, capsys):
     records = [json.loads(line) for line in (tmp_path / "out" / "answers.jsonl").read_text().splitlines()]
     assert [(r["instruction"], r["aligner"]) for r in records] == [
         (i, name) for i in instructions for name in ("sft", "base")]
+    assert records[0]["prompt"] == records[1]["prompt"] == (  # the exact text given to the model
+        "Below is an instruction that describes a task. Write a response that appropriately completes the "
+        "request.\n\n### Instruction:\nName a bird.\n\n### Response:")
     prompts = encode(tokenizer, [format_prompt(i) for i in instructions])
     for name, a in (("sft", aligner), ("base", None)):
         expected = generate(model, tokenizer, prompts, a, max_new_tokens=8)
@@ -345,6 +348,7 @@ def test_command_line_reads_a_jsonl_prompts_file(tiny, tiny_ckpt, tmp_path, caps
                         max_new_tokens=6)
     assert [r["output"] for r in records] == expected
     assert [r["aligner"] for r in records] == ["base", "base"]
+    assert [r["prompt"] for r in records] == ["Name a bird.", "Add these.\n\n2 and 3"]
 
 
 def test_command_line_names_the_line_of_a_bad_prompts_file(tiny_ckpt, tmp_path):

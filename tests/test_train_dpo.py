@@ -39,8 +39,8 @@ def tiny(tiny_ckpt):
     with torch.no_grad():
         aligner.gates.normal_(0, 0.3)  # a trained-looking Aligner: not the base model
     prompts = [data.format_prompt("Name a bird."), data.format_prompt("What is two plus three?")]
-    pairs = [(data.encode_example(tokenizer, p, "A robin is a bird.", 128)[:2],
-              data.encode_example(tokenizer, p, "five.", 128)[:2]) for p in prompts]
+    pairs = [train_dpo.Pair(data.encode_example(tokenizer, p, "A robin is a bird.", 128),
+                            data.encode_example(tokenizer, p, "five.", 128)) for p in prompts]
     return model, aligner, pairs
 
 
@@ -49,7 +49,7 @@ def test_safety_filter_and_pair_choice(tmp_path):
     safer, dropped = data.read_preferences(path, pair="safer")
     assert dropped == 1  # row c: its safer response is unsafe too
     assert [(c, r) for _, c, r in safer] == [("a zero", "a one"), ("b one", "b zero"), ("d one", "d zero")]
-    assert safer[0][0] == data.format_prompt("a")
+    assert safer[0].prompt == data.format_prompt("a")
     better, dropped = data.read_preferences(path, pair="better")
     assert dropped == 2  # rows a and c: the better response is unsafe
     assert [(c, r) for _, c, r in better] == [("b one", "b zero"), ("d zero", "d one")]

@@ -50,36 +50,6 @@ def full_run(tiny_ckpt, tmp_path_factory):
     return task, folder / "run"
 
 
-def test_template_is_alpaca_exactly():
-    assert data.format_prompt("Add.", "2 and 3") == (
-        "Below is an instruction that describes a task, paired with an input that provides further context. "
-        "Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\nAdd.\n\n### Input:\n2 and 3\n\n### Response:\n")
-    assert data.format_prompt("Add.") == (
-        "Below is an instruction that describes a task. "
-        "Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\nAdd.\n\n### Response:\n")
-
-
-def test_prompt_tokens_carry_no_loss(tiny_ckpt):
-    tok = llama.Tokenizer(tiny_ckpt.parent / "tokenizer.model")
-    prompt, response = data.format_prompt("Name a bird."), "A robin is a bird."
-    short = data.encode_example(tok, prompt, response, max_len=512)
-    other = data.encode_example(tok, data.format_prompt("Question: What is two plus three?"), "five.", 512)
-    inputs, targets = data.collate([short, other])
-    n_prompt = len(tok.encode(prompt))
-    tokens = short[0]
-    assert tokens[0] == tok.bos_id and tokens[-1] == tok.eos_id
-    # target t is token t + 1: the first loss target is the first response token
-    assert (targets[0, :n_prompt - 1] == data.IGNORE).all()
-    assert targets[0, n_prompt - 1:len(tokens) - 1].tolist() == tokens[n_prompt:]
-    assert tok.decode(tokens[n_prompt:-1]) == response
-    assert (targets[0, len(tokens) - 1:] == data.IGNORE).all()  # padding
-    # --train-on-prompt: everything after BOS
-    whole = data.encode_example(tok, prompt, response, 512, train_on_prompt=True)
-    assert (data.collate([whole])[1] != data.IGNORE).all()
-
-
 def test_long_examples_are_cut_and_counted(tiny_ckpt, tmp_path, capsys):
     path = tmp_path / "long.jsonl"
     rows = [{"prompt": "Answer: ", "response": "five " * 200}, {"prompt": "Answer: ", "response": "five."}] * 3
@@ -110,16 +80,6 @@ def test_alpaca_json_and_jsonl_give_the_same_examples(tmp_path):
     lines = tmp_path / "task.jsonl"
     lines.write_text("".join(json.dumps(r) + "\n" for r in json.loads(task.read_text())))
     assert data.read_sft(task) == data.read_sft(lines)
-
-
-def test_real_alpaca_sample_parses(shared_data):
-    pairs = data.read_sft(shared_data / "alpaca" / "alpaca_5000.json")
-    assert len(pairs) == 5000
-    assert sum("### Input:" in p for p, _ in pairs) == 1943  # records with a non-empty input
-    tok = llama.Tokenizer(shared_data / "llama-tokenizer" / "tokenizer.model")
-    for prompt, response in pairs[:300]:  # the prompt's tokens begin the whole example's: the mask is right
-        tokens, loss_start, _ = data.encode_example(tok, prompt, response, 10_000)
-        assert tokens[:loss_start] == tok.encode(prompt)
 
 
 def test_loss_falls_on_a_fixed_task(tiny_ckpt, tmp_path):
@@ -169,8 +129,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_state(tmp_path):
         return (value * math.nan if len(calls) > 2 else value), {}
 
     settings = argparse.Namespace(
-        lr=1e-2, weight_decay=0.0, batch_size=2, micro_batch_size=2, epochs=3, warmup_epochs=0.0, seed=0,
-        out=tmp_path, save_every=1, resume=False, max_steps=None)
+        lr=1e-2, weight_decay=0.0, batch_size=2, micro_batch_size=2, epochs=3, warmup_epochs=0.0,
+        schedule="cosine", seed=0, out=tmp_path, save_every=1, resume=False, max_steps=None)
     d = distributed.Dist(0, 1, torch.device("cpu"))
     with pytest.raises(FloatingPointError, match=r"step 3: the loss is nan.*state.pt \(step 2\)"):
         trainer.train(settings, aligner, batch_loss, [0, 1], [], [1, 1], [1, 1], d)
@@ -213,6 +173,24 @@ def test_schedule_warms_up_then_decays_to_zero():
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a > b for a, b in zip(lrs[3:], lrs[4:])) and lrs[-1] > 0
     assert trainer.learning_rate(0, 1.0, warmup_steps=0, total_steps=12) < 1.0  # no warmup: decay from the start
+
+
+def test_the_authors_schedule_rises_from_zero_and_stays():
+    """finetune/aligner.py sets lr = learning_rate * step_count / warmup_iters while step_count <=
+    warmup_iters, step_count being the optimizer steps already taken; after that it is left alone."""
+    lrs = [trainer.constant_learning_rate(s, 1.0, warmup_steps=4, total_steps=8) for s in range(8)]
+    assert lrs == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0]
+    # their Alpaca run: peak 9e-3, warmup_iters = 2 * (50000 // 8) = 12500 against 6250 optimizer steps
+    run = [trainer.constant_learning_rate(s, 9e-3, 12_500, 6_250) for s in (0, 1, 6_249)]
+    assert run == pytest.approx([0.0, 7.2e-7, 4.49928e-3], rel=1e-12, abs=0)
+    assert trainer.constant_learning_rate(0, 9e-3, 0, 10) == 9e-3  # no warmup: the peak from the start
+
+
+def test_schedule_flag_picks_the_authors_schedule(tiny_ckpt, tmp_path):
+    task = write_task(tmp_path / "task.json", n=10)
+    train_sft.main(run_args(tiny_ckpt, task, tmp_path / "run", "--schedule", "constant", "--warmup-epochs", "1.5"))
+    lrs = [json.loads(l)["lr"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"lr"' in l]
+    assert lrs == pytest.approx([0.0, 3e-3, 6e-3, 9e-3])  # 2 steps an epoch: a warmup of 3 steps to 9e-3
 
 
 @pytest.mark.parametrize("argv, batch_size", [([], 16), (["--batch-size", "8"], 8),
