@@ -279,12 +279,12 @@ def by_length(prompts, batch_size: int):
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def generate_all(model, tokenizer, prompts, aligner, batch_size, max_new_tokens, stop, desc):
+def generate_all(model, tokenizer, prompts, aligner, batch_size, max_new_tokens, stop, desc, compile=False):
     outputs = [None] * len(prompts)
     with tqdm(total=len(prompts), desc=desc, file=sys.stderr) as bar:
         for batch in by_length(prompts, batch_size):
             texts = generate(model, tokenizer, [prompts[i] for i in batch], aligner,
-                             max_new_tokens=max_new_tokens, stop=list(stop))
+                             max_new_tokens=max_new_tokens, stop=list(stop), compile=compile)
             for i, text in zip(batch, texts):
                 outputs[i] = text
             bar.update(len(batch))
@@ -330,7 +330,7 @@ def run_gsm8k(model, tokenizer, aligner, name, prepared, args):
     items, golds, prompts, info = prepared
     stop = () if args.alpaca else ("Question:", "\n\n")
     outputs = generate_all(model, tokenizer, prompts, aligner, args.batch_size, args.max_new_tokens, stop,
-                           f"gsm8k [{name}]")
+                           f"gsm8k [{name}]", args.compile)
     predictions, strict, flexible = [], 0, 0
     for n, (item, gold, output) in enumerate(zip(items, golds, outputs)):
         s, f = extract_strict(output), extract_flexible(output)
@@ -404,7 +404,7 @@ def prepare_qa(path, tokenizer, shots: int, args):
 def run_qa(model, tokenizer, aligner, name, prepared, args):
     items, prompts, _ = prepared
     outputs = generate_all(model, tokenizer, prompts, aligner, args.batch_size, args.max_new_tokens, (),
-                           f"qa [{name}]")
+                           f"qa [{name}]", args.compile)
     correct = [out.strip() == item["output"].strip() for item, out in zip(items, outputs)]
     predictions = [{"aligner": name, "index": n, "gold": item["output"], "output": out, "correct": c}
                    for n, (item, out, c) in enumerate(zip(items, outputs, correct))]
@@ -467,6 +467,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=1234,
                         help="the seed of the gsm8k few-shot draw (default 1234, the harness's)")
     parser.add_argument("--out", help="folder for results.json and <task>.jsonl per-item predictions")
+    parser.add_argument("--compile", action="store_true",
+                        help="gsm8k and qa: decode with the compiled step (generate.py --compile)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the model runs (bfloat16 on cuda, float32 on cpu)")
     args = parser.parse_args(argv)
