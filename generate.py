@@ -99,9 +99,9 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, t
 # cuDNN's attention is left out, though recent torch tries it first on H100-class
 # GPUs: it builds an execution graph for each new shape (cached by shape, sequence
 # lengths included), and a decode step's key length is new at every step, so each
-# call would pay that setup on the CPU. Flash and memory-efficient launch the same
-# kernels whatever the lengths, for about the CPU cost of the matrix products
-# around them. On the CPU, torch picks its flash kernel or math from the same list.
+# call would pay that setup on the CPU. Flash and memory-efficient launch their
+# kernels with no setup per shape, so a call costs the CPU about what a matrix
+# product does. On the CPU, torch picks its flash kernel or math from the same list.
 EAGER_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 # The compiled decode step: the math form, which Inductor fuses with the mask and the
 # softmax into kernels of its own, as gpt-fast's decode loop does.
