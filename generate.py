@@ -332,6 +332,13 @@ def generate(model, tokenizer, prompts: list[list[int]], aligner=None, *, max_ne
     return out
 
 
+# Where the next step is queued before this step's tokens are read back (which
+# waits for them): on a GPU the device then keeps working while Python checks the
+# rows. The CPU runs nothing ahead, and reading first saves a step when all rows
+# stop early. Reading ahead samples once more at the end of a batch.
+READ_AHEAD = {"cuda"}
+
+
 def next_logits(model, token: torch.Tensor, aligner, cache: KVCache, positions) -> torch.Tensor:
     """The decode step of a generation: this step's tokens (B,) -> the logits that follow them (B, V).
 
@@ -382,10 +389,7 @@ def generate_batch(model, tokenizer, prompts, aligner, first_row, max_new_tokens
         positions = torch.arange(longest, longest + n_new, device=device)  # step s feeds position longest + s
 
     # --- decode ----------------------------------------------------------------------
-    # On a GPU the next step is queued before this step's tokens are read back
-    # (which waits for them), so the device keeps working while Python checks
-    # the rows; on the CPU nothing runs ahead, and reading first saves a step.
-    ahead = device.type == "cuda"
+    ahead = device.type in READ_AHEAD
     rows = [Row(first_row + b) for b in range(len(prompts))]
     next_token = sample(logits, temperature, top_p, top_k, generator)  # (B,)
     with attention_kernels(COMPILED_ATTENTION if compile else EAGER_ATTENTION):

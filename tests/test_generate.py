@@ -15,7 +15,7 @@ import llama
 from aligner import Aligner, AlignerBank
 from conftest import TINY
 from data import format_prompt
-from generate import cut_at_stop, decode_one_token, generate, prefill, sample
+from generate import cut_at_stop, decode_one_token, generate, prefill, rows_of, sample
 from llama import KVCache, ModelArgs, Transformer, load, prefix_attention
 
 # float32 rounding, after a few layers of logits up to about 6 in size: the batched,
@@ -326,6 +326,35 @@ def test_generation_stops_at_the_end_of_the_context(tiny):
     assert len(out) == 1
     with pytest.raises(ValueError, match="max_seq_len"):
         generate(model, tokenizer, [[tokenizer.bos_id] * 256], max_new_tokens=4)
+
+
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=needs_compile)], ids=["eager", "compiled"])
+def test_reading_ahead_as_on_a_gpu_gives_the_same_text(tiny, monkeypatch, compile):
+    """On a GPU the next step is queued before a step's tokens are read back; forced here on
+    the CPU, it must not change what rows return: early EOS, stop strings, streaming, sampling."""
+    model, tokenizer = tiny
+    prompts = encode(tokenizer, PROMPTS)
+    aligner = trained_aligner(model.args, n_tokens=2)
+    ids = greedy_ids(model, prompts[0], 16, rows_of(aligner, slice(None), "cpu"))
+    eos = ids[4]
+    stopped = copy.copy(tokenizer)
+    stopped.eos_id = eos  # the first row stops at its fifth token
+    runs = [dict(max_new_tokens=16), dict(max_new_tokens=16, stop=["e", "\x00never"]),
+            dict(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=3)]
+
+    def outputs():
+        pieces = []
+        texts = [generate(model, stopped, prompts, aligner, compile=compile, **kw) for kw in runs]
+        generate(model, stopped, prompts, aligner, compile=compile, max_new_tokens=16,
+                 on_token=lambda row, text: pieces.append((row, text)))
+        return texts, pieces
+
+    expected = outputs()
+    monkeypatch.setattr(generate_script, "READ_AHEAD", {"cpu"})
+    assert outputs() == expected
+    texts, pieces = expected
+    assert texts[0][0] == tokenizer.decode(ids[:ids.index(eos)])  # the first row stopped early
+    assert texts[1] != texts[0] and len(pieces) > len(prompts)  # stop strings cut rows; pieces streamed
 
 
 # -----------------------------------------------------------------------------
