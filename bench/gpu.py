@@ -97,7 +97,8 @@ def measure(model, tokens, steps: int, warmup: int, checkpointing: bool):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Aligner training and decoding speed at LLaMA-2-7B's shape on one GPU.")
+    parser = argparse.ArgumentParser(
+        description="Aligner training and decoding speed at LLaMA-2-7B's shape on one GPU.")
     parser.add_argument("--table", choices=["train", "decode", "both"], default="both", help="which table to measure")
     parser.add_argument("--batch", type=int, default=8, help="training: sequences per step")
     parser.add_argument("--seq-len", type=int, default=512, help="training: tokens per sequence")
@@ -303,7 +304,7 @@ def decode_run(model, device, batches=(1, 16), bank_size=1_000_000, generations=
         draw = functools.partial(draw_prompts, rng, case.batch, prompt_lengths, model_args.vocab_size)
         with torch.inference_mode():
             first[case], seconds = time_generations(run, draw, generations, device)
-        step[case] = sum(seconds) / (generations * new_tokens)  # seconds per new token of each row
+        step[case] = sum(seconds) / (generations * new_tokens)  # seconds per decode step (a token for each row)
         print(f"  {case.batch:>2} {case.decoder:<22} {case.aligner:<28} {case.batch / step[case]:9.1f} tokens/s "
               f"(first generation {first[case]:.1f} s)", file=sys.stderr, flush=True)
 
