@@ -347,12 +347,12 @@ def by_length(prompts, batch_size: int):
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def generate_all(model, tokenizer, prompts, aligner, batch_size, max_new_tokens, stop, desc):
+def generate_all(model, tokenizer, prompts, aligner, batch_size, max_new_tokens, stop, desc, compile=False):
     outputs = [None] * len(prompts)
     with tqdm(total=len(prompts), desc=desc, file=sys.stderr) as bar:
         for batch in by_length(prompts, batch_size):
             texts = generate(model, tokenizer, [prompts[i] for i in batch], aligner,
-                             max_new_tokens=max_new_tokens, stop=list(stop))
+                             max_new_tokens=max_new_tokens, stop=list(stop), compile=compile)
             for i, text in zip(batch, texts):
                 outputs[i] = text
             bar.update(len(batch))
@@ -397,7 +397,7 @@ def prepare_gsm8k(path, tokenizer, shots: int, args) -> Prepared:
 def run_gsm8k(model, tokenizer, aligner, name, prepared: Prepared, args):
     items = prepared.items
     outputs = generate_all(model, tokenizer, [item.ids for item in items], aligner, args.batch_size,
-                           args.max_new_tokens, GSM8K_STOP, f"gsm8k [{name}]")
+                           args.max_new_tokens, GSM8K_STOP, f"gsm8k [{name}]", args.compile)
     records = []
     for n, (item, output) in enumerate(zip(items, outputs)):
         strict, flexible = extract_strict(output), extract_flexible(output)
@@ -480,7 +480,7 @@ def prepare_qa(path, tokenizer, shots: int, args) -> Prepared:
 def run_qa(model, tokenizer, aligner, name, prepared: Prepared, args):
     items = prepared.items
     outputs = generate_all(model, tokenizer, [item.ids for item in items], aligner, args.batch_size,
-                           args.max_new_tokens, (), f"qa [{name}]")
+                           args.max_new_tokens, (), f"qa [{name}]", args.compile)
     records = [{"aligner": name, "index": n, "prompt": item.prompt, "stop": [], "gold": item.gold,
                 "output": out, "correct": out.strip() == item.gold.strip()}
                for n, (item, out) in enumerate(zip(items, outputs))]
@@ -543,6 +543,8 @@ def main(argv=None):
     parser.add_argument("--out", help="folder for results.json and <task>.jsonl per-item records")
     parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     cli.add_common_flags(parser)
+    parser.add_argument("--compile", action="store_true",
+                        help="gsm8k and qa: decode with the compiled step (generate.py --compile)")
     args = parser.parse_args(argv)
     tasks = TASKS if args.task == "all" else (args.task,)
     if args.data and len(tasks) > 1:

@@ -25,17 +25,28 @@ its own (at EOS or a stop string) and the loop ends when all rows have stopped.
 Each row may carry its own Aligner (an AlignerRows from AlignerBank.select):
 rows with different Aligners share every batched forward.
 
+With compile=True (--compile) the decode step is compiled as gpt-fast does
+(torch.compile, mode="reduce-overhead", so CUDA graphs on a GPU) over static
+shapes: the prompt is prefilled eagerly, then every step writes the cache at a
+position tensor and attends to the whole cache under a mask. The caches come
+from a pool and keep their addresses from one generation to the next, so a
+new prompt length costs no new compilation, only a new (batch size, cache
+length bucket, Aligner shape) does.
+
 Departures from Meta's generation.py: left padding instead of right padding
 (positions count from each row's first real token, so a row decodes exactly as
 it would alone); stop strings besides EOS; top-k beside top-p.
 """
 
+import functools
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import cli
 from aligner import Aligner, AlignerBank, AlignerRows
@@ -86,6 +97,37 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, t
 
 
 # -----------------------------------------------------------------------------
+# the attention kernel, chosen once per generation
+
+# Eager decoding: flash attention where no mask is needed (a prompt from position 0,
+# a new token with no padding), the memory-efficient kernel where one is (left-padded
+# rows), the math kernel as the last resort. Both fused kernels read grouped-query
+# keys in place (enable_gqa); flash takes no mask, memory-efficient a boolean one.
+# cuDNN's attention is left out, though recent torch tries it first on H100-class
+# GPUs: it builds an execution graph for each new shape (cached by shape, sequence
+# lengths included), and a decode step's key length is new at every step, so each
+# call would pay that setup on the CPU. Flash and memory-efficient launch their
+# kernels with no setup per shape, so a call costs the CPU about what a matrix
+# product does. On the CPU, torch picks its flash kernel or math from the same list.
+EAGER_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# The compiled decode step: the math form, which Inductor fuses with the mask and the
+# softmax into kernels of its own, as gpt-fast's decode loop does.
+COMPILED_ATTENTION = [SDPBackend.MATH]
+
+
+def attention_kernels(backends: list):
+    """A context in which F.scaled_dot_product_attention tries `backends`, in this order.
+
+    Entered around a whole prefill or decode loop, not per call. torch before
+    2.6 has no set_priority; its own order among these three is the same.
+    """
+    try:
+        return sdpa_kernel(backends, set_priority=True)
+    except TypeError:
+        return sdpa_kernel(backends)
+
+
+# -----------------------------------------------------------------------------
 # the forward passes of a generation
 
 def prefill(model, tokens: torch.Tensor, aligner, cache: KVCache) -> torch.Tensor:
@@ -94,9 +136,111 @@ def prefill(model, tokens: torch.Tensor, aligner, cache: KVCache) -> torch.Tenso
     return model(tokens, aligner, cache)[:, -1]
 
 
-def decode_one_token(model, token: torch.Tensor, aligner, cache: KVCache) -> torch.Tensor:
-    """One new token per row (B, 1) -> the logits that follow it (B, V)."""
-    return model(token, aligner, cache)[:, -1]
+def decode_one_token(model, token: torch.Tensor, aligner, cache: KVCache,
+                     position: torch.Tensor = None) -> torch.Tensor:
+    """One new token per row (B, 1) -> the logits that follow it (B, V).
+
+    position: None, and the cache counts positions itself (eager); or the
+    token's cache slot as a (1,) tensor on the model's device, for the
+    static-shape step that compiled_decode_one_token compiles.
+    """
+    return model(token, aligner, cache, positions=position)[:, -1]
+
+
+@functools.cache
+def compiled_decode_one_token():
+    """decode_one_token compiled once per process, as gpt-fast compiles its decode step:
+    fullgraph, static shapes (dynamic=False: a new shape gets a graph of its own
+    rather than a slower symbolic one), and mode="reduce-overhead", which replays
+    the step as a CUDA graph on a GPU (one launch instead of ~40 per layer)."""
+    # Each (batch size, cache bucket, Aligner shape) is a graph of its own; past
+    # dynamo's default of 8 per function, later ones would silently run eagerly.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    # RoPE multiplies complex numbers, as Meta's model does; Inductor runs that product
+    # as a kernel of its own inside the graph, and warns once that it cannot fuse it.
+    warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
+    return torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+
+# -----------------------------------------------------------------------------
+# static caches for the compiled step
+
+CACHE_BUCKET = 256  # a compiled cache holds a multiple of this many positions
+
+
+class StaticCache(KVCache):
+    """A KVCache whose tensors keep their addresses from one generation to the next.
+
+    A CUDA graph replays reads and writes at the addresses it was recorded
+    with, so everything the compiled step reads from its arguments, other than
+    the new token and its position, lives here: the keys and values, the padding,
+    each adapted layer's prefix keys and values (Eq. 5) and the Aligner's gates.
+    `pinned` copies a generation's values into tensors allocated once per name
+    and shape; torch._dynamo.mark_static_address tells the compiler that their
+    addresses never change, so it neither guards on them nor copies them in
+    before each replay.
+    """
+
+    def __init__(self, args, batch_size: int, max_len: int, device, dtype):
+        super().__init__(args, batch_size, max_len, device=device, dtype=dtype)
+        for t in self.k + self.v:
+            torch._dynamo.mark_static_address(t)
+        self.slots = {}
+
+    def reset(self, pad):
+        """Empty the cache for a new generation, with `pad` (B,) or None for its prefill."""
+        for t in self.k + self.v:
+            t.zero_()  # masked slots are multiplied by zero weights: stale NaNs would survive that
+        self.length, self.pad, self.prefix = 0, pad, [None] * len(self.k)
+
+    def pinned(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """This cache's own tensor for `name`, at a fixed address, now holding `value`."""
+        key = (name, value.shape, value.dtype)
+        if key not in self.slots:
+            self.slots[key] = torch.empty_like(value, memory_format=torch.contiguous_format)
+            torch._dynamo.mark_static_address(self.slots[key])
+        return self.slots[key].copy_(value)
+
+    def pin(self, aligner):
+        """After the prefill: move what the decode steps read into pinned tensors.
+
+        The padding is pinned as a tensor even when no row is padded (zeros), so
+        padded and unpadded batches share one compiled graph; the prefill ran
+        without it and so kept the kernel's plain causal path. Returns the
+        Aligner to pass to the decode steps.
+        """
+        pad = self.pad if self.pad is not None else torch.zeros(self.k[0].shape[0], dtype=torch.long)
+        self.pad = self.pinned("pad", pad.to(self.k[0].device))
+        self.prefix = [None if kv is None else (self.pinned(f"k_p{i}", kv[0]), self.pinned(f"v_p{i}", kv[1]))
+                       for i, kv in enumerate(self.prefix)]
+        if aligner is None:
+            return None
+        return AlignerRows(self.pinned("prefix", aligner.prefix), self.pinned("gates", aligner.gates),
+                           aligner.start_layer)
+
+
+def pin_rope(model, device):
+    """The model's RoPE table, read by the compiled step like its weights: on the device, at a fixed address."""
+    if model.freqs_cis.device != device:
+        model.freqs_cis = model.freqs_cis.to(device)
+    torch._dynamo.mark_static_address(model.freqs_cis)
+
+
+STATIC_CACHES = {}  # (model shape, batch size, bucket, device, dtype) -> StaticCache
+
+
+def static_cache(args, batch_size: int, length: int, device, dtype) -> StaticCache:
+    """A pooled StaticCache of at least `length` positions, rounded up to a CACHE_BUCKET multiple.
+
+    Prompts of any length within a bucket reuse one cache and so one compiled
+    graph. The pool keeps every cache it makes, for the life of the process: one
+    per (batch size, bucket) met, each 2 * n_layers * B * bucket * H_kv * hd values.
+    """
+    bucket = min(-(-length // CACHE_BUCKET) * CACHE_BUCKET, args.max_seq_len)
+    key = (args.n_layers, args.n_kv_heads, args.head_dim, batch_size, bucket, str(device), dtype)
+    if key not in STATIC_CACHES:
+        STATIC_CACHES[key] = StaticCache(args, batch_size, bucket, device, dtype)
+    return STATIC_CACHES[key]
 
 
 # -----------------------------------------------------------------------------
@@ -148,21 +292,22 @@ class Row:
 # -----------------------------------------------------------------------------
 # the library function
 
-def rows_of(aligner, rows: slice, device):
-    """What forward takes as `aligner=` for these batch rows, on the model's device."""
+def rows_of(aligner, rows: slice, device, dtype=None):
+    """What forward takes as `aligner=` for these batch rows, on the model's device (and in its dtype)."""
     if aligner is None:
         return None
     if isinstance(aligner, AlignerRows):
-        return AlignerRows(aligner.prefix[rows].to(device), aligner.gates[rows].to(device), aligner.start_layer)
+        return AlignerRows(aligner.prefix[rows].to(device, dtype), aligner.gates[rows].to(device, dtype),
+                           aligner.start_layer)
     # one Aligner for every row: a batch axis of 1 broadcasts over the batch
-    return AlignerRows(aligner.prefix.detach()[None].to(device), aligner.gates.detach()[None].to(device),
-                       aligner.start_layer)
+    return AlignerRows(aligner.prefix.detach()[None].to(device, dtype),
+                       aligner.gates.detach()[None].to(device, dtype), aligner.start_layer)
 
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[list[int]], aligner=None, *, max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: list[str] = (),
-             seed: int | None = None, on_token=None) -> list[str]:
+             seed: int | None = None, on_token=None, compile: bool = False) -> list[str]:
     """Each prompt's completion: its text up to EOS or the first stop string (neither included).
 
     prompts: token ids, BOS included. aligner: None (the base model), an Aligner
@@ -170,14 +315,16 @@ def generate(model, tokenizer, prompts: list[list[int]], aligner=None, *, max_ne
     temperature 0; otherwise sampled with `seed` (None: a fresh random seed).
     on_token(row, text) receives each row's completion piece by piece as it
     becomes final; the pieces join into the returned text. Prompts are decoded
-    in batches of at most model.args.max_batch_size rows.
+    in batches of at most model.args.max_batch_size rows. compile: decode
+    with the compiled static-shape step (the first generation of each batch
+    size and cache bucket compiles it).
     """
     if isinstance(aligner, AlignerBank):
         raise TypeError("pass bank.select(rows), one Aligner per prompt, rather than the AlignerBank itself")
     if isinstance(aligner, AlignerRows) and aligner.prefix.shape[0] != len(prompts):
         raise ValueError(f"the AlignerRows hold {aligner.prefix.shape[0]} rows for {len(prompts)} prompts")
-    device = model.tok_embeddings.weight.device
-    generator = torch.Generator(device=device)
+    weight = model.tok_embeddings.weight
+    generator = torch.Generator(device=weight.device)
     if seed is None:
         generator.seed()
     else:
@@ -187,16 +334,36 @@ def generate(model, tokenizer, prompts: list[list[int]], aligner=None, *, max_ne
     out = []
     for first in range(0, len(prompts), batch_size):
         rows = slice(first, first + batch_size)
-        out += generate_batch(model, tokenizer, prompts[rows], rows_of(aligner, rows, device), first,
-                              max_new_tokens, temperature, top_p, top_k, stop, generator, on_token)
+        out += generate_batch(model, tokenizer, prompts[rows], rows_of(aligner, rows, weight.device, weight.dtype),
+                              first, max_new_tokens, temperature, top_p, top_k, stop, generator, on_token, compile)
     return out
 
 
+# Where the next step is queued before this step's tokens are read back (which
+# waits for them): on a GPU the device then keeps working while Python checks the
+# rows. The CPU runs nothing ahead, and reading first saves a step when all rows
+# stop early. Reading ahead samples once more at the end of a batch.
+READ_AHEAD = {"cuda"}
+
+
+def next_logits(model, token: torch.Tensor, aligner, cache: KVCache, positions) -> torch.Tensor:
+    """The decode step of a generation: this step's tokens (B,) -> the logits that follow them (B, V).
+
+    positions: None for the eager step, which counts positions in the cache;
+    for the compiled step, the (1,) slot of these tokens, a tensor on the device.
+    """
+    if positions is None:
+        return decode_one_token(model, token[:, None], aligner, cache)
+    torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are read; their memory may be reused
+    return compiled_decode_one_token()(model, token[:, None], aligner, cache, positions)
+
+
 def generate_batch(model, tokenizer, prompts, aligner, first_row, max_new_tokens, temperature, top_p, top_k,
-                   stop, generator, on_token) -> list[str]:
+                   stop, generator, on_token, compile=False) -> list[str]:
     """`generate` for one batch: left-pad, prefill, then decode until every row has stopped."""
     args = model.args
     weight = model.tok_embeddings.weight
+    device = weight.device
     lengths = [len(p) for p in prompts]
     if min(lengths) == 0:
         raise ValueError(f"prompt {first_row + lengths.index(0)} is empty; it needs at least the BOS token")
@@ -212,20 +379,42 @@ def generate_batch(model, tokenizer, prompts, aligner, first_row, max_new_tokens
     tokens = torch.full((len(prompts), longest), tokenizer.bos_id, dtype=torch.long)
     for b, p in enumerate(prompts):
         tokens[b, longest - len(p):] = torch.tensor(p)
-    pad = None if min(lengths) == longest else torch.tensor([longest - n for n in lengths], device=weight.device)
-    cache = KVCache(args, len(prompts), longest + n_new - 1, device=weight.device, dtype=weight.dtype, pad=pad)
+    pad = None if min(lengths) == longest else torch.tensor([longest - n for n in lengths], device=device)
+    if compile:
+        cache = static_cache(args, len(prompts), longest + n_new - 1, device, weight.dtype)
+        cache.reset(pad)
+    else:
+        cache = KVCache(args, len(prompts), longest + n_new - 1, device=device, dtype=weight.dtype, pad=pad)
 
+    # --- prefill, eager in both modes ---------------------------------------------
+    with attention_kernels(EAGER_ATTENTION):
+        logits = prefill(model, tokens.to(device), aligner, cache)  # (B, V)
+    positions = None
+    if compile:
+        pin_rope(model, device)
+        aligner = cache.pin(aligner)
+        positions = torch.arange(longest, longest + n_new, device=device)  # step s feeds position longest + s
+
+    # --- decode ----------------------------------------------------------------------
+    ahead = device.type in READ_AHEAD
     rows = [Row(first_row + b) for b in range(len(prompts))]
-    logits = prefill(model, tokens.to(weight.device), aligner, cache)  # (B, V)
-    for step in range(n_new):
-        next_token = sample(logits, temperature, top_p, top_k, generator)  # (B,)
-        for row, token in zip(rows, next_token.tolist()):
-            if row.text is None:
-                row.add(token, tokenizer, stop, on_token, last=step == n_new - 1)
-        if all(row.text is not None for row in rows):
-            break
-        # rows that stopped keep decoding their last token; what follows is never read
-        logits = decode_one_token(model, next_token[:, None], aligner, cache)
+    next_token = sample(logits, temperature, top_p, top_k, generator)  # (B,)
+    with attention_kernels(COMPILED_ATTENTION if compile else EAGER_ATTENTION):
+        for step in range(n_new):
+            token, last = next_token, step == n_new - 1
+            step_positions = None if positions is None else positions[step:step + 1]
+            if ahead and not last:
+                logits = next_logits(model, token, aligner, cache, step_positions)
+                next_token = sample(logits, temperature, top_p, top_k, generator)
+            for row, t in zip(rows, token.tolist()):
+                if row.text is None:
+                    row.add(t, tokenizer, stop, on_token, last=last)
+            if all(row.text is not None for row in rows):
+                break
+            if not ahead and not last:
+                # rows that stopped keep decoding their last token; what follows is never read
+                logits = next_logits(model, token, aligner, cache, step_positions)
+                next_token = sample(logits, temperature, top_p, top_k, generator)
     return [row.text for row in rows]
 
 
@@ -337,6 +526,9 @@ def main(argv=None):
                              "the model), aligner, output")
     parser.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
     cli.add_common_flags(parser)
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the decode step (torch.compile; CUDA graphs on a GPU): slow to "
+                             "start, then less time per token")
     args = parser.parse_args(argv)
 
     # --- check what can be checked before anything loads -----------------------
@@ -379,7 +571,8 @@ def main(argv=None):
     on_token = (lambda row, piece: print(piece, end="", flush=True)) if stream else None
     outputs = generate_side_by_side(model, tokenizer, encoded, aligners, max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                    stop=args.stop, seed=args.seed, on_token=on_token)
+                                    stop=args.stop, seed=args.seed, on_token=on_token,
+                                    compile=args.compile)
 
     # --- print and save ---------------------------------------------------------
     if stream:

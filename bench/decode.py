@@ -14,7 +14,8 @@ layers, 6 heads, vocab 32000), for:
   Aligner (target: 95% of its throughput or more).
 The cases run interleaved, taking turns at every decode step, and each figure
 comes from the median step time over all steps of all repeats, so other work on
-a shared machine slows every case alike.
+a shared machine slows every case alike. The steps run under the attention
+kernels that generate.generate chooses (generate.EAGER_ATTENTION).
 """
 
 import statistics
@@ -27,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
 from aligner import Aligner, AlignerBank  # noqa: E402
-from generate import decode_one_token, prefill, rows_of  # noqa: E402
+from generate import EAGER_ATTENTION, attention_kernels, decode_one_token, prefill, rows_of  # noqa: E402
 from llama import KVCache, ModelArgs, Transformer  # noqa: E402
 
 STORIES15M = dict(dim=288, n_layers=6, n_heads=6, multiple_of=32, vocab_size=32000)
@@ -95,7 +96,7 @@ def main(argv=None):
 
     # --- measure, interleaved step by step -----------------------------------------------
     seconds = {name: [] for name in cases}
-    with torch.inference_mode():
+    with torch.inference_mode(), attention_kernels(EAGER_ATTENTION):  # the kernels generate.generate decodes with
         decode_step_seconds(model, cases, 32, 4)  # warm-up
         for _ in range(args.repeats):
             for name, times in decode_step_seconds(model, cases, 32, args.steps).items():

@@ -74,8 +74,10 @@ def load_hf(meta_state: dict, args: ModelArgs, dtype=torch.float32) -> LlamaForC
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model.load_state_dict(to_hf_state(meta_state, args), strict=True, assign=True)
-    # the rotary table is a buffer the meta-device build left empty: rebuild it on the CPU
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
     model.to(dtype)
+    # The rotary table is a buffer the meta-device build left empty: rebuild it beside the
+    # weights, after the cast, so that it stays float32 as in a model transformers loads itself.
+    device = meta_state["tok_embeddings.weight"].device
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)
     model.requires_grad_(False)
     return model.eval()

@@ -1,5 +1,6 @@
 """The benchmark's machinery: the Meta -> transformers conversion, the FLOP count, the memory probe."""
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -122,3 +123,24 @@ def test_precision_rows_run_small(tmp_path):
     assert set(rows) >= {"float32", "bfloat16"}
     first32, first16 = float(rows["float32"][5]), float(rows["bfloat16"][5])
     assert abs(first32 - first16) < 0.05 * first32
+
+
+def test_gpu_decode_table_runs_small_on_the_cpu(monkeypatch):
+    """bench/gpu.py's decode table runs end to end: every row of ours, a bank, the limit rows, the
+    targets, and transformers' rows where it is installed. The compiled rows decode eagerly here
+    (compiling four tiny graphs would take a minute; test_generate.py tests the compiled step):
+    what is checked of them is that they ask generate for it."""
+    compile_flags = []
+    real = gpu.generate
+    monkeypatch.setattr(gpu, "generate", lambda *a, compile, **kw: compile_flags.append(compile) or real(*a, **kw))
+    args = ModelArgs(dim=32, n_layers=3, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=64, max_batch_size=2)
+    torch.manual_seed(0)
+    model = gpu.random_model(args, torch.device("cpu"), torch.float32)
+    text = gpu.decode_run(model, torch.device("cpu"), batches=(1, 2), bank_size=50, generations=1, new_tokens=3,
+                          prompt_lengths=(4, 9), bandwidth_bytes=1 << 24, tolerance=1e-4)
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith(("| 1 ", "| 2 "))]
+    with_transformers = importlib.util.find_spec("transformers") is not None
+    assert len(rows) == 2 * (4 + with_transformers) + 2  # per batch: 4 of ours, transformers, the limit
+    assert all(float(row[3]) > 0 for row in rows)  # tokens / s
+    assert compile_flags == ([False] * 4 + [True] * 4) * 2  # 2 generations of each row, eager rows first
+    assert sum(line.startswith("- ") for line in text.splitlines()) == 7 + with_transformers  # the targets

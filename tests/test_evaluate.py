@@ -513,3 +513,16 @@ def test_with_the_llama_tokenizer_each_letter_is_one_token(shared_data):
     row = read_mmlu_csv(folder / "test" / "astronomy_test.csv")[0]
     ((_, continuations),) = letter_continuations(tokenizer, [mmlu_prompt("astronomy", dev, row)])
     assert continuations == [[319], [350], [315], [360]]  # "▁A" ... "▁D"
+
+
+def test_compile_reaches_generate_for_the_generation_tasks(tiny_ckpt, tmp_path, monkeypatch):
+    """--compile is passed on to generate for gsm8k and qa (what it does is tested in test_generate.py)."""
+    seen = []
+    monkeypatch.setattr(evaluate, "generate", lambda model, tok, prompts, aligner, **kw: seen.append(kw["compile"])
+                        or ["" for _ in prompts])
+    qa = tmp_path / "qa.jsonl"
+    write_jsonl(qa, [{"instruction": "What is a robin?", "output": "A bird."}])
+    for flags in ([], ["--compile"]):
+        evaluate.main(["qa", "--ckpt", str(tiny_ckpt), "--data", str(qa), "--max-seq-len", "256",
+                       "--max-new-tokens", "8", *flags])
+    assert seen == [False, True]

@@ -2,8 +2,9 @@
 and mixed Aligners, stopping, and the command line."""
 
 import copy
-import sys
 import json
+import shutil
+import sys
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import llama
 from aligner import Aligner, AlignerBank
 from conftest import TINY
 from data import format_prompt
-from generate import cut_at_stop, decode_one_token, generate, prefill, sample
+from generate import cut_at_stop, decode_one_token, generate, prefill, rows_of, sample
 from llama import KVCache, ModelArgs, Transformer, load, prefix_attention
 
 # float32 rounding, after a few layers of logits up to about 6 in size: the batched,
@@ -194,6 +195,79 @@ def test_more_prompts_than_a_batch_holds(tiny):
 
 
 # -----------------------------------------------------------------------------
+# the attention kernel's inputs, and the compiled decode step
+
+def test_eager_decoding_hands_the_kernel_no_mask_without_padding(tiny, monkeypatch):
+    """Prompts of one length need no mask: the prefill is plain causal attention from
+    position 0 and each new token sees every key. Only left padding brings a mask."""
+    model, tokenizer = tiny
+    calls = []  # (query length, mask given, is_causal) of every attention call
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kwargs):
+        calls.append((q.shape[2], attn_mask is not None, is_causal))
+        return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    prompt = encode(tokenizer, PROMPTS[:1])[0]
+    out = generate(model, tokenizer, [prompt, prompt], trained_aligner(model.args), max_new_tokens=6)
+    n_layers, n_steps = model.args.n_layers, len(calls) // model.args.n_layers - 1
+    assert n_steps >= 1 and out[0] == out[1]
+    assert calls == [(len(prompt), False, True)] * n_layers + [(1, False, False)] * n_layers * n_steps
+
+    calls.clear()
+    generate(model, tokenizer, encode(tokenizer, PROMPTS[:2]), max_new_tokens=3)  # left-padded
+    assert calls and all(masked for _, masked, _ in calls)
+
+
+def compile_unavailable():
+    """Why torch.compile cannot run on this machine's CPU, or None: Inductor needs a C++ compiler."""
+    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        return "torch.compile on the CPU needs a C++ compiler (g++ or clang++), and there is none here"
+    return None
+
+
+needs_compile = pytest.mark.skipif(compile_unavailable() is not None, reason=str(compile_unavailable()))
+
+
+@needs_compile
+def test_compiled_decoding_gives_the_eager_greedy_tokens(tiny):
+    """Left-padded prompts of four lengths, with one Aligner for every row and with one
+    Aligner per row from a bank (the base model among them): the same tokens either way."""
+    model, tokenizer = tiny
+    prompts = encode(tokenizer, PROMPTS)
+    one = trained_aligner(model.args, n_tokens=2)
+    per_row = AlignerBank([one, trained_aligner(model.args, n_tokens=2, seed=1), None]).select([0, 2, 1, 0])
+    for aligner in (one, per_row):
+        eager = generate(model, tokenizer, prompts, aligner, max_new_tokens=12)
+        assert generate(model, tokenizer, prompts, aligner, max_new_tokens=12, compile=True) == eager
+        assert all(eager)
+    assert len(set(eager[:3])) == 3  # the rows' Aligners differ, so the comparison could fail
+
+
+@needs_compile
+def test_new_prompt_lengths_in_a_cache_bucket_compile_nothing_new(tiny):
+    """Generations of other prompt lengths (within one cache bucket, one batch size) reuse
+    the pooled cache and the compiled graph: no recompilation, no new graph."""
+    from torch._dynamo.utils import counters
+
+    model, tokenizer = tiny
+    aligner = trained_aligner(model.args, n_tokens=2)
+    batches = [encode(tokenizer, texts) for texts in
+               (PROMPTS, [p + " fox" for p in PROMPTS[1:] + PROMPTS[:1]], [PROMPTS[2]] * 4)]
+    assert len({tuple(map(len, prompts)) for prompts in batches}) == 3  # the last batch is not padded
+    generate(model, tokenizer, batches[0], aligner, max_new_tokens=8, compile=True)
+    graphs, caches = counters["stats"]["unique_graphs"], list(generate_script.STATIC_CACHES.values())
+    assert graphs >= 1
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for prompts in batches[1:]:
+            out = generate(model, tokenizer, prompts, aligner, max_new_tokens=8, compile=True)
+            assert out == generate(model, tokenizer, prompts, aligner, max_new_tokens=8)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert list(generate_script.STATIC_CACHES.values()) == caches
+
+
+# -----------------------------------------------------------------------------
 # stopping
 
 def test_greedy_follows_the_prefill_and_decode_steps(tiny):
@@ -252,6 +326,35 @@ def test_generation_stops_at_the_end_of_the_context(tiny):
     assert len(out) == 1
     with pytest.raises(ValueError, match="max_seq_len"):
         generate(model, tokenizer, [[tokenizer.bos_id] * 256], max_new_tokens=4)
+
+
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=needs_compile)], ids=["eager", "compiled"])
+def test_reading_ahead_as_on_a_gpu_gives_the_same_text(tiny, monkeypatch, compile):
+    """On a GPU the next step is queued before a step's tokens are read back; forced here on
+    the CPU, it must not change what rows return: early EOS, stop strings, streaming, sampling."""
+    model, tokenizer = tiny
+    prompts = encode(tokenizer, PROMPTS)
+    aligner = trained_aligner(model.args, n_tokens=2)
+    ids = greedy_ids(model, prompts[0], 16, rows_of(aligner, slice(None), "cpu"))
+    eos = ids[4]
+    stopped = copy.copy(tokenizer)
+    stopped.eos_id = eos  # the first row stops at its fifth token
+    runs = [dict(max_new_tokens=16), dict(max_new_tokens=16, stop=["e", "\x00never"]),
+            dict(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=3)]
+
+    def outputs():
+        pieces = []
+        texts = [generate(model, stopped, prompts, aligner, compile=compile, **kw) for kw in runs]
+        generate(model, stopped, prompts, aligner, compile=compile, max_new_tokens=16,
+                 on_token=lambda row, text: pieces.append((row, text)))
+        return texts, pieces
+
+    expected = outputs()
+    monkeypatch.setattr(generate_script, "READ_AHEAD", {"cpu"})
+    assert outputs() == expected
+    texts, pieces = expected
+    assert texts[0][0] == tokenizer.decode(ids[:ids.index(eos)])  # the first row stopped early
+    assert texts[1] != texts[0] and len(pieces) > len(prompts)  # stop strings cut rows; pieces streamed
 
 
 # -----------------------------------------------------------------------------
@@ -377,3 +480,13 @@ def test_command_line_streams_one_prompt_to_a_terminal(tiny, tiny_ckpt, monkeypa
     expected = generate(model, tokenizer, encode(tokenizer, [format_prompt("Name a bird.")]), max_new_tokens=12)[0]
     assert capsys.readouterr().out == expected + "\n"
     assert len(pieces) > 1 and "".join(pieces) == expected
+
+
+def test_command_line_compile_reaches_generate(tiny_ckpt, monkeypatch, capsys):
+    """--compile is passed on to generate (what it does is tested above)."""
+    seen = []
+    monkeypatch.setattr(generate_script, "generate",
+                        lambda model, tok, prompts, aligner, **kw: seen.append(kw["compile"]) or ["" for _ in prompts])
+    for flags in ([], ["--compile"]):
+        generate_script.main(["--ckpt", str(tiny_ckpt), "--prompt", "Name a bird.", *flags])
+    assert seen == [False, True]
