@@ -132,7 +132,7 @@ def device(text: str) -> str:
 # the flags every script takes, and the one choice of device and dtype
 
 def add_common_flags(parser):
-    """--device, --dtype and --debug. The first two have no default in argparse's sense (so that
+    """--device, --dtype, --fsdp and --debug. The first two have no default in argparse's sense (so that
     --help does not print 'default: None'): `place` fills them in."""
     parser.add_argument("--device", type=device, default=argparse.SUPPRESS,
                         help="where the base model runs: cpu, cuda, cuda:1, ... (default: cuda where there is "
@@ -140,6 +140,9 @@ def add_common_flags(parser):
     parser.add_argument("--dtype", choices=DTYPES, default=argparse.SUPPRESS,
                         help="the base model's dtype (default: bfloat16 on CUDA, float32 elsewhere); "
                              "the Aligner's own parameters stay float32")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="under torchrun: shard the frozen base over the processes (FSDP2) rather than "
+                             "give each a whole copy")
     parser.add_argument("--debug", action="store_true",
                         help="on an error, show Python's traceback instead of one line (or set ALIGNER_DEBUG=1)")
 

@@ -112,3 +112,46 @@ def load_sharded(ckpt_dir, device, dtype=torch.bfloat16, tokenizer_path=None,
 def local_weight_bytes(model) -> int:
     """The bytes of weights this rank holds: its shards under FSDP, else the whole model."""
     return sum((p.to_local() if hasattr(p, "to_local") else p).nbytes for p in model.parameters())
+
+
+# -----------------------------------------------------------------------------
+# evaluation and generation under FSDP: each rank its own share, in step
+
+class Lockstep:
+    """Keeps the ranks' forwards through a sharded model in step.
+
+    Under FSDP a forward gathers each block's weights from every rank, so all
+    ranks must make the same number of forwards (of any shapes) in the same
+    order. Work goes in rounds: before each forward of its own, a rank calls
+    `turn()`; a rank with no work left calls `finish()`, which answers every
+    round with a one-token filler forward until no rank has work. Each round
+    costs one small all-reduce.
+    """
+
+    def __init__(self, model, d: Dist):
+        self.model, self.d = model, d
+
+    def share(self, items: list) -> list:
+        """This rank's share of a list of work, dealt round-robin."""
+        return items[self.d.rank::self.d.world]
+
+    def turn(self, mine: bool = True) -> bool:
+        """Whether any rank has a forward to make this round; a rank with none makes a filler."""
+        flag = torch.tensor([int(mine)], device=self.d.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        anyone = bool(flag.item())
+        if anyone and not mine:
+            with torch.no_grad():
+                self.model(torch.ones(1, 1, dtype=torch.long, device=self.d.device))
+        return anyone
+
+    def finish(self):
+        """Make filler forwards until every rank has finished its share."""
+        while self.turn(False):
+            pass
+
+    def gather(self, part: dict) -> dict:
+        """The union of every rank's {index: result}, on every rank."""
+        parts = [None] * self.d.world
+        dist.all_gather_object(parts, part)
+        return {k: v for p in parts for k, v in p.items()}

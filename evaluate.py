@@ -74,6 +74,7 @@ import torch
 from tqdm import tqdm
 
 import cli
+import distributed
 from aligner import Aligner
 from data import DEMO_CKPT, DEMO_DATA, TEMPLATES, DataError, check_demo, format_prompt, read_records, string_fields
 from generate import generate
@@ -347,16 +348,32 @@ def by_length(prompts, batch_size: int):
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def generate_all(model, tokenizer, prompts, aligner, batch_size, max_new_tokens, stop, desc, compile=False):
-    outputs = [None] * len(prompts)
-    with tqdm(total=len(prompts), desc=desc, file=sys.stderr) as bar:
-        for batch in by_length(prompts, batch_size):
-            texts = generate(model, tokenizer, [prompts[i] for i in batch], aligner,
-                             max_new_tokens=max_new_tokens, stop=list(stop), compile=compile)
-            for i, text in zip(batch, texts):
-                outputs[i] = text
+def in_batches(batches: list, work, lockstep, desc: str) -> dict:
+    """The union of work(batch) -> {index: result} over these index batches, with a progress bar.
+    Under FSDP (lockstep) each rank works through its share of the batches, whole, in step with
+    the others, and every rank gets every result: the batches are the one process's, so are the results."""
+    mine = batches if lockstep is None else lockstep.share(batches)
+    results = {}
+    with tqdm(total=sum(map(len, mine)), desc=desc, file=sys.stderr,
+              disable=lockstep is not None and lockstep.d.rank != 0) as bar:
+        for batch in mine:
+            results.update(work(batch))
             bar.update(len(batch))
-    return outputs
+    if lockstep is not None:
+        lockstep.finish()
+        results = lockstep.gather(results)
+    return results
+
+
+def generate_all(model, tokenizer, prompts, aligner, batch_size, max_new_tokens, stop, desc, compile=False,
+                 lockstep=None) -> list:
+    def work(batch):
+        texts = generate(model, tokenizer, [prompts[i] for i in batch], aligner, max_new_tokens=max_new_tokens,
+                         stop=list(stop), compile=compile, lockstep=lockstep)
+        return dict(zip(batch, texts))
+
+    outputs = in_batches(by_length(prompts, batch_size), work, lockstep, desc)
+    return [outputs[i] for i in range(len(prompts))]
 
 
 # -----------------------------------------------------------------------------
@@ -394,10 +411,10 @@ def prepare_gsm8k(path, tokenizer, shots: int, args) -> Prepared:
     return Prepared(items, info)
 
 
-def run_gsm8k(model, tokenizer, aligner, name, prepared: Prepared, args):
+def run_gsm8k(model, tokenizer, aligner, name, prepared: Prepared, args, lockstep=None):
     items = prepared.items
     outputs = generate_all(model, tokenizer, [item.ids for item in items], aligner, args.batch_size,
-                           args.max_new_tokens, GSM8K_STOP, f"gsm8k [{name}]", args.compile)
+                           args.max_new_tokens, GSM8K_STOP, f"gsm8k [{name}]", args.compile, lockstep)
     records = []
     for n, (item, output) in enumerate(zip(items, outputs)):
         strict, flexible = extract_strict(output), extract_flexible(output)
@@ -445,17 +462,20 @@ def prepare_mmlu(folder, tokenizer, shots: int, args) -> Prepared:
     return Prepared(items, info)
 
 
-def run_mmlu(model, tokenizer, aligner, name, prepared: Prepared, args):
+def run_mmlu(model, tokenizer, aligner, name, prepared: Prepared, args, lockstep=None):
     items = prepared.items
-    preds, scores = [None] * len(items), [None] * len(items)
-    with tqdm(total=len(items), desc=f"mmlu [{name}]", file=sys.stderr) as bar:
-        for batch in by_length([item.context for item in items], args.batch_size):
-            logp = continuation_logprobs(model, [(items[i].context, items[i].continuations) for i in batch],
-                                         aligner)  # (B, 4)
-            for i, row in zip(batch, logp.tolist()):
-                scores[i] = row
-                preds[i] = LETTERS[max(range(4), key=row.__getitem__)]
-            bar.update(len(batch))
+
+    def work(batch):
+        if lockstep is not None:
+            lockstep.turn()
+        logp = continuation_logprobs(model, [(items[i].context, items[i].continuations) for i in batch],
+                                     aligner)  # (B, 4)
+        return dict(zip(batch, logp.tolist()))
+
+    by_item = in_batches(by_length([item.context for item in items], args.batch_size), work, lockstep,
+                         f"mmlu [{name}]")
+    scores = [by_item[i] for i in range(len(items))]
+    preds = [LETTERS[max(range(4), key=score.__getitem__)] for score in scores]
     result = aggregate([(item.subject, pred == item.gold) for item, pred in zip(items, preds)])
     records = [{"aligner": name, "subject": item.subject, "prompt": item.prompt, "shots": item.shots,
                 "tokens_cut": item.tokens_cut, "gold": item.gold, "pred": pred,
@@ -477,10 +497,10 @@ def prepare_qa(path, tokenizer, shots: int, args) -> Prepared:
     return Prepared(items, {"template": template})
 
 
-def run_qa(model, tokenizer, aligner, name, prepared: Prepared, args):
+def run_qa(model, tokenizer, aligner, name, prepared: Prepared, args, lockstep=None):
     items = prepared.items
     outputs = generate_all(model, tokenizer, [item.ids for item in items], aligner, args.batch_size,
-                           args.max_new_tokens, (), f"qa [{name}]", args.compile)
+                           args.max_new_tokens, (), f"qa [{name}]", args.compile, lockstep)
     records = [{"aligner": name, "index": n, "prompt": item.prompt, "stop": [], "gold": item.gold,
                 "output": out, "correct": out.strip() == item.gold.strip()}
                for n, (item, out) in enumerate(zip(items, outputs))]
@@ -579,9 +599,14 @@ def main(argv=None):
         if not args.overwrite:
             refuse_existing([Path(args.out) / name for name in ("results.json", *(f"{t}.jsonl" for t in tasks))])
     device, dtype = cli.place(args)
+    d = distributed.init_distributed(device, args.fsdp)
+    if d.fsdp and args.compile:
+        raise ValueError("--compile decodes with one model per process; it does not run under --fsdp")
 
     # --- load
-    model, tokenizer = load(args.ckpt, device, dtype, max_seq_len=args.max_seq_len, max_batch_size=args.batch_size)
+    model, tokenizer = (distributed.load_sharded if d.fsdp else load)(
+        args.ckpt, device, dtype, max_seq_len=args.max_seq_len, max_batch_size=args.batch_size)
+    lockstep = distributed.Lockstep(model, d) if d.fsdp else None  # under FSDP each rank takes its share
     aligners = {}
     for path in args.aligner or ["base"]:
         aligners[path] = None if path == "base" else Aligner.read(path, model.args).to(device)
@@ -597,16 +622,18 @@ def main(argv=None):
             results[task], records[task] = {}, []
             for path in paths:
                 prepared = prepare(path, tokenizer, shots, args)
-                warn_if_shortened(task, path, prepared, args)
+                if d.rank == 0:
+                    warn_if_shortened(task, path, prepared, args)
                 rows = {}
                 for name, aligner in aligners.items():
-                    rows[name], item_records = run(model, tokenizer, aligner, name, prepared, args)
+                    rows[name], item_records = run(model, tokenizer, aligner, name, prepared, args, lockstep)
                     records[task] += [{"data": str(path), **r} for r in item_records]
                 results[task][str(path)] = {"info": prepared.info, "rows": rows}
-            print_table(task, results[task])
+            if d.rank == 0:
+                print_table(task, results[task])
 
     # --- save
-    if args.out:
+    if args.out and d.rank == 0:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         summary = {"ckpt": str(args.ckpt), "aligners": list(aligners), "results": results}
@@ -615,6 +642,7 @@ def main(argv=None):
             lines = "".join(json.dumps(r) + "\n" for r in task_records)
             atomic_write(out / f"{task}.jsonl", lambda f: f.write(lines), mode="w")
         print(f"\nwrote {out / 'results.json'} and per-item records beside it")
+    distributed.close_distributed()
     return results
 
 

@@ -49,6 +49,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import cli
+import distributed
 from aligner import Aligner, AlignerBank, AlignerRows
 from data import DEMO_CKPT, TEMPLATES, check_demo, format_prompt
 from files import atomic_text, check_writable, read_text, refuse_existing
@@ -307,7 +308,7 @@ def rows_of(aligner, rows: slice, device, dtype=None):
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[list[int]], aligner=None, *, max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: list[str] = (),
-             seed: int | None = None, on_token=None, compile: bool = False) -> list[str]:
+             seed: int | None = None, on_token=None, compile: bool = False, lockstep=None) -> list[str]:
     """Each prompt's completion: its text up to EOS or the first stop string (neither included).
 
     prompts: token ids, BOS included. aligner: None (the base model), an Aligner
@@ -317,8 +318,12 @@ def generate(model, tokenizer, prompts: list[list[int]], aligner=None, *, max_ne
     becomes final; the pieces join into the returned text. Prompts are decoded
     in batches of at most model.args.max_batch_size rows. compile: decode
     with the compiled static-shape step (the first generation of each batch
-    size and cache bucket compiles it).
+    size and cache bucket compiles it). lockstep: a distributed.Lockstep when
+    the model is sharded by FSDP; each of its forwards then waits its turn,
+    and the caller ends the rank's share with lockstep.finish().
     """
+    if compile and lockstep is not None:
+        raise ValueError("--compile decodes with one model per process; it does not run under --fsdp")
     if isinstance(aligner, AlignerBank):
         raise TypeError("pass bank.select(rows), one Aligner per prompt, rather than the AlignerBank itself")
     if isinstance(aligner, AlignerRows) and aligner.prefix.shape[0] != len(prompts):
@@ -335,7 +340,8 @@ def generate(model, tokenizer, prompts: list[list[int]], aligner=None, *, max_ne
     for first in range(0, len(prompts), batch_size):
         rows = slice(first, first + batch_size)
         out += generate_batch(model, tokenizer, prompts[rows], rows_of(aligner, rows, weight.device, weight.dtype),
-                              first, max_new_tokens, temperature, top_p, top_k, stop, generator, on_token, compile)
+                              first, max_new_tokens, temperature, top_p, top_k, stop, generator, on_token, compile,
+                              lockstep)
     return out
 
 
@@ -359,7 +365,7 @@ def next_logits(model, token: torch.Tensor, aligner, cache: KVCache, positions) 
 
 
 def generate_batch(model, tokenizer, prompts, aligner, first_row, max_new_tokens, temperature, top_p, top_k,
-                   stop, generator, on_token, compile=False) -> list[str]:
+                   stop, generator, on_token, compile=False, lockstep=None) -> list[str]:
     """`generate` for one batch: left-pad, prefill, then decode until every row has stopped."""
     args = model.args
     weight = model.tok_embeddings.weight
@@ -388,6 +394,8 @@ def generate_batch(model, tokenizer, prompts, aligner, first_row, max_new_tokens
 
     # --- prefill, eager in both modes ---------------------------------------------
     with attention_kernels(EAGER_ATTENTION):
+        if lockstep is not None:
+            lockstep.turn()
         logits = prefill(model, tokens.to(device), aligner, cache)  # (B, V)
     positions = None
     if compile:
@@ -396,7 +404,7 @@ def generate_batch(model, tokenizer, prompts, aligner, first_row, max_new_tokens
         positions = torch.arange(longest, longest + n_new, device=device)  # step s feeds position longest + s
 
     # --- decode ----------------------------------------------------------------------
-    ahead = device.type in READ_AHEAD
+    ahead = device.type in READ_AHEAD and lockstep is None  # in lockstep, a rank forwards only on its turn
     rows = [Row(first_row + b) for b in range(len(prompts))]
     next_token = sample(logits, temperature, top_p, top_k, generator)  # (B,)
     with attention_kernels(COMPILED_ATTENTION if compile else EAGER_ATTENTION):
@@ -413,6 +421,8 @@ def generate_batch(model, tokenizer, prompts, aligner, first_row, max_new_tokens
                 break
             if not ahead and not last:
                 # rows that stopped keep decoding their last token; what follows is never read
+                if lockstep is not None:
+                    lockstep.turn()
                 logits = next_logits(model, token, aligner, cache, step_positions)
                 next_token = sample(logits, temperature, top_p, top_k, generator)
     return [row.text for row in rows]
@@ -474,10 +484,11 @@ def same_shape_groups(aligners: list) -> list:
     return shaped
 
 
-def generate_side_by_side(model, tokenizer, prompts: list, aligners: list, **options) -> list:
+def generate_side_by_side(model, tokenizer, prompts: list, aligners: list, lockstep=None, **options) -> list:
     """Every prompt answered by every Aligner: the answer of prompt i by Aligner k is at
     i * K + k. Aligners of one shape decode in shared batches, each row with its own Aligner;
-    Aligners of different shapes (a 1-token and a 10-token one) decode group by group."""
+    Aligners of different shapes (a 1-token and a 10-token one) decode group by group.
+    Under FSDP (lockstep) every rank runs every group, on its own prompts."""
     n = len(aligners)
     outputs = [None] * (len(prompts) * n)
     for group in same_shape_groups(aligners):
@@ -489,7 +500,9 @@ def generate_side_by_side(model, tokenizer, prompts: list, aligners: list, **opt
         else:
             row_aligners = AlignerBank(members).select([j for _ in prompts for j in range(len(members))])
         rows = [p for p in prompts for _ in members]
-        answers = generate(model, tokenizer, rows, row_aligners, **options)
+        answers = generate(model, tokenizer, rows, row_aligners, lockstep=lockstep, **options)
+        if lockstep is not None:
+            lockstep.finish()
         for r, answer in enumerate(answers):
             i, j = divmod(r, len(members))
             outputs[i * n + group[j]] = answer
@@ -551,9 +564,11 @@ def main(argv=None):
         print(f"using the built-in demo model {ckpt} (pass --ckpt for another)", file=sys.stderr)
         prompts = prompts or [Prompt(DEMO_PROMPT, "", "the demo's prompt")]
     device, dtype = cli.place(args)
+    d = distributed.init_distributed(device, args.fsdp)
 
     # --- load -------------------------------------------------------------------
-    model, tokenizer = load(ckpt, device=device, dtype=dtype, max_seq_len=args.max_seq_len)
+    model, tokenizer = (distributed.load_sharded if d.fsdp else load)(ckpt, device=device, dtype=dtype,
+                                                                      max_seq_len=args.max_seq_len)
     names = aligner_names(args.aligner) if args.aligner else ["base"]
     aligners = [None if p == "base" else Aligner.read(p, model.args) for p in args.aligner] or [None]
 
@@ -567,14 +582,27 @@ def main(argv=None):
 
     # --- generate: the answer of prompt i by Aligner k is outputs[i * K + k] ------
     n_aligners = len(aligners)
-    stream = len(encoded) * n_aligners == 1 and sys.stdout.isatty()
+    stream = len(encoded) * n_aligners == 1 and sys.stdout.isatty() and d.world == 1
     on_token = (lambda row, piece: print(piece, end="", flush=True)) if stream else None
-    outputs = generate_side_by_side(model, tokenizer, encoded, aligners, max_new_tokens=args.max_new_tokens,
-                                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                    stop=args.stop, seed=args.seed, on_token=on_token,
-                                    compile=args.compile)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   top_k=args.top_k, stop=args.stop, seed=args.seed, on_token=on_token, compile=args.compile)
+    if d.fsdp:  # each rank answers its share of the prompts; rank 0 gathers the answers
+        lockstep = distributed.Lockstep(model, d)
+        mine = lockstep.share(list(range(len(encoded))))
+        answers = generate_side_by_side(model, tokenizer, [encoded[i] for i in mine], aligners, lockstep, **options)
+        answers = lockstep.gather({i * n_aligners + k: answers[j * n_aligners + k]
+                                   for j, i in enumerate(mine) for k in range(n_aligners)})
+        outputs = [answers[r] for r in range(len(encoded) * n_aligners)]
+    else:
+        outputs = generate_side_by_side(model, tokenizer, encoded, aligners, **options)
+    if d.rank == 0:
+        show_and_save(args, prompts, names, texts, outputs, stream)
+    distributed.close_distributed()
 
-    # --- print and save ---------------------------------------------------------
+
+def show_and_save(args, prompts, names, texts, outputs, stream):
+    """Print the answers (each prompt's, Aligner by Aligner), and write --out."""
+    n_aligners = len(names)
     if stream:
         print()
     elif len(outputs) == 1:

@@ -86,8 +86,6 @@ def add_arguments(parser, *, n_tokens, lr, batch_size, epochs, warmup_epochs, ma
                             "best.pt and epoch-*.pt; nothing else there)")
     a("--max-steps", type=cli.positive_int, default=None,
       help="stop (resumably) after this many optimizer steps in all; for tests")
-    a("--fsdp", action="store_true",
-      help="under torchrun: shard the frozen base over the processes (FSDP2) rather than give each a copy")
     cli.add_common_flags(parser)
 
 

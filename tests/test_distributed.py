@@ -10,8 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import evaluate
+import generate
+import llama
 import train_dpo
 import train_sft
+from aligner import Aligner
 from conftest import make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,3 +94,51 @@ def test_fsdp_training_gives_the_one_process_aligner(tmp_path, script, flags):
         for k in ("loss", "val_loss"):
             if k in b:
                 assert a[k] == pytest.approx(b[k], rel=1e-4), (k, a, b)
+
+
+@pytest.fixture(scope="module")
+def demo_aligners(tmp_path_factory):
+    """A one-token and a two-token Aligner on the demo model, with gates drawn so that they matter."""
+    folder = tmp_path_factory.mktemp("aligners")
+    args = llama.ModelArgs(**llama.read_params(DEMO / "llama-demo"))
+    torch.manual_seed(0)
+    paths = []
+    for n_tokens in (1, 2):
+        aligner = Aligner(args, n_tokens=n_tokens)
+        with torch.no_grad():
+            aligner.gates.normal_(0, 0.5)
+        aligner.save(folder / f"n{n_tokens}.pt")
+        paths.append(folder / f"n{n_tokens}.pt")
+    return paths
+
+
+def test_fsdp_evaluation_gives_the_one_process_results(tmp_path, demo_aligners):
+    """All three tasks on the demo's data, the base and two Aligners, under FSDP on two ranks: each rank
+    scores its share of the batches (3 and 2 of 5 per QA file) and rank 0 writes what one process writes."""
+    flags = ["all", "--limit", "10", "--batch-size", "4", "--max-new-tokens", "12", "--shots", "2",
+             "--aligner", "base", "--aligner", str(demo_aligners[0]), "--aligner", str(demo_aligners[1])]
+    torch.set_num_threads(1)
+    evaluate.main([*flags, "--out", str(tmp_path / "one")])
+    torchrun(ROOT / "evaluate.py", *flags, "--out", tmp_path / "fsdp", "--fsdp")
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert json.loads((tmp_path / "fsdp" / "results.json").read_text()) == one
+    for task in ("gsm8k", "mmlu", "qa"):
+        assert (tmp_path / "fsdp" / f"{task}.jsonl").read_text() == (tmp_path / "one" / f"{task}.jsonl").read_text()
+    outputs = [json.loads(line)["output"] for line in (tmp_path / "one" / "qa.jsonl").read_text().splitlines()]
+    assert len(set(outputs)) > len(outputs) // 3  # answers differ by prompt and Aligner: the test can fail
+
+
+def test_fsdp_generation_gives_the_one_process_answers(tmp_path, demo_aligners):
+    """generate.py with Aligners of two shapes side by side: each rank answers its share of the prompts,
+    rank 0 gathers them, and the file equals one process's (greedy decoding)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"What is the home of {name}?\n" for name in ("Eskvormi", "Tavo", "Lirra", "Mokka", "Ansel")))
+    flags = ["--prompts-file", str(prompts), "--max-new-tokens", "16", "--aligner", "base",
+             "--aligner", str(demo_aligners[0]), "--aligner", str(demo_aligners[1])]
+    torch.set_num_threads(1)
+    generate.main([*flags, "--out", str(tmp_path / "one.jsonl")])
+    torchrun(ROOT / "generate.py", *flags, "--out", tmp_path / "fsdp.jsonl", "--fsdp")
+    one = (tmp_path / "one.jsonl").read_text()
+    assert (tmp_path / "fsdp.jsonl").read_text() == one
+    outputs = [json.loads(line)["output"] for line in one.splitlines()]
+    assert len(outputs) == 15 and len(set(outputs)) > 5  # the Aligners change the answers: the test can fail
