@@ -72,28 +72,44 @@ def final_aligner(out):
     return state["aligner"], state["step"]
 
 
-@pytest.mark.parametrize("script, flags", [("train_sft.py", SFT), ("train_dpo.py", DPO + ["--precompute-ref"])],
-                         ids=["sft", "dpo"])
-def test_fsdp_training_gives_the_one_process_aligner(tmp_path, script, flags):
-    """Two ranks under FSDP (Gloo) against one process: the same Aligner after a few steps. A global
-    batch of 5 in micro-batches of 2 leaves rank 1 a micro-batch short, which it makes up with a
-    filler; the validation split of 5 does the same."""
-    flags = [str(f) for f in flags]
-    torch.set_num_threads(1)
-    main = {"train_sft.py": train_sft.main, "train_dpo.py": train_dpo.main}[script]
-    main([*flags, "--out", str(tmp_path / "one")])
-    torchrun(ROOT / script, *flags, "--out", tmp_path / "fsdp", "--fsdp")
-    (one, step), (sharded, sharded_step) = final_aligner(tmp_path / "one"), final_aligner(tmp_path / "fsdp")
-    assert step == sharded_step == int(flags[flags.index("--max-steps") + 1])
+def same_run(a, b):
+    """The Aligners in two runs' state.pt agree (float tolerance: ranks sum gradients in another
+    order), at the same step, and so do the losses in their metrics.jsonl."""
+    (one, step), (other, other_step) = final_aligner(a), final_aligner(b)
+    assert step == other_step
     for key in ("prefix", "gates"):
-        torch.testing.assert_close(sharded[key], one[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(other[key], one[key], rtol=1e-4, atol=1e-5)
     assert one["gates"].abs().sum() > 0  # it trained, so the comparison could fail
-    lines = [json.loads(l) for l in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()]
-    ones = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    for a, b in zip(lines, ones):
+    records = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (a, b)]
+    assert len(records[0]) == len(records[1])
+    for x, y in zip(*records):
         for k in ("loss", "val_loss"):
-            if k in b:
-                assert a[k] == pytest.approx(b[k], rel=1e-4), (k, a, b)
+            if k in x:
+                assert y[k] == pytest.approx(x[k], rel=1e-4), (k, x, y)
+
+
+def test_fsdp_training_gives_the_one_process_aligner(tmp_path):
+    """DPO on two ranks under FSDP (Gloo) against one process: the same Aligner after a few steps. A
+    global batch of 5 in micro-batches of 2 leaves rank 1 a micro-batch short, which it makes up with a
+    filler; the validation split of 5 does the same."""
+    flags = [str(f) for f in DPO + ["--precompute-ref"]]
+    torch.set_num_threads(1)
+    train_dpo.main([*flags, "--out", str(tmp_path / "one")])
+    torchrun(ROOT / "train_dpo.py", *flags, "--out", tmp_path / "fsdp", "--fsdp")
+    same_run(tmp_path / "one", tmp_path / "fsdp")
+
+
+def test_a_one_process_run_resumes_under_fsdp(tmp_path):
+    """SFT stopped after 2 steps in one process, resumed on two ranks under FSDP (the settings that
+    change where and how a run computes, not its result, may change on resume), ends as the run that
+    never stopped: state.pt and the Aligner files carry over between the two."""
+    flags = [str(f) for f in SFT]
+    torch.set_num_threads(1)
+    train_sft.main([*flags, "--out", str(tmp_path / "whole")])
+    stop_early = flags[:flags.index("--max-steps")] + ["--max-steps", "2"] + flags[flags.index("--max-steps") + 2:]
+    train_sft.main([*stop_early, "--out", str(tmp_path / "moved")])
+    torchrun(ROOT / "train_sft.py", *flags, "--out", tmp_path / "moved", "--fsdp", "--resume")
+    same_run(tmp_path / "whole", tmp_path / "moved")
 
 
 @pytest.fixture(scope="module")
