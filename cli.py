@@ -131,6 +131,14 @@ def device(text: str) -> str:
 # -----------------------------------------------------------------------------
 # the flags every script takes, and the one choice of device and dtype
 
+def add_checkpoint_flag(parser):
+    """--ckpt, the same for every script: either layout, or the built-in demo when none is given."""
+    parser.add_argument("--ckpt", default=None,
+                        help="a checkpoint folder in Meta's layout (params.json, consolidated.*.pth, tokenizer.model "
+                             "in it or beside it) or Hugging Face's (config.json, *.safetensors or *.bin, "
+                             "tokenizer.model); none: the built-in demo")
+
+
 def add_common_flags(parser):
     """--device, --dtype, --fsdp and --debug. The first two have no default in argparse's sense (so that
     --help does not print 'default: None'): `place` fills them in."""

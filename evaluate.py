@@ -534,7 +534,7 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("task", nargs="?", choices=(*TASKS, "all"), default="all",
                         help="what to evaluate; all: the three tasks on their default data (default)")
-    parser.add_argument("--ckpt", help="Meta checkpoint folder (default: the built-in demo, data.DEMO_CKPT)")
+    cli.add_checkpoint_flag(parser)
     parser.add_argument("--aligner", action="append", default=[],
                         help="an Aligner file, this project's or the authors' released one; repeat for "
                              "side-by-side rows; 'base' is the model alone (the only row when none is given)")

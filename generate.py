@@ -511,9 +511,7 @@ def generate_side_by_side(model, tokenizer, prompts: list, aligners: list, locks
 
 def main(argv=None):
     parser = cli.ArgumentParser(description="Generate text with a LLaMA checkpoint and any number of Aligners.")
-    parser.add_argument("--ckpt", type=Path, default=None,
-                        help="Meta checkpoint folder (params.json, consolidated.*.pth; tokenizer.model "
-                             "inside or beside it); default: the built-in demo, " + str(DEMO_CKPT))
+    cli.add_checkpoint_flag(parser)
     parser.add_argument("--aligner", action="append", default=[],
                         help="an Aligner file; repeat to answer each prompt with several, side by side; "
                              "'base' stands for the base model; none given: the base model alone")

@@ -29,7 +29,6 @@ authors' preparation script wrote the beaver format), or {"prompt", "chosen",
 Aligner files land in --out (runs/dpo): best.pt, epoch-E.pt.
 """
 
-import argparse
 import copy
 from pathlib import Path
 from typing import NamedTuple
@@ -100,13 +99,8 @@ DEMO_INIT = "runs/sft/best.pt"  # on the demo, DPO starts from train_sft.py's ru
 
 
 def main(argv=None):
-    parser = cli.ArgumentParser(description="Train an Aligner on preference pairs (DPO, Eq. 10).",
-                                epilog=trainer.demo_note(DEMO_DEFAULTS),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--ckpt", type=str, default=None,
-                        help="Meta checkpoint folder (tokenizer.model in it or beside it); none: the built-in demo")
-    parser.add_argument("--data", type=str, default=None,
-                        help="PKU-SafeRLHF rows or prompt/chosen/rejected, JSON Lines; none: the demo's")
+    parser = trainer.make_parser("Train an Aligner on preference pairs (DPO, Eq. 10).", DEMO_DEFAULTS,
+                                 "PKU-SafeRLHF rows or prompt/chosen/rejected, JSON Lines")
     parser.add_argument("--init-aligner", type=str, default=None,
                         help="start from this (SFT) Aligner file, which also sets N and the start layer; "
                              "none: a fresh Aligner (for the demo: runs/sft/best.pt if present)")

@@ -26,7 +26,6 @@ JSON Lines of already formatted {"prompt", "response"}, used as they are.
 The Aligner files land in --out (runs/sft): best.pt, epoch-E.pt.
 """
 
-import argparse
 
 import torch
 import torch.nn.functional as F
@@ -45,13 +44,8 @@ DEMO_DEFAULTS = dict(batch_size=16)
 
 
 def main(argv=None):
-    parser = cli.ArgumentParser(description="Train an Aligner on instruction data (SFT).",
-                                epilog=trainer.demo_note(DEMO_DEFAULTS),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--ckpt", type=str, default=None,
-                        help="Meta checkpoint folder (tokenizer.model in it or beside it); none: the built-in demo")
-    parser.add_argument("--data", type=str, default=None,
-                        help="Alpaca JSON, Alpaca JSON Lines, or prompt/response JSON Lines; none: the demo's")
+    parser = trainer.make_parser("Train an Aligner on instruction data (SFT).", DEMO_DEFAULTS,
+                                 "Alpaca JSON, Alpaca JSON Lines, or prompt/response JSON Lines")
     parser.add_argument("--train-on-prompt", action="store_true",
                         help="put the loss on the whole sequence, as the paper's code did, not the response only")
     parser.add_argument("--template", choices=list(data.TEMPLATES), default="alpaca",

@@ -32,6 +32,7 @@ its total count of loss units (response tokens for SFT, pairs for DPO) before
 backward, so summing the ranks' gradients gives the one-process gradient.
 """
 
+import argparse
 import json
 import math
 import os
@@ -87,6 +88,16 @@ def add_arguments(parser, *, n_tokens, lr, batch_size, epochs, warmup_epochs, ma
     a("--max-steps", type=cli.positive_int, default=None,
       help="stop (resumably) after this many optimizer steps in all; for tests")
     cli.add_common_flags(parser)
+
+
+def make_parser(description: str, demo_defaults: dict, data_help: str):
+    """The parser both training scripts begin with: --ckpt and --data, and a --help that says
+    which defaults the built-in demo changes."""
+    parser = cli.ArgumentParser(description=description, epilog=demo_note(demo_defaults),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cli.add_checkpoint_flag(parser)
+    parser.add_argument("--data", type=str, default=None, help=data_help + "; none: the demo's")
+    return parser
 
 
 def demo_note(demo_defaults: dict) -> str:
