@@ -19,6 +19,7 @@ training loop, evaluation and generation keep them in step.
 """
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -54,12 +55,23 @@ def init_distributed(device: torch.device, fsdp: bool = False) -> Dist:
     return Dist(0, 1, device)
 
 
-def close_distributed():
-    """Leave the process group together: a rank that exits while its peers still hold
-    connections to it can make them abort (SIGABRT) instead of ending cleanly."""
+def exit_distributed():
+    """Under torchrun, leave the process group together and end the process here.
+
+    The barrier: a rank that exits while its peers still hold connections to it
+    can make them abort. The exit: a rank must not reach Python's finalization,
+    where Gloo's worker threads may still be releasing the last collective's
+    tensors and abort the process (SIGABRT) when they need the interpreter
+    (pytorch/pytorch#179291); destroying the group does not join those threads
+    under FSDP2, whose caches keep the group alive to the end. Every file is
+    written and closed by now, so the rank flushes its output and exits.
+    """
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def all_reduce_sum(t: torch.Tensor, world: int) -> torch.Tensor:

@@ -642,7 +642,7 @@ def main(argv=None):
             lines = "".join(json.dumps(r) + "\n" for r in task_records)
             atomic_write(out / f"{task}.jsonl", lambda f: f.write(lines), mode="w")
         print(f"\nwrote {out / 'results.json'} and per-item records beside it")
-    distributed.close_distributed()
+    distributed.exit_distributed()
     return results
 
 

@@ -595,7 +595,7 @@ def main(argv=None):
         outputs = generate_side_by_side(model, tokenizer, encoded, aligners, **options)
     if d.rank == 0:
         show_and_save(args, prompts, names, texts, outputs, stream)
-    distributed.close_distributed()
+    distributed.exit_distributed()
 
 
 def show_and_save(args, prompts, names, texts, outputs, stream):

@@ -100,8 +100,8 @@ def main(argv=None):
 
     # --- train; the Aligner files are written as it goes
     trainer.train(args, aligner, batch_loss, train_idx, val_idx, lengths, units, d)
-    distributed.close_distributed()
     say(f"done: {args.out / 'best.pt'} (the best by validation loss), {args.out / 'metrics.jsonl'}")
+    distributed.exit_distributed()
 
 
 if __name__ == "__main__":
