@@ -94,17 +94,90 @@ def test_strict_scores_the_number_after_the_first_hashes(before, answer, after):
     assert exact_match(extract_strict(text), f"#### {answer[1]}")
 
 
-@settings(max_examples=200, deadline=None)
-@given(text=st.text())
-def test_filters_always_give_a_string(text):
-    for extract in (extract_strict, extract_flexible):
-        assert isinstance(extract(text), str)
+DIGITS = "0123456789"
+
+
+def strict_by_hand(text: str) -> str:
+    """The first match of `#### (\\-?[0-9\\.\\,]+)`, scanned by hand: "#### ", an optional minus,
+    then the longest run of digits, points and commas (at least one)."""
+    for i in range(len(text)):
+        if text.startswith("#### ", i):
+            start = i + 5
+            first = start + (text[start:start + 1] == "-")
+            end = first
+            while end < len(text) and text[end] in DIGITS + ".,":
+                end += 1
+            if end > first:
+                return text[start:end]
+    return "[invalid]"
+
+
+def flexible_by_hand(text: str) -> str:
+    """The last of the leftmost, non-overlapping matches of `(-?[$0-9.,]{2,})|(-?[0-9]+)`, scanned
+    by hand: at each position, an optional minus and a run of two or more of $0-9.,; else an
+    optional minus and a run of digits; else move on by one character."""
+    found, i = [], 0
+    while i < len(text):
+        first = i + (text[i] == "-")
+        end = first
+        while end < len(text) and text[end] in "$.," + DIGITS:
+            end += 1
+        if end - first < 2:
+            end = first
+            while end < len(text) and text[end] in DIGITS:
+                end += 1
+        if end > first:
+            found.append(text[i:end])
+            i = end
+        else:
+            i += 1
+    return found[-1] if found else "[invalid]"
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.one_of(st.text(), st.text(alphabet="#### -$.,0123456789a\n", max_size=40)))
+def test_filters_equal_a_hand_written_scan(text):
+    """Any text at all, and texts dense in hashes, signs, digits and separators: each filter gives
+    what a scan written from its regex by hand gives."""
+    assert extract_strict(text) == strict_by_hand(text)
+    assert extract_flexible(text) == flexible_by_hand(text)
 
 
 def test_the_reference_is_what_follows_the_last_hashes():
     answer = "She has 2,000 + 125 = <<2000+125=2125>>2,125.\n#### 2,125"
     assert exact_match("2125", answer) and exact_match("$2,125.", answer) and not exact_match("2000", answer)
-    assert not exact_match("[invalid]", "#### 3")  # a missing answer is simply wrong
+    corrected = "#### 5\nNo, the total is:\n#### 7"  # only the text after the last "#### " counts
+    assert exact_match("7", corrected) and not exact_match("5", corrected)
+
+
+def test_exact_match_ignores_case():
+    """gsm8k.yaml's exact_match sets ignore_case: both sides are lower-cased."""
+    assert evaluate.normalize("#### 5 Apples") == "5 apples"
+    assert exact_match("5 APPLES", "#### 5 apples")
+
+
+def test_gsm8k_generates_until_the_harness_stops_and_scores_both_filters(monkeypatch):
+    """run_gsm8k hands generation the harness's stop strings and scores each output with both
+    filters against the whole reference answer."""
+    outputs = {11: "5 + 3 = 8\n#### 8", 12: "It is 7 dollars.", 13: "#### 1,000\nthen 9 more"}
+    golds = {11: "He has 8.\n#### 8", 12: "#### 7", 13: "So 1,000.\n#### 1000"}
+    calls = []
+
+    def fake_generate(model, tokenizer, prompts, aligner, **options):
+        calls.append(options)
+        return [outputs[p[-1]] for p in prompts]
+
+    monkeypatch.setattr(evaluate, "generate", fake_generate)
+    items = [evaluate.GenerationItem(f"prompt {k}", [1, k], golds[k], 0, 0) for k in outputs]
+    args = argparse.Namespace(batch_size=2, max_new_tokens=9, compile=False)
+    result, records = evaluate.run_gsm8k(None, None, None, "base", evaluate.Prepared(items, {}), args)
+    assert calls and all(c["stop"] == ["Question:", "</s>", "<|im_end|>"] and c["max_new_tokens"] == 9
+                         for c in calls)
+    assert [(r["strict"], r["flexible"]) for r in records] == [("8", "8"), ("[invalid]", "7"), ("1,000", "9")]
+    assert [(r["strict_correct"], r["flexible_correct"]) for r in records] == [(True, True), (False, True),
+                                                                               (True, False)]
+    assert [r["gold"] for r in records] == ["8", "7", "1000"]
+    assert result == {"strict": 2 / 3, "flexible": 2 / 3, "n": 3}
 
 
 # -----------------------------------------------------------------------------
@@ -222,6 +295,16 @@ def test_aggregation_by_subject_category_and_overall():
     assert result["questions"] == pytest.approx(4 / 6)  # the mean over questions
     assert result["subjects"] == pytest.approx(0.5)  # the mean over subjects
     assert result["n"] == 6
+
+
+def test_a_category_pools_its_questions():
+    """Two STEM subjects of 1 and 3 questions: STEM is 2 right of 4 pooled (0.5), not the mean of
+    the subjects' accuracies (1 and 1/3); the mean over subjects is over all subjects."""
+    records = [("abstract_algebra", True), ("astronomy", False), ("astronomy", False), ("astronomy", True),
+               ("philosophy", False)]
+    result = aggregate(records)
+    assert result["categories"] == {"STEM": 0.5, "humanities": 0.0}
+    assert result["subjects"] == pytest.approx((1 + 1 / 3 + 0) / 3) and result["questions"] == pytest.approx(2 / 5)
 
 
 # -----------------------------------------------------------------------------
