@@ -1,6 +1,7 @@
 """The base model: Meta's shapes and checkpoint layout, the attention's pieces, the tokenizer."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -96,6 +97,19 @@ def test_prefix_softmax_is_separate_and_unmasked(n_tokens, seed):
     for t in range(5):
         weights = torch.softmax(q[:, :, t:t + 1] @ k_p.transpose(-2, -1) / 8 ** 0.5, dim=-1)  # (B, H, 1, N)
         torch.testing.assert_close(out[:, :, t:t + 1], gate * (weights @ v_p), atol=1e-5, rtol=1e-5)
+
+
+def test_rms_norm_divides_by_the_root_mean_square_plus_eps():
+    """x / sqrt(mean(x^2) + eps) * weight, with the model's eps: for inputs of size 1e-3 the mean
+    square (1e-6) is smaller than eps (1e-5), so eps decides most of the result."""
+    x = torch.full((1, 4), 1e-3)
+    x[0, 1] = -2e-3
+    norm = llama.RMSNorm(4, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.0, 2.0, 0.5, 1.0]))
+    mean_square = (1 + 4 + 1 + 1) * 1e-6 / 4
+    expected = x / (mean_square + 1e-5) ** 0.5 * norm.weight
+    torch.testing.assert_close(norm(x), expected.detach(), rtol=1e-5, atol=0)
 
 
 def test_rope_rotates_adjacent_pairs_by_position():
@@ -219,6 +233,17 @@ def test_wrong_key(tmp_path):
     assert "consolidated.00.pth" in message and "layers.0.attention.wq.wieght" in message
 
 
+def test_a_weight_missing_from_every_shard_is_named(tmp_path):
+    make_checkpoint(tmp_path / "tiny", n_shards=2)
+    for i in range(2):
+        path = tmp_path / "tiny" / f"consolidated.{i:02d}.pth"
+        shard = torch.load(path, weights_only=True)
+        del shard["layers.1.feed_forward.w3.weight"]
+        torch.save(shard, path)
+    message = one_line_error(ValueError, llama.load, tmp_path / "tiny")
+    assert "missing key 'layers.1.feed_forward.w3.weight'" in message and str(tmp_path / "tiny") in message
+
+
 def test_atomic_save_keeps_the_old_file_when_a_write_fails(tmp_path, monkeypatch):
     path = tmp_path / "state.pt"
     files.atomic_save({"x": torch.ones(3)}, path)
@@ -233,3 +258,15 @@ def test_atomic_save_keeps_the_old_file_when_a_write_fails(tmp_path, monkeypatch
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+
+
+def test_written_files_get_the_permissions_the_umask_allows(tmp_path):
+    """A file written atomically is readable as any file the user writes: 0666 less the umask, not
+    the private 0600 of the temporary file it starts as."""
+    old = os.umask(0o022)
+    try:
+        files.atomic_text(tmp_path / "settings.json", "{}\n")
+        files.atomic_save({"x": torch.ones(1)}, tmp_path / "best.pt")
+    finally:
+        os.umask(old)
+    assert [(tmp_path / n).stat().st_mode & 0o777 for n in ("settings.json", "best.pt")] == [0o644, 0o644]
