@@ -879,20 +879,23 @@ def test_ctrl_c_is_one_line_and_a_non_zero_exit(capsys, monkeypatch):
     assert code == 130 and err == "train_sft.py: interrupted\n"
 
 
-def test_ctrl_c_during_training_says_how_to_continue(tiny_ckpt, capsys, tmp_path, monkeypatch):
+@pytest.mark.parametrize("save_every, saved", [(1, 3), (2, 2)])
+def test_ctrl_c_during_training_says_how_to_continue(save_every, saved, tiny_ckpt, capsys, tmp_path, monkeypatch):
+    """Stopped during step 4 of an epoch of 4: state.pt holds the last multiple of --save-every."""
     real = trainer.optimizer_step
 
     def step(run, progress):
-        if progress.step == 2:
+        if progress.step == 3:
             raise KeyboardInterrupt
         return real(run, progress)
 
     monkeypatch.setattr(trainer, "optimizer_step", step)
-    code, _, err = run_script(train_sft, sft_args(tiny_ckpt, sft_data(tmp_path), tmp_path / "run",
-                                                  "--save-every", "1"), capsys)
+    code, _, err = run_script(train_sft, sft_args(tiny_ckpt, sft_data(tmp_path), tmp_path / "run", "--batch-size",
+                                                  "1", "--save-every", str(save_every)), capsys)
     assert code == 130 and "Traceback" not in err
-    assert error_line(err).startswith("train_sft.py: interrupted: stopped at step 2;")
-    assert "holds step 2: continue with --resume" in error_line(err)
+    assert error_line(err).startswith("train_sft.py: interrupted: stopped at step 3;")
+    assert f"holds step {saved}: continue with --resume" in error_line(err)
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["step"] == saved
 
 
 SUBPROCESS_CASES = [
