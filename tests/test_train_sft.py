@@ -75,6 +75,18 @@ def test_malformed_data_names_its_line(tiny_ckpt, tmp_path):
         data.read_sft(broken)
 
 
+def test_a_json_list_error_names_the_line_json_names(tmp_path):
+    """A raw line break inside a string is invalid JSON at the break itself: the error names the
+    record and the line that Python's json module gives for that position."""
+    text = '[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "two\nlines", "output": "c"}\n]\n'
+    (tmp_path / "bad.json").write_text(text)
+    with pytest.raises(json.JSONDecodeError) as reference:
+        json.loads(text)
+    with pytest.raises(data.DataError, match=rf"bad\.json, record 1 \(line {reference.value.lineno}\): not valid JSON"):
+        data.read_sft(tmp_path / "bad.json")
+    assert reference.value.lineno == 3
+
+
 def test_alpaca_json_and_jsonl_give_the_same_examples(tmp_path):
     task = write_task(tmp_path / "task.json", inputs=True)
     lines = tmp_path / "task.jsonl"
@@ -139,6 +151,31 @@ def test_nan_loss_stops_and_keeps_the_last_good_state(tmp_path):
         trainer.train(settings, aligner, batch_loss, [0, 1], [], [1, 1], [1, 1], d)
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     assert state["step"] == 2 and torch.isfinite(state["aligner"]["prefix"]).all()
+
+
+@pytest.mark.parametrize("bad", ["infinite loss", "NaN gradient"])
+def test_a_non_finite_loss_or_gradient_stops_before_the_update(tmp_path, bad):
+    """At step 3 the loss is infinite while its gradient is finite, or the loss is finite while its
+    gradient is NaN (the square root of |x| at 0): either stops the step before AdamW moves,
+    and the Aligner in memory is still the one state.pt holds (step 2)."""
+    args = llama.ModelArgs(dim=8, n_layers=2, n_heads=2, vocab_size=16)
+    aligner = Aligner(args, n_tokens=1, start_layer=0)
+    calls = []
+
+    def batch_loss(indices):
+        calls.append(indices)
+        value = (aligner.prefix.sum() + aligner.gates.sum()) * len(indices)
+        if len(calls) == 3:
+            value = value + (math.inf if bad == "infinite loss" else
+                             torch.sqrt((aligner.prefix - aligner.prefix.detach()).abs().sum()))
+        return value, {}
+
+    with pytest.raises(FloatingPointError, match=r"step 3: the loss is .*; stopping\. .*state\.pt \(step 2\)"):
+        trainer.train(loop_settings(tmp_path, batch_size=2, epochs=3, warmup_epochs=0.0, save_every=1),
+                      aligner, batch_loss, [0, 1], [], [1, 1], [1, 1], distributed.Dist(0, 1, torch.device("cpu")))
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert state["step"] == 2
+    assert torch.equal(aligner.prefix.detach(), state["aligner"]["prefix"])
 
 
 def test_missing_demo_says_how_to_build_it(tmp_path):
