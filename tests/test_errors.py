@@ -318,9 +318,10 @@ def test_resume_with_other_settings_names_them(flag, value, run, tiny_ckpt, caps
           watch=[tmp_path])
 
 
-def test_resume_with_other_data_names_data(run, tiny_ckpt, capsys, tmp_path):
+@pytest.mark.parametrize("word", ["crow", "raven"], ids=["another size", "the same size"])
+def test_resume_with_other_data_names_data(word, run, tiny_ckpt, capsys, tmp_path):
     data, out = run
-    data.write_text(data.read_text().replace("robin", "crow"))
+    data.write_text(data.read_text().replace("robin", word))
     fails("train_sft", sft_args(tiny_ckpt, data, out, "--resume"), capsys, "--data's content", watch=[tmp_path])
 
 
