@@ -208,6 +208,14 @@ def test_ranks_share_each_global_batch_exactly():
             assert sorted(shares) == sorted(batch)
 
 
+@pytest.mark.parametrize("val, n_val", [("2", 2), ("0", 0), ("0.05", 5), ("0.25", 25)])
+def test_the_split_holds_out_what_is_asked_and_never_trains_on_it(val, n_val):
+    train, held_out = trainer.split(100, val, seed=3)
+    assert len(held_out) == n_val and not set(train) & set(held_out)
+    assert sorted(train + held_out) == list(range(100))
+    assert (train, held_out) == trainer.split(100, val, seed=3) and held_out != trainer.split(100, "5", seed=4)[1]
+
+
 def test_schedule_warms_up_then_decays_to_zero():
     lrs = [trainer.learning_rate(s, 1.0, warmup_steps=4, total_steps=12) for s in range(12)]
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
@@ -348,9 +356,10 @@ def test_best_pt_is_the_epoch_of_the_lowest_validation_loss(tmp_path, stop_after
 
 def test_ten_examples_in_batches_of_four_are_three_steps_an_epoch_at_the_scheduled_lr(tiny_ckpt, tmp_path):
     """12 examples, 2 held out: batches of 4, 4 and 2 each epoch. The default schedule warms up over
-    the first epoch (3 steps) to --lr 9e-3, then decays as 0.5 * (1 + cos(pi * k / 4)), k = 1..3."""
+    the first epoch (3 steps) to --lr 9e-3, then decays as 0.5 * (1 + cos(pi * k / 4)), k = 1..3.
+    The run's files are these and no others, and they hold an Aligner from --start-layer."""
     task = write_task(tmp_path / "task.json", n=12)
-    train_sft.main(run_args(tiny_ckpt, task, tmp_path / "run"))
+    train_sft.main(run_args(tiny_ckpt, task, tmp_path / "run", "--start-layer", "1"))
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "lr" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
@@ -359,6 +368,8 @@ def test_ten_examples_in_batches_of_four_are_three_steps_an_epoch_at_the_schedul
     assert [(r["step"], r["epoch"]) for r in records if "val_loss" in r] == [(0, 0), (3, 1), (6, 2)]
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
         "best.pt", "epoch-1.pt", "epoch-2.pt", "metrics.jsonl", "settings.json", "state.pt"]
+    aligner = Aligner.load(tmp_path / "run" / "best.pt", llama.ModelArgs(**llama.read_params(tiny_ckpt)))
+    assert (aligner.n_tokens, aligner.start_layer, tuple(aligner.gates.shape)) == (2, 1, (3, 4))  # 4 layers, 4 heads
 
 
 @pytest.mark.parametrize("train_on_prompt", [False, True], ids=["response", "whole-sequence"])
