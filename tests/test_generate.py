@@ -424,6 +424,15 @@ def test_top_p_never_samples_outside_the_nucleus(logits, top_p, temperature, see
     assert nucleus[drawn].all()
 
 
+@pytest.mark.parametrize("p, kept", [(0.4, [True, False, False]), (0.7, [True, True, False]),
+                                     (0.9, [True, True, True])])
+def test_top_p_keeps_the_token_that_reaches_p(p, kept):
+    """Probabilities 0.5, 0.3, 0.2: the nucleus for p is the most probable tokens up to and
+    including the one whose probability brings the sum to p or past it."""
+    logits = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    assert torch.isfinite(generate_script.top_p_filter(logits, p))[0].tolist() == kept
+
+
 @settings(max_examples=30, deadline=None)
 @given(logits=st.lists(st.floats(-6, 6), min_size=2, max_size=40), top_k=st.integers(1, 8),
        seed=st.integers(0, 2**16))
