@@ -150,9 +150,10 @@ def test_the_reference_is_what_follows_the_last_hashes():
     assert exact_match("7", corrected) and not exact_match("5", corrected)
 
 
-def test_exact_match_ignores_case():
-    """gsm8k.yaml's exact_match sets ignore_case: both sides are lower-cased."""
-    assert evaluate.normalize("#### 5 Apples") == "5 apples"
+def test_exact_match_removes_in_the_harness_order_and_ignores_case():
+    """gsm8k.yaml's regexes_to_ignore are removed one after the other, in its order: "," and "$"
+    before the final ".", so "7.," and "5.$" end as bare numbers; ignore_case lower-cases both sides."""
+    assert [evaluate.normalize(t) for t in ("7.,", "5.$", "#### 5 Apples")] == ["7", "5", "5 apples"]
     assert exact_match("5 APPLES", "#### 5 apples")
 
 
