@@ -418,6 +418,27 @@ def test_paper_setting_is_one_shot_each_and_excludes_shots(tiny_ckpt, tmp_path, 
     assert stopped.value.code == 2 and "give either --paper or --shots" in capsys.readouterr().err
 
 
+def test_the_default_shots_are_llama_2s_8_and_5(tiny_ckpt, tmp_path):
+    """Without --shots or --paper: GSM8K 8-shot and MMLU 5-shot, as the LLaMA-2 paper reports them."""
+    write_jsonl(tmp_path / "gsm8k" / "train.jsonl", [{"question": f"Q{i}?", "answer": f"#### {i}"} for i in range(10)])
+    write_jsonl(tmp_path / "gsm8k" / "test.jsonl", [{"question": "T?", "answer": "#### 1"}])
+    write_csv(tmp_path / "mmlu" / "dev" / "anatomy_dev.csv", DEV * 2)
+    write_csv(tmp_path / "mmlu" / "test" / "anatomy_test.csv", [TEST_ROW])
+    common = ["--ckpt", str(tiny_ckpt), "--max-new-tokens", "2", "--max-seq-len", "512"]
+    gsm8k = evaluate.main(["gsm8k", *common, "--data", str(tmp_path / "gsm8k" / "test.jsonl"), "--out", str(tmp_path / "g")])
+    mmlu = evaluate.main(["mmlu", *common, "--data", str(tmp_path / "mmlu"), "--out", str(tmp_path / "m")])
+    assert [list(r.values())[0]["info"]["shots"] for r in (gsm8k["gsm8k"], mmlu["mmlu"])] == [8, 5]
+    assert read_jsonl(tmp_path / "g" / "gsm8k.jsonl")[0]["prompt"].count("Question:") == 9
+    assert read_jsonl(tmp_path / "m" / "mmlu.jsonl")[0]["prompt"].count("Answer:") == 6
+
+
+def test_qa_puts_its_questions_in_the_template(tiny_ckpt, tmp_path):
+    write_jsonl(tmp_path / "qa.jsonl", [{"instruction": "What is a robin?", "output": "A bird."}])
+    evaluate.main(["qa", "--ckpt", str(tiny_ckpt), "--data", str(tmp_path / "qa.jsonl"), "--template", "beaver",
+                   "--max-new-tokens", "2", "--max-seq-len", "256", "--out", str(tmp_path / "q")])
+    assert read_jsonl(tmp_path / "q" / "qa.jsonl")[0]["prompt"] == "[User] What is a robin? [Assistant] "
+
+
 def test_prompts_that_drop_shots_are_counted_and_warned_about(tiny_ckpt, tmp_path, capsys):
     write_csv(tmp_path / "mmlu" / "dev" / "anatomy_dev.csv", DEV)
     write_csv(tmp_path / "mmlu" / "test" / "anatomy_test.csv", [TEST_ROW, ["Short?", "a", "b", "c", "d", "A"]])
