@@ -147,6 +147,20 @@ def test_every_weight_and_row_slice_is_metas(meta, tmp_path, layout):
             assert torch.equal(ckpt.get(key, rows=rows), expected[rows]), (key, rows)
 
 
+def test_every_norm_is_read_from_its_own_key(meta, tmp_path):
+    """input_layernorm is Meta's attention_norm, post_attention_layernorm its ffn_norm, model.norm
+    its final norm: with every norm weight drawn apart, each comes back from its own key."""
+    model, _ = meta
+    state = model.state_dict()
+    generator = torch.Generator().manual_seed(0)
+    for key in state:
+        if key.endswith("norm.weight"):
+            state[key] = torch.rand(state[key].shape, generator=generator)
+    ckpt = HFCheckpoint(write_hf(state, model.args, tmp_path / "hf"))
+    for key, expected in state.items():
+        assert torch.equal(ckpt.get(key), expected), key
+
+
 def test_a_transformer_built_from_params_holds_the_weights(meta, tmp_path):
     """params build the same shapes as the Meta model (the feed-forward width exactly), and its logits."""
     model, _ = meta
