@@ -1,7 +1,9 @@
 """The base model: Meta's shapes and checkpoint layout, the attention's pieces, the tokenizer."""
 
 import json
+import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -270,3 +272,20 @@ def test_written_files_get_the_permissions_the_umask_allows(tmp_path):
     finally:
         os.umask(old)
     assert [(tmp_path / n).stat().st_mode & 0o777 for n in ("settings.json", "best.pt")] == [0o644, 0o644]
+
+
+def test_a_torch_file_holding_other_objects_is_refused(tmp_path):
+    """Files are read with weights_only: a pickled object other than tensors and plain data (here a
+    Path) is never rebuilt, and the file is named."""
+    torch.save({"prefix": torch.ones(1), "note": Path("x")}, tmp_path / "odd.pt")
+    with pytest.raises(files.FileError, match=r"odd\.pt: not a readable Aligner file: it holds something other"):
+        files.load_pt(tmp_path / "odd.pt", "Aligner file")
+
+
+@pytest.mark.parametrize("value, problem", [
+    ([0.5], "prefix is a list, not a tensor"), (torch.tensor([1.0, math.nan]), "prefix holds NaN"),
+    (torch.tensor([-math.inf]), "prefix holds an infinite value"),
+    (torch.tensor([2e10]), "prefix holds 2e+10, beyond 1e+10: it has exploded"), (torch.tensor([1e9]), None),
+    (torch.tensor([3]), None)])
+def test_bad_value_names_the_first_unusable_tensor(value, problem):
+    assert files.bad_value({"gates": torch.zeros(2), "prefix": value}) == problem
