@@ -235,6 +235,22 @@ def test_wrong_key(tmp_path):
     assert "consolidated.00.pth" in message and "layers.0.attention.wq.wieght" in message
 
 
+@pytest.mark.parametrize("change, where", [("drop", "missing key"), ("add", "unexpected key")])
+def test_shards_that_hold_different_keys_are_refused(tmp_path, change, where):
+    make_checkpoint(tmp_path / "tiny", n_shards=2)
+    path = tmp_path / "tiny" / "consolidated.01.pth"
+    shard = torch.load(path, weights_only=True)
+    if change == "drop":
+        del shard["layers.2.attention.wv.weight"]
+        key = "layers.2.attention.wv.weight"
+    else:
+        shard["layers.2.attention.wz.weight"] = torch.zeros(4)
+        key = "layers.2.attention.wz.weight"
+    torch.save(shard, path)
+    message = one_line_error(ValueError, llama.load, tmp_path / "tiny")
+    assert "consolidated.01.pth" in message and f"{where} '{key}'" in message
+
+
 def test_a_weight_missing_from_every_shard_is_named(tmp_path):
     make_checkpoint(tmp_path / "tiny", n_shards=2)
     for i in range(2):
