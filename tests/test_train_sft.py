@@ -87,6 +87,19 @@ def test_a_json_list_error_names_the_line_json_names(tmp_path):
     assert reference.value.lineno == 3
 
 
+def test_blank_lines_are_skipped_and_wrong_values_named(tmp_path):
+    lines = tmp_path / "task.jsonl"
+    lines.write_text('{"prompt": "a", "response": "b"}\n   \n\t\n{"prompt": "c", "response": "d"}\n')
+    assert data.read_sft(lines) == [data.SFTPair("a", "b"), data.SFTPair("c", "d")]
+    lines.write_text('{"prompt": "a", "response": "b"}\n{"prompt": 1, "response": "d"}\n')
+    with pytest.raises(data.DataError, match=r"task\.jsonl, line 2: 'prompt' must be a string, not int"):
+        data.read_sft(lines)
+    listed = tmp_path / "task.json"
+    listed.write_text('[{"instruction": "a", "output": "b"}]\n{"instruction": "c", "output": "d"}\n')
+    with pytest.raises(data.DataError, match=r"task\.json, record 1 \(line 1\): unexpected text after the closing"):
+        data.read_sft(listed)
+
+
 def test_alpaca_json_and_jsonl_give_the_same_examples(tmp_path):
     task = write_task(tmp_path / "task.json", inputs=True)
     lines = tmp_path / "task.jsonl"
