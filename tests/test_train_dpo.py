@@ -65,6 +65,17 @@ def test_malformed_pku_row_names_its_line(tmp_path):
         data.read_preferences(write_jsonl(tmp_path / "bad2.jsonl", [{"prompt": "x", "chosen": "y"}]))
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("is_response_0_safe", "true", "'is_response_0_safe' must be true or false, not 'true'"),
+    ("is_response_1_safe", None, "'is_response_1_safe' must be true or false, not None"),
+    ("better_response_id", True, "'better_response_id' must be 0 or 1, not True"),
+    ("safer_response_id", 1.5, "'safer_response_id' must be 0 or 1, not 1.5")])
+def test_pku_flags_and_ids_of_the_wrong_type_are_named(tmp_path, key, value, message):
+    path = write_jsonl(tmp_path / "pku.jsonl", [ROWS[0], {**ROWS[3], key: value}])
+    with pytest.raises(data.DataError, match=rf"pku\.jsonl, line 2: {message}"):
+        data.read_preferences(path)
+
+
 def test_response_logps_sums_response_tokens_only():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 7)
