@@ -376,6 +376,7 @@ def test_ten_examples_in_batches_of_four_are_three_steps_an_epoch_at_the_schedul
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "lr" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert [r["epoch"] for r in steps] == [0.3333, 0.6667, 1.0, 1.3333, 1.6667, 2.0]
     assert [r["lr"] for r in steps] == pytest.approx(
         [9e-3 * f for f in (1 / 3, 2 / 3, 1.0, 0.8535533905932737, 0.5, 0.14644660940672624)], rel=1e-12)
     assert [(r["step"], r["epoch"]) for r in records if "val_loss" in r] == [(0, 0), (3, 1), (6, 2)]
