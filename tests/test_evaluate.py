@@ -219,6 +219,9 @@ def test_a_bad_mmlu_row_is_named_by_file_and_line(tmp_path):
     write_csv(tmp_path / "bad.csv", [DEV[1], ["q", "a", "b", "c", "D"]])
     with pytest.raises(ValueError, match=r"bad\.csv, line 3: 5 fields"):  # the first row spans lines 1-2
         read_mmlu_csv(tmp_path / "bad.csv")
+    write_csv(tmp_path / "bad.csv", [DEV[0], ["q", "a", "b", "c", "d", "E"]])
+    with pytest.raises(ValueError, match=r"bad\.csv, line 2: answer 'E' is not one of A, B, C, D"):
+        read_mmlu_csv(tmp_path / "bad.csv")
 
 
 def test_mmlu_prompt_with_two_shots_is_exact():
@@ -416,6 +419,16 @@ def test_paper_setting_is_one_shot_each_and_excludes_shots(tiny_ckpt, tmp_path, 
     with pytest.raises(SystemExit) as stopped:
         cli.run(evaluate.main, ["gsm8k", "--ckpt", str(tiny_ckpt), "--paper", "--shots", "3"])
     assert stopped.value.code == 2 and "give either --paper or --shots" in capsys.readouterr().err
+
+
+def test_a_qa_prompt_needs_room_for_the_tokens_to_generate(tiny_ckpt, tmp_path):
+    write_jsonl(tmp_path / "qa.jsonl", [{"instruction": "What is a robin?", "output": "A bird."}])
+    tokenizer = Tokenizer(tiny_ckpt.parent / "tokenizer.model")
+    n = len(tokenizer.encode(format_prompt("What is a robin?"), bos=True))
+    fits = argparse.Namespace(limit=None, template=None, max_new_tokens=10, max_seq_len=n + 10)
+    assert len(evaluate.prepare_qa(tmp_path / "qa.jsonl", tokenizer, 0, fits).items) == 1
+    with pytest.raises(evaluate.DataError, match=r"qa\.jsonl, record 1: the prompt and --max-new-tokens exceed"):
+        evaluate.prepare_qa(tmp_path / "qa.jsonl", tokenizer, 0, argparse.Namespace(**{**vars(fits), "max_seq_len": n + 9}))
 
 
 def test_the_default_shots_are_llama_2s_8_and_5(tiny_ckpt, tmp_path):

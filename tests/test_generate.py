@@ -480,6 +480,27 @@ def test_streaming_holds_back_what_may_still_become_a_stop_string():
     assert row.text == "xay" and pieces == ["x", "x", "ay"]
 
 
+def test_a_prompts_file_is_jsonl_by_its_suffix_and_lines_otherwise(tmp_path):
+    for name in ("prompts.txt", "prompts", "prompts.md"):
+        (tmp_path / name).write_text('Name a bird.\n\n{"instruction": "kept as text"}\n')
+        assert [(p.instruction, p.input) for p in generate_script.read_prompts(tmp_path / name)] == [
+            ("Name a bird.", ""), ('{"instruction": "kept as text"}', "")]
+    (tmp_path / "p.jsonl").write_text('{"instruction": "Add.", "input": "2 and 3"}\n{"instruction": "Hi."}\n')
+    assert [(p.instruction, p.input) for p in generate_script.read_prompts(tmp_path / "p.jsonl")] == [
+        ("Add.", "2 and 3"), ("Hi.", "")]
+
+
+def test_aligner_names_are_stems_unless_two_share_one():
+    assert generate_script.aligner_names(["runs/a/best.pt", "runs/b/best.pt", "runs/dpo.pt"]) == [
+        "runs/a/best.pt", "runs/b/best.pt", "dpo"]
+
+
+@pytest.mark.parametrize("length, positions", [(1, 256), (256, 256), (257, 512), (700, 768), (900, 800)])
+def test_a_compiled_cache_holds_the_next_multiple_of_256_within_the_context(length, positions):
+    args = ModelArgs(dim=8, n_layers=1, n_heads=2, vocab_size=16, max_seq_len=800)
+    assert generate_script.static_cache(args, 1, length, "cpu", torch.float32).max_len == positions
+
+
 # -----------------------------------------------------------------------------
 # the bank's size
 

@@ -44,6 +44,16 @@ def tiny(tiny_ckpt):
     return model, aligner, pairs
 
 
+def test_pairs_cut_in_either_response_are_counted(tiny_ckpt, tmp_path, capsys):
+    rows = [{"prompt": "Answer:", "chosen": "A robin.", "rejected": "A robin." + " fox" * 40},
+            {"prompt": "Answer:", "chosen": "A robin." + " fox" * 40, "rejected": "A robin."},
+            {"prompt": "Answer:", "chosen": "A robin.", "rejected": "A fish."}] * 2
+    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    train_dpo.main(["--ckpt", str(tiny_ckpt), "--data", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "run"),
+                    "--max-seq-len", "24", "--val", "0", "--batch-size", "6", "--epochs", "1"])
+    assert "6 pairs; 0 dropped because the chosen response is unsafe; 4 cut to --max-seq-len 24" in capsys.readouterr().out
+
+
 def test_safety_filter_and_pair_choice(tmp_path):
     path = write_jsonl(tmp_path / "pku.jsonl", ROWS)
     safer, dropped = data.read_preferences(path, pair="safer")
