@@ -14,7 +14,7 @@ from files import FileError
 from hf_checkpoint import HFCheckpoint, is_hf_folder, rotary_rows
 import llama
 from aligner import Aligner
-from hf_layout import to_half_split, write_hf, write_safetensors
+from hf_layout import to_half_split, to_hf_state, write_hf, write_safetensors
 from llama import ModelArgs, Transformer
 
 
@@ -311,6 +311,29 @@ DAMAGE = {  # name: (what it does to the folder's model.safetensors, a phrase th
     "unknown dtype": (lambda p: rewrite_header(p, lambda h: h[Q0].update(dtype="Q7")), "Q7"),
     "wrong shape": (lambda p: rewrite_header(p, lambda h: h[Q0].update(shape=[32, 128])), Q0),
 }
+
+
+def test_a_weight_in_two_files_or_in_another_file_than_the_index_says_is_refused(meta, tmp_path):
+    model, _ = meta
+    folder = write_hf(model.state_dict(), model.args, tmp_path / "hf", "safetensors", 2)
+    first, second = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    hf = to_hf_state(model.state_dict(), model.args.n_heads, model.args.n_kv_heads)
+    names = list(hf)  # the first file holds names[0::2], the second names[1::2]
+    write_safetensors(folder / second, {n: hf[n] for n in names[1::2] + names[:1]})
+    assert f"{second}: {names[0]} is also in {first}" in refusal(lambda: HFCheckpoint(folder))
+    write_safetensors(folder / second, {n: hf[n] for n in names[1::2]})
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"][names[0]] = second
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert f"places {names[0]} in {second}, but {first} holds it" in refusal(lambda: HFCheckpoint(folder))
+
+
+def test_heads_of_odd_width_are_refused(tmp_path):
+    """RoPE turns pairs of features: a head of 3 features (hidden_size 96 over 32 heads) cannot be read."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(LLAMA_2_7B | {"hidden_size": 96}))
+    message = refusal(lambda: hf_checkpoint.read_config(path))
+    assert str(path) in message and "3 features cannot be rotated in pairs" in message
 
 
 @pytest.mark.parametrize("damage", DAMAGE)

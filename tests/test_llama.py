@@ -290,6 +290,12 @@ def test_written_files_get_the_permissions_the_umask_allows(tmp_path):
     assert [(tmp_path / n).stat().st_mode & 0o777 for n in ("settings.json", "best.pt")] == [0o644, 0o644]
 
 
+def test_an_empty_torch_file_is_named_as_empty(tmp_path):
+    (tmp_path / "state.pt").write_bytes(b"")
+    with pytest.raises(files.FileError, match=r"state\.pt: the file is empty \(expected: training state\)"):
+        files.load_pt(tmp_path / "state.pt", "training state")
+
+
 def test_a_torch_file_holding_other_objects_is_refused(tmp_path):
     """Files are read with weights_only: a pickled object other than tensors and plain data (here a
     Path) is never rebuilt, and the file is named."""
