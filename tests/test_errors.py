@@ -202,7 +202,7 @@ def test_train_dpo_refuses_an_out_of_range_flag(flag, value, capsys, tmp_path):
                                          ("--top-p", "0"), ("--top-p", "1.5"), ("--top-p", "-0.1"),
                                          ("--max-new-tokens", "-5"), ("--max-new-tokens", "0"),
                                          ("--max-seq-len", "0"), ("--seed", "-1"), ("--template", "chat"),
-                                         ("--device", "tpu"), ("--dtype", "int8")])
+                                         ("--device", "tpu"), ("--device", "meta"), ("--dtype", "int8")])
 def test_generate_refuses_an_out_of_range_flag(flag, value, capsys, tmp_path):
     fails("generate", ["--prompt", "Hi.", "--out", tmp_path / "a.jsonl", flag, value], capsys,
           f"argument {flag}", watch=[tmp_path], code=2)
@@ -241,6 +241,10 @@ def test_evaluate_refuses_an_unknown_task(capsys):
 def test_evaluate_refuses_no_room_for_a_prompt(capsys, tiny_ckpt):
     fails("evaluate", ["qa", "--ckpt", tiny_ckpt, "--max-new-tokens", "300", "--max-seq-len", "256"], capsys,
           "--max-new-tokens 300", "--max-seq-len 256", code=2)
+
+
+def test_fsdp_without_torchrun_is_refused(tiny_ckpt, capsys):
+    fails("generate", ["--ckpt", tiny_ckpt, "--prompt", "Hi.", "--fsdp"], capsys, "--fsdp", "torchrun")
 
 
 def test_resume_and_overwrite_together_are_refused(capsys, tmp_path):
