@@ -265,6 +265,38 @@ def test_a_bad_authors_file_is_named_in_one_line(tmp_path, key, value, message):
     assert str(info.value).startswith(str(tmp_path / "lit.pth")) and "\n" not in str(info.value)
 
 
+def ours(args, **change) -> dict:
+    """This project's Aligner file, as a dict, with some entries replaced."""
+    aligner = Aligner(args, n_tokens=1)
+    state = {"n_tokens": 1, "start_layer": 2, "base": aligner.base, "prefix": aligner.prefix.detach(),
+             "gates": aligner.gates.detach()}
+    return {**state, **change}
+
+
+@pytest.mark.parametrize("build, read, message", [
+    (lambda args: ours(args, base={"dim": 32}), "read", r"'base' must hold \['dim', 'n_layers', 'n_heads', 'n_kv_heads'\]"),
+    (lambda args: ours(args, prefix=torch.zeros(2, 32)), "read", r"prefix has shape \(2, 32\), its settings imply \(1, 32\)"),
+    (lambda args: ours(args), "from_lit_llama", r"no 'global_value_embedding\.weight'; not an Aligner in lit-llama"),
+    (lambda args: {"global_value_embedding.weight": torch.zeros(1, 32)}, "read", r"no 'transformer\.h\.N\.attn\.gating_factor'"),
+    (lambda args: authors_aligner_state(args), "read without args", r"records no model shape"),
+], ids=["base lacks keys", "prefix of another shape", "ours as the authors'", "authors' without gates",
+        "authors' without the model"])
+def test_an_unusable_aligner_file_is_named(tmp_path, build, read, message):
+    args = ModelArgs(dim=32, n_layers=4, n_heads=4, vocab_size=50)
+    torch.save(build(args), tmp_path / "a.pt")
+    reader = {"read": lambda: Aligner.read(tmp_path / "a.pt", args),
+              "from_lit_llama": lambda: Aligner.from_lit_llama(tmp_path / "a.pt", args),
+              "read without args": lambda: Aligner.read(tmp_path / "a.pt", None)}[read]
+    with pytest.raises(ValueError, match=message) as info:
+        reader()
+    assert str(info.value).startswith(str(tmp_path / "a.pt")) and "\n" not in str(info.value)
+
+
+def test_an_empty_bank_is_named():
+    with pytest.raises(ValueError, match="an AlignerBank needs at least one Aligner"):
+        AlignerBank([None, None])
+
+
 def test_a_file_that_is_not_a_torch_file_is_named(tmp_path):
     (tmp_path / "log.pth").write_text('{"question": "an MMLU log, not an Aligner"}\n')
     args = ModelArgs(dim=32, n_layers=4, n_heads=4, vocab_size=50)
