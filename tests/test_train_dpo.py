@@ -86,6 +86,16 @@ def test_pku_flags_and_ids_of_the_wrong_type_are_named(tmp_path, key, value, mes
         data.read_preferences(path)
 
 
+def test_preference_files_without_usable_pairs_are_named(tmp_path):
+    with pytest.raises(data.DataError, match=r"line 1: expected keys prompt, chosen, rejected, or PKU-SafeRLHF's"):
+        data.read_preferences(write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "a", "response": "b"}]))
+    unsafe = write_jsonl(tmp_path / "unsafe.jsonl", [ROWS[2], ROWS[2]])  # neither response safe
+    with pytest.raises(data.DataError, match=r"unsafe\.jsonl: no usable preference pairs \(2 dropped as unsafe\)"):
+        data.read_preferences(unsafe)
+    with pytest.raises(ValueError, match="pair must be 'safer' or 'better', not 'worse'"):
+        data.read_preferences(unsafe, pair="worse")
+
+
 def test_response_logps_sums_response_tokens_only():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 7)

@@ -17,6 +17,7 @@ import train_sft
 import distributed
 import trainer
 from aligner import Aligner
+from files import FileError, read_text
 
 ROOT = Path(__file__).resolve().parents[1]
 COLORS = ["red", "blue", "green", "brown", "black"]
@@ -98,6 +99,27 @@ def test_blank_lines_are_skipped_and_wrong_values_named(tmp_path):
     listed.write_text('[{"instruction": "a", "output": "b"}]\n{"instruction": "c", "output": "d"}\n')
     with pytest.raises(data.DataError, match=r"task\.json, record 1 \(line 1\): unexpected text after the closing"):
         data.read_sft(listed)
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("task.json", '[{"instruction": "a", "output": "b"}\n {"instruction": "c", "output": "d"}]',
+     r"task\.json, record 1 \(line 2\): expected ',' or '\]' after this record"),
+    ("task.jsonl", '{"prompt": "a", "response": "b"}\n[1, 2]\n', r"task\.jsonl, line 2: expected a JSON object, got list"),
+    ("task.jsonl", '{"question": "a", "answer": "b"}\n',
+     r"task\.jsonl, line 1: expected keys instruction, input, output \(Alpaca\) or prompt, response; "
+     r"the record has \['answer', 'question'\]"),
+])
+def test_a_record_of_the_wrong_shape_is_named(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(data.DataError, match=message):
+        data.read_sft(tmp_path / name)
+
+
+def test_a_missing_data_file_or_a_folder_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"missing\.json: no data file here"):
+        data.read_sft(tmp_path / "missing.json")
+    with pytest.raises(FileError, match=rf"{tmp_path}: a folder, not a data file"):
+        read_text(tmp_path, "data file")
 
 
 def test_alpaca_json_and_jsonl_give_the_same_examples(tmp_path):
