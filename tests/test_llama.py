@@ -177,6 +177,39 @@ def test_a_slice_of_rows_reads_what_the_whole_weight_holds(tmp_path, n_shards):
             assert torch.equal(ckpt.get(key, rows), tensor[rows]), (key, rows)
 
 
+def test_a_vocab_size_of_minus_one_is_the_tokenizers(tmp_path):
+    """Meta's params.json says vocab_size -1: the model takes the tokenizer's 384 pieces."""
+    model = make_checkpoint(tmp_path / "tiny").eval()
+    path = tmp_path / "tiny" / "params.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "vocab_size": -1}))
+    loaded, tokenizer = llama.load(tmp_path / "tiny")
+    assert loaded.args.vocab_size == tokenizer.n_words == 384
+    tokens = torch.tensor([tokenizer.encode("A robin is a bird.")])
+    assert torch.equal(loaded(tokens), model(tokens))
+    with pytest.raises(ValueError, match="vocab_size must be set"):
+        Transformer(ModelArgs(dim=8, n_layers=1, n_heads=2))
+
+
+def test_positions_past_the_context_or_the_cache_are_named():
+    args = ModelArgs(dim=8, n_layers=1, n_heads=2, vocab_size=16, max_seq_len=8)
+    model = Transformer(args)
+    with pytest.raises(ValueError, match="a cache of 9 positions exceeds max_seq_len 8"):
+        KVCache(args, 1, 9)
+    with pytest.raises(ValueError, match="9 positions exceed max_seq_len 8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    cache = KVCache(args, 1, 4)
+    model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="the KV cache holds 4 positions; 5 were asked for"):
+        model(torch.zeros(1, 2, dtype=torch.long), cache=cache)
+
+
+def test_a_missing_tokenizer_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer\.model in .*tiny or in"):
+        llama.find_tokenizer(tmp_path / "tiny")
+    with pytest.raises(FileNotFoundError, match=r"absent\.model: no tokenizer model here"):
+        llama.Tokenizer(tmp_path / "absent.model")
+
+
 def test_tokenizer_is_found_in_the_folder_or_beside_it(tmp_path):
     make_checkpoint(tmp_path / "tiny")
     assert llama.find_tokenizer(tmp_path / "tiny") == tmp_path / "tokenizer.model"
