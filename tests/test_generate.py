@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import cli
 import generate as generate_script
 import llama
 from aligner import Aligner, AlignerBank
@@ -205,6 +206,19 @@ def test_more_prompts_than_a_batch_holds(tiny):
                    max_new_tokens=6)
     alone = [generate(model, tokenizer, [p], a, max_new_tokens=6)[0] for p, a in zip(prompts, [aligner, None] * 2)]
     assert out == alone * 3
+
+
+def test_wrong_calls_are_named(tiny):
+    model, tokenizer = tiny
+    aligner = trained_aligner(model.args)
+    prompts = encode(tokenizer, PROMPTS[:2])
+    with pytest.raises(TypeError, match=r"pass bank\.select\(rows\)"):
+        generate(model, tokenizer, prompts, AlignerBank([aligner, None]))
+    with pytest.raises(ValueError, match="the AlignerRows hold 3 rows for 2 prompts"):
+        generate(model, tokenizer, prompts, AlignerBank([aligner, None]).select([0, 1, 0]))
+    with pytest.raises(ValueError, match="prompt 1 is empty; it needs at least the BOS token"):
+        generate(model, tokenizer, [prompts[0], []])
+    assert generate(model, tokenizer, prompts, aligner, max_new_tokens=0) == ["", ""]
 
 
 # -----------------------------------------------------------------------------
@@ -549,6 +563,12 @@ def test_command_line_reads_a_jsonl_prompts_file(tiny, tiny_ckpt, tmp_path, caps
     assert [r["output"] for r in records] == expected
     assert [r["aligner"] for r in records] == ["base", "base"]
     assert [r["prompt"] for r in records] == ["Name a bird.", "Add these.\n\n2 and 3"]
+
+
+def test_command_line_needs_a_prompt_with_a_checkpoint(tiny_ckpt, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        cli.run(generate_script.main, ["--ckpt", str(tiny_ckpt)])
+    assert stopped.value.code == 2 and "give --prompt or --prompts-file" in capsys.readouterr().err
 
 
 def test_command_line_names_the_line_of_a_bad_prompts_file(tiny_ckpt, tmp_path):
