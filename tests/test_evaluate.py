@@ -431,6 +431,42 @@ def test_a_qa_prompt_needs_room_for_the_tokens_to_generate(tiny_ckpt, tmp_path):
         evaluate.prepare_qa(tmp_path / "qa.jsonl", tokenizer, 0, argparse.Namespace(**{**vars(fits), "max_seq_len": n + 9}))
 
 
+def test_missing_or_empty_evaluation_data_is_named(tiny_ckpt, tmp_path):
+    tokenizer = Tokenizer(tiny_ckpt.parent / "tokenizer.model")
+    args = argparse.Namespace(limit=None, template=None, seed=0, max_seq_len=256, max_new_tokens=8)
+    (tmp_path / "mmlu" / "test").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"mmlu/dev: missing; an MMLU folder holds dev/ and test/"):
+        mmlu_subjects(tmp_path / "mmlu", "dev")
+    with pytest.raises(FileNotFoundError, match=r"mmlu/test: no <subject>_test\.csv files"):
+        mmlu_subjects(tmp_path / "mmlu")
+    write_csv(tmp_path / "mmlu" / "test" / "anatomy_test.csv", [TEST_ROW])
+    with pytest.raises(FileNotFoundError, match=r"anatomy_dev\.csv: missing; the few-shot examples come from"):
+        evaluate.prepare_mmlu(tmp_path / "mmlu", tokenizer, 1, args)
+    (tmp_path / "test.jsonl").write_text("\n")
+    with pytest.raises(evaluate.DataError, match=r"test\.jsonl: no records"):
+        evaluate.prepare_qa(tmp_path / "test.jsonl", tokenizer, 0, args)
+    write_jsonl(tmp_path / "test.jsonl", [{"question": "Q?", "answer": "#### 1"}])
+    write_jsonl(tmp_path / "train.jsonl", [{"question": "Q?", "answer": "#### 1"}] * 2)
+    with pytest.raises(evaluate.DataError, match=r"train\.jsonl: 2 records, fewer than --shots 3"):
+        evaluate.prepare_gsm8k(tmp_path / "test.jsonl", tokenizer, 3, args)
+
+
+@pytest.mark.parametrize("argv, message", [(["all", "--data", "x.jsonl"], "--data needs a single task"),
+                                           (["mmlu", "--template", "alpaca"], "--template applies to qa and gsm8k")])
+def test_flags_that_do_not_go_together_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        cli.run(evaluate.main, argv)
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_prompts_cut_from_the_left_are_warned_about(capsys):
+    items = [evaluate.GenerationItem("p", [1, 2], "#### 1", 0, 3), evaluate.GenerationItem("q", [1], "#### 1", 0, 0)]
+    evaluate.warn_if_shortened("gsm8k", "test.jsonl", evaluate.Prepared(items, {"prompts_cut": 1}),
+                               argparse.Namespace(max_seq_len=64))
+    assert capsys.readouterr().err == ("warning: gsm8k test.jsonl: 1 of 2 prompts were cut from the left to fit "
+                                       "--max-seq-len 64 even without shots\n")
+
+
 def test_the_default_shots_are_llama_2s_8_and_5(tiny_ckpt, tmp_path):
     """Without --shots or --paper: GSM8K 8-shot and MMLU 5-shot, as the LLaMA-2 paper reports them."""
     write_jsonl(tmp_path / "gsm8k" / "train.jsonl", [{"question": f"Q{i}?", "answer": f"#### {i}"} for i in range(10)])
