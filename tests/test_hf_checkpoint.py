@@ -95,6 +95,7 @@ REFUSED = {
     "num_key_value_heads": {"num_key_value_heads": 12},
     "rms_norm_eps": {"rms_norm_eps": "1e-5"},
     "vocab_size": {"vocab_size": None},
+    "rope_theta": {"rope_theta": 10000.0, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}},
 }
 
 
@@ -310,6 +311,11 @@ DAMAGE = {  # name: (what it does to the folder's model.safetensors, a phrase th
         data_offsets=[h[Q0]["data_offsets"][0], h[Q0]["data_offsets"][0] + 8192])), "overlap"),
     "unknown dtype": (lambda p: rewrite_header(p, lambda h: h[Q0].update(dtype="Q7")), "Q7"),
     "wrong shape": (lambda p: rewrite_header(p, lambda h: h[Q0].update(shape=[32, 128])), Q0),
+    "header a list": (lambda p: p.write_bytes((3).to_bytes(8, "little") + b"[1]" + b"\0" * 64),
+                      "its header is not a JSON object"),
+    "entry without dtype": (lambda p: rewrite_header(p, lambda h: h[Q0].pop("dtype")), "lacks dtype, shape or data_offsets"),
+    "negative size": (lambda p: rewrite_header(p, lambda h: h[Q0].update(shape=[32, -1])), "not a list of sizes"),
+    "one offset": (lambda p: rewrite_header(p, lambda h: h[Q0].update(data_offsets=[0])), "not [begin, end]"),
 }
 
 
@@ -374,6 +380,24 @@ def test_an_index_naming_a_missing_file_is_refused(meta, tmp_path, fmt):
     lost.unlink()
     message = refusal(lambda: HFCheckpoint(folder))
     assert "index.json" in message and lost.name in message
+
+
+def test_a_config_that_is_no_object_or_an_index_without_a_map_is_refused(meta, tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    assert "config.json: not a JSON object" in refusal(lambda: hf_checkpoint.read_config(tmp_path / "config.json"))
+    model, _ = meta
+    folder = write_hf(model.state_dict(), model.args, tmp_path / "hf", "safetensors", 2)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
+    assert "no weight_map of weight names to file names" in refusal(lambda: HFCheckpoint(folder))
+
+
+@pytest.mark.parametrize("content, phrase", [([torch.zeros(2)], "holds a list, not a dict of weights"),
+                                             ({"lm_head.weight": 1.5}, "lm_head.weight is a float, not a tensor")])
+def test_a_bin_file_of_other_things_is_refused(meta, tmp_path, content, phrase):
+    model, _ = meta
+    folder = write_hf(model.state_dict(), model.args, tmp_path / "hf", "bin")
+    torch.save(content, folder / "pytorch_model.bin")
+    assert f"pytorch_model.bin: {phrase}" in refusal(lambda: HFCheckpoint(folder))
 
 
 def test_truncated_bin_is_refused_in_one_line(meta, tmp_path):
