@@ -257,6 +257,20 @@ def test_a_cuda_device_on_a_machine_without_one_is_refused(capsys, monkeypatch):
     fails("generate", ["--device", "cuda", "--prompt", "Hi."], capsys, "argument --device", "no CUDA", code=2)
 
 
+def test_a_device_this_machine_lacks_is_refused(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert cli.device("cuda:1") == "cuda:1"
+    fails("generate", ["--device", "cuda:2", "--prompt", "Hi."], capsys, "argument --device", "2 CUDA device(s)",
+          code=2)
+    fails("generate", ["--device", "mps", "--prompt", "Hi."], capsys, "argument --device", "no MPS device", code=2)
+
+
+def test_a_checkpoint_without_data_is_refused(capsys, tiny_ckpt):
+    fails("train_sft", ["--ckpt", tiny_ckpt], capsys, "--data is required with --ckpt", code=2)
+
+
 def test_place_defaults_to_float32_on_cpu_and_bfloat16_on_each_ranks_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     args = argparse.Namespace()
@@ -369,6 +383,16 @@ def test_a_torn_metrics_line_is_dropped_on_resume(finished, tiny_ckpt, tmp_path,
     expected = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [r["step"] for r in expected]
     assert [r.get("loss") for r in records] == [r.get("loss") for r in expected]
+
+
+def test_a_run_whose_metrics_log_is_gone_resumes_with_a_new_one(finished, tiny_ckpt, tmp_path, capsys):
+    data, _ = finished
+    out = tmp_path / "run"
+    assert run_script(train_sft, sft_args(tiny_ckpt, data, out, "--max-steps", "3"), capsys)[0] == 0
+    (out / "metrics.jsonl").unlink()
+    code, _, err = run_script(train_sft, sft_args(tiny_ckpt, data, out, "--resume"), capsys)
+    assert code == 0, err
+    assert [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()] == [4, 4]
 
 
 def test_lines_past_the_saved_step_are_dropped_on_resume(finished, tiny_ckpt, tmp_path, capsys):
