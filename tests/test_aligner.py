@@ -274,10 +274,13 @@ def ours(args, **change) -> dict:
 
 
 @pytest.mark.parametrize("build, read, message", [
-    (lambda args: ours(args, base={"dim": 32}), "read", r"'base' must hold \['dim', 'n_layers', 'n_heads', 'n_kv_heads'\]"),
-    (lambda args: ours(args, prefix=torch.zeros(2, 32)), "read", r"prefix has shape \(2, 32\), its settings imply \(1, 32\)"),
+    (lambda args: ours(args, base={"dim": 32}), "read",
+     r"'base' must hold \['dim', 'n_layers', 'n_heads', 'n_kv_heads'\]"),
+    (lambda args: ours(args, prefix=torch.zeros(2, 32)), "read",
+     r"prefix has shape \(2, 32\), its settings imply \(1, 32\)"),
     (lambda args: ours(args), "from_lit_llama", r"no 'global_value_embedding\.weight'; not an Aligner in lit-llama"),
-    (lambda args: {"global_value_embedding.weight": torch.zeros(1, 32)}, "read", r"no 'transformer\.h\.N\.attn\.gating_factor'"),
+    (lambda args: {"global_value_embedding.weight": torch.zeros(1, 32)}, "read",
+     r"no 'transformer\.h\.N\.attn\.gating_factor'"),
     (lambda args: authors_aligner_state(args), "read without args", r"records no model shape"),
 ], ids=["base lacks keys", "prefix of another shape", "ours as the authors'", "authors' without gates",
         "authors' without the model"])

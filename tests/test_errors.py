@@ -178,7 +178,8 @@ SFT_FLAGS = [
     ("--weight-decay", "-0.1"), ("--batch-size", "0"), ("--batch-size", "-4"), ("--batch-size", "2.5"),
     ("--micro-batch-size", "0"), ("--epochs", "0"), ("--epochs", "-1"), ("--warmup-epochs", "-1"),
     ("--warmup-epochs", "nan"), ("--max-seq-len", "0"), ("--val", "abc"), ("--val", "1.5"), ("--val", "-3"),
-    ("--val", "1.0"), ("--seed", "-1"), ("--seed", "x"), ("--seed", str(2 ** 32)), ("--save-every", "0"), ("--max-steps", "0"),
+    ("--val", "1.0"), ("--seed", "-1"), ("--seed", "x"), ("--seed", str(2 ** 32)), ("--save-every", "0"),
+    ("--max-steps", "0"),
     ("--device", "gpu"), ("--device", "cuda:x"), ("--dtype", "float64"),
 ]
 

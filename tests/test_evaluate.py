@@ -428,7 +428,8 @@ def test_a_qa_prompt_needs_room_for_the_tokens_to_generate(tiny_ckpt, tmp_path):
     fits = argparse.Namespace(limit=None, template=None, max_new_tokens=10, max_seq_len=n + 10)
     assert len(evaluate.prepare_qa(tmp_path / "qa.jsonl", tokenizer, 0, fits).items) == 1
     with pytest.raises(evaluate.DataError, match=r"qa\.jsonl, record 1: the prompt and --max-new-tokens exceed"):
-        evaluate.prepare_qa(tmp_path / "qa.jsonl", tokenizer, 0, argparse.Namespace(**{**vars(fits), "max_seq_len": n + 9}))
+        evaluate.prepare_qa(tmp_path / "qa.jsonl", tokenizer, 0,
+                            argparse.Namespace(**{**vars(fits), "max_seq_len": n + 9}))
 
 
 def test_missing_or_empty_evaluation_data_is_named(tiny_ckpt, tmp_path):
@@ -474,7 +475,8 @@ def test_the_default_shots_are_llama_2s_8_and_5(tiny_ckpt, tmp_path):
     write_csv(tmp_path / "mmlu" / "dev" / "anatomy_dev.csv", DEV * 2)
     write_csv(tmp_path / "mmlu" / "test" / "anatomy_test.csv", [TEST_ROW])
     common = ["--ckpt", str(tiny_ckpt), "--max-new-tokens", "2", "--max-seq-len", "512"]
-    gsm8k = evaluate.main(["gsm8k", *common, "--data", str(tmp_path / "gsm8k" / "test.jsonl"), "--out", str(tmp_path / "g")])
+    gsm8k = evaluate.main(["gsm8k", *common, "--data", str(tmp_path / "gsm8k" / "test.jsonl"),
+                           "--out", str(tmp_path / "g")])
     mmlu = evaluate.main(["mmlu", *common, "--data", str(tmp_path / "mmlu"), "--out", str(tmp_path / "m")])
     assert [list(r.values())[0]["info"]["shots"] for r in (gsm8k["gsm8k"], mmlu["mmlu"])] == [8, 5]
     assert read_jsonl(tmp_path / "g" / "gsm8k.jsonl")[0]["prompt"].count("Question:") == 9

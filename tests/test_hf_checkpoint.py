@@ -313,7 +313,8 @@ DAMAGE = {  # name: (what it does to the folder's model.safetensors, a phrase th
     "wrong shape": (lambda p: rewrite_header(p, lambda h: h[Q0].update(shape=[32, 128])), Q0),
     "header a list": (lambda p: p.write_bytes((3).to_bytes(8, "little") + b"[1]" + b"\0" * 64),
                       "its header is not a JSON object"),
-    "entry without dtype": (lambda p: rewrite_header(p, lambda h: h[Q0].pop("dtype")), "lacks dtype, shape or data_offsets"),
+    "entry without dtype": (lambda p: rewrite_header(p, lambda h: h[Q0].pop("dtype")),
+                            "lacks dtype, shape or data_offsets"),
     "negative size": (lambda p: rewrite_header(p, lambda h: h[Q0].update(shape=[32, -1])), "not a list of sizes"),
     "one offset": (lambda p: rewrite_header(p, lambda h: h[Q0].update(data_offsets=[0])), "not [begin, end]"),
 }

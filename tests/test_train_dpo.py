@@ -51,7 +51,8 @@ def test_pairs_cut_in_either_response_are_counted(tiny_ckpt, tmp_path, capsys):
     write_jsonl(tmp_path / "pairs.jsonl", rows)
     train_dpo.main(["--ckpt", str(tiny_ckpt), "--data", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "run"),
                     "--max-seq-len", "24", "--val", "0", "--batch-size", "6", "--epochs", "1"])
-    assert "6 pairs; 0 dropped because the chosen response is unsafe; 4 cut to --max-seq-len 24" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "6 pairs; 0 dropped because the chosen response is unsafe; 4 cut to --max-seq-len 24" in printed
 
 
 def test_safety_filter_and_pair_choice(tmp_path):
@@ -244,8 +245,9 @@ def test_first_step_against_the_base_reference_by_hand(tiny_ckpt, tmp_path, flag
     beta = 0.5
     init, model, tok, (step, *_) = dpo_run(tiny_ckpt, tmp_path, "--reference", "base", "--beta", str(beta),
                                            "--epochs", "1", *flags)
-    ratio = {side: [hand_logps(model, tok, init, p["prompt"], p[side]) - hand_logps(model, tok, None, p["prompt"], p[side])
-                    for p in PAIRS] for side in ("chosen", "rejected")}
+    ratio = {side: [hand_logps(model, tok, init, p["prompt"], p[side])
+                    - hand_logps(model, tok, None, p["prompt"], p[side]) for p in PAIRS]
+             for side in ("chosen", "rejected")}
     chosen, rejected = [beta * r for r in ratio["chosen"]], [beta * r for r in ratio["rejected"]]
     assert step["rewards/chosen"] == pytest.approx(mean(chosen), rel=1e-4, abs=1e-6)
     assert step["rewards/rejected"] == pytest.approx(mean(rejected), rel=1e-4, abs=1e-6)

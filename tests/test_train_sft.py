@@ -104,7 +104,8 @@ def test_blank_lines_are_skipped_and_wrong_values_named(tmp_path):
 @pytest.mark.parametrize("name, text, message", [
     ("task.json", '[{"instruction": "a", "output": "b"}\n {"instruction": "c", "output": "d"}]',
      r"task\.json, record 1 \(line 2\): expected ',' or '\]' after this record"),
-    ("task.jsonl", '{"prompt": "a", "response": "b"}\n[1, 2]\n', r"task\.jsonl, line 2: expected a JSON object, got list"),
+    ("task.jsonl", '{"prompt": "a", "response": "b"}\n[1, 2]\n',
+     r"task\.jsonl, line 2: expected a JSON object, got list"),
     ("task.jsonl", '{"question": "a", "answer": "b"}\n',
      r"task\.jsonl, line 1: expected keys instruction, input, output \(Alpaca\) or prompt, response; "
      r"the record has \['answer', 'question'\]"),
