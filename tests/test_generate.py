@@ -447,6 +447,14 @@ def test_top_p_keeps_the_token_that_reaches_p(p, kept):
     assert torch.isfinite(generate_script.top_p_filter(logits, p))[0].tolist() == kept
 
 
+@pytest.mark.parametrize("p, kept", [(0.75, [True, True, False]), (0.0, [True, False, False])])
+def test_top_p_stops_where_the_sum_reaches_p_exactly(p, kept):
+    """Probabilities 0.5, 0.25, 0.25 (exact in float32): the first two already hold 0.75, so p = 0.75
+    keeps two; and the most probable token is kept even at p = 0."""
+    logits = torch.tensor([[0.5, 0.25, 0.25]]).log()
+    assert torch.isfinite(generate_script.top_p_filter(logits, p))[0].tolist() == kept
+
+
 @settings(max_examples=30, deadline=None)
 @given(logits=st.lists(st.floats(-6, 6), min_size=2, max_size=40), top_k=st.integers(1, 8),
        seed=st.integers(0, 2**16))
