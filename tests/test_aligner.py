@@ -126,6 +126,48 @@ def test_trainable_parameter_count_for_llama_2_7b(n_tokens, expected):
     assert Aligner(LLAMA_2_7B, n_tokens=n_tokens).num_params() == expected
 
 
+def test_a_fresh_prefix_is_standard_normal_and_the_gates_zero():
+    """P starts as an embedding does, N(0, 1), the scale of an RMS-normalised hidden state: for
+    LLaMA-2-7B's 10 x 4096 values the sample mean is within 0.02 of 0 and the deviation of 1."""
+    torch.manual_seed(0)
+    aligner = Aligner(LLAMA_2_7B, n_tokens=10)
+    assert abs(aligner.prefix.mean().item()) < 0.02 and abs(aligner.prefix.std().item() - 1) < 0.02
+    assert torch.count_nonzero(aligner.gates) == 0
+
+
+@pytest.mark.parametrize("n_tokens, start_layer", [(0, 2), (1, 4), (1, -1)])
+def test_an_aligner_needs_a_token_and_a_start_layer_inside_the_model(n_tokens, start_layer):
+    args = ModelArgs(dim=32, n_layers=4, n_heads=4, vocab_size=50)
+    Aligner(args, n_tokens=1, start_layer=3)  # the last layer alone may be adapted
+    with pytest.raises(ValueError):
+        Aligner(args, n_tokens=n_tokens, start_layer=start_layer)
+
+
+@pytest.mark.parametrize("other", [dict(n_layers=5), dict(dim=64), dict(n_heads=8)],
+                         ids=["more layers", "wider", "more heads"])
+def test_the_model_refuses_an_aligner_of_another_shape(other):
+    """An Aligner made for a base of another shape stops the forward with a line that says so,
+    even where its tensors would broadcast (more layers: surplus gates)."""
+    args = ModelArgs(dim=32, n_layers=4, n_heads=4, vocab_size=50)
+    model = Transformer(args).eval()
+    wrong = Aligner(ModelArgs(**{**dict(dim=32, n_layers=4, n_heads=4, vocab_size=50), **other}), n_tokens=2)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        model(torch.randint(0, 50, (1, 5)), aligner=wrong)
+
+
+@pytest.mark.parametrize("other", [dict(n_kv_heads=2), dict(n_tokens=3), dict(start_layer=1)],
+                         ids=["another base", "more tokens", "another start layer"])
+def test_a_bank_refuses_aligners_that_differ_in_shape(other):
+    """A bank holds Aligners of one n_tokens, start_layer and base shape; one made for a base with
+    other key/value heads has tensors of the same shape, and is refused all the same."""
+    base = dict(dim=32, n_layers=4, n_heads=4, vocab_size=50)
+    first = Aligner(ModelArgs(**base), n_tokens=2, start_layer=2)
+    second = Aligner(ModelArgs(**base, **{k: v for k, v in other.items() if k == "n_kv_heads"}),
+                     **{"n_tokens": 2, "start_layer": 2, **{k: v for k, v in other.items() if k != "n_kv_heads"}})
+    with pytest.raises(ValueError, match="must share n_tokens, start_layer and base shape"):
+        AlignerBank([first, None, second])
+
+
 # --- files -------------------------------------------------------------------
 
 def test_save_and_load_round_trip(tmp_path):
@@ -221,6 +263,41 @@ def test_a_bad_authors_file_is_named_in_one_line(tmp_path, key, value, message):
     with pytest.raises(ValueError, match=message) as info:
         Aligner.read(tmp_path / "lit.pth", args)
     assert str(info.value).startswith(str(tmp_path / "lit.pth")) and "\n" not in str(info.value)
+
+
+def ours(args, **change) -> dict:
+    """This project's Aligner file, as a dict, with some entries replaced."""
+    aligner = Aligner(args, n_tokens=1)
+    state = {"n_tokens": 1, "start_layer": 2, "base": aligner.base, "prefix": aligner.prefix.detach(),
+             "gates": aligner.gates.detach()}
+    return {**state, **change}
+
+
+@pytest.mark.parametrize("build, read, message", [
+    (lambda args: ours(args, base={"dim": 32}), "read",
+     r"'base' must hold \['dim', 'n_layers', 'n_heads', 'n_kv_heads'\]"),
+    (lambda args: ours(args, prefix=torch.zeros(2, 32)), "read",
+     r"prefix has shape \(2, 32\), its settings imply \(1, 32\)"),
+    (lambda args: ours(args), "from_lit_llama", r"no 'global_value_embedding\.weight'; not an Aligner in lit-llama"),
+    (lambda args: {"global_value_embedding.weight": torch.zeros(1, 32)}, "read",
+     r"no 'transformer\.h\.N\.attn\.gating_factor'"),
+    (lambda args: authors_aligner_state(args), "read without args", r"records no model shape"),
+], ids=["base lacks keys", "prefix of another shape", "ours as the authors'", "authors' without gates",
+        "authors' without the model"])
+def test_an_unusable_aligner_file_is_named(tmp_path, build, read, message):
+    args = ModelArgs(dim=32, n_layers=4, n_heads=4, vocab_size=50)
+    torch.save(build(args), tmp_path / "a.pt")
+    reader = {"read": lambda: Aligner.read(tmp_path / "a.pt", args),
+              "from_lit_llama": lambda: Aligner.from_lit_llama(tmp_path / "a.pt", args),
+              "read without args": lambda: Aligner.read(tmp_path / "a.pt", None)}[read]
+    with pytest.raises(ValueError, match=message) as info:
+        reader()
+    assert str(info.value).startswith(str(tmp_path / "a.pt")) and "\n" not in str(info.value)
+
+
+def test_an_empty_bank_is_named():
+    with pytest.raises(ValueError, match="an AlignerBank needs at least one Aligner"):
+        AlignerBank([None, None])
 
 
 def test_a_file_that_is_not_a_torch_file_is_named(tmp_path):

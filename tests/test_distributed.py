@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import distributed
 import evaluate
 import generate
 import llama
@@ -41,6 +42,16 @@ def torchrun(script, *args, nproc=2, timeout=180):
             raise AssertionError(f"{script.name} did not finish in {timeout} s: a collective out of step hangs")
     assert process.returncode == 0, err[-3000:]
     return out
+
+
+@pytest.mark.parametrize("rows, world", [(5, 2), (3, 4), (10, 3), (8, 2)])
+def test_each_rank_reads_the_rows_fsdp_gives_it(rows, world):
+    """FSDP2's Shard(0) splits dim 0 as torch.chunk does: ceil(rows / world) each, the last ranks
+    fewer or none. local_rows names those rows for every rank."""
+    pieces = torch.arange(rows).chunk(world)
+    for rank in range(world):
+        expected = pieces[rank].tolist() if rank < len(pieces) else []
+        assert list(range(rows))[distributed.local_rows(rows, rank, world)] == expected
 
 
 def test_sharded_base_equals_the_whole_one_and_each_rank_holds_half(tmp_path):

@@ -178,7 +178,8 @@ SFT_FLAGS = [
     ("--weight-decay", "-0.1"), ("--batch-size", "0"), ("--batch-size", "-4"), ("--batch-size", "2.5"),
     ("--micro-batch-size", "0"), ("--epochs", "0"), ("--epochs", "-1"), ("--warmup-epochs", "-1"),
     ("--warmup-epochs", "nan"), ("--max-seq-len", "0"), ("--val", "abc"), ("--val", "1.5"), ("--val", "-3"),
-    ("--val", "1.0"), ("--seed", "-1"), ("--seed", "x"), ("--save-every", "0"), ("--max-steps", "0"),
+    ("--val", "1.0"), ("--seed", "-1"), ("--seed", "x"), ("--seed", str(2 ** 32)), ("--save-every", "0"),
+    ("--max-steps", "0"),
     ("--device", "gpu"), ("--device", "cuda:x"), ("--dtype", "float64"),
 ]
 
@@ -202,7 +203,7 @@ def test_train_dpo_refuses_an_out_of_range_flag(flag, value, capsys, tmp_path):
                                          ("--top-p", "0"), ("--top-p", "1.5"), ("--top-p", "-0.1"),
                                          ("--max-new-tokens", "-5"), ("--max-new-tokens", "0"),
                                          ("--max-seq-len", "0"), ("--seed", "-1"), ("--template", "chat"),
-                                         ("--device", "tpu"), ("--dtype", "int8")])
+                                         ("--device", "tpu"), ("--device", "meta"), ("--dtype", "int8")])
 def test_generate_refuses_an_out_of_range_flag(flag, value, capsys, tmp_path):
     fails("generate", ["--prompt", "Hi.", "--out", tmp_path / "a.jsonl", flag, value], capsys,
           f"argument {flag}", watch=[tmp_path], code=2)
@@ -243,6 +244,10 @@ def test_evaluate_refuses_no_room_for_a_prompt(capsys, tiny_ckpt):
           "--max-new-tokens 300", "--max-seq-len 256", code=2)
 
 
+def test_fsdp_without_torchrun_is_refused(tiny_ckpt, capsys):
+    fails("generate", ["--ckpt", tiny_ckpt, "--prompt", "Hi.", "--fsdp"], capsys, "--fsdp", "torchrun")
+
+
 def test_resume_and_overwrite_together_are_refused(capsys, tmp_path):
     fails("train_sft", ["--out", tmp_path, "--resume", "--overwrite"], capsys, "--overwrite", "--resume",
           watch=[tmp_path], code=2)
@@ -251,6 +256,20 @@ def test_resume_and_overwrite_together_are_refused(capsys, tmp_path):
 def test_a_cuda_device_on_a_machine_without_one_is_refused(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     fails("generate", ["--device", "cuda", "--prompt", "Hi."], capsys, "argument --device", "no CUDA", code=2)
+
+
+def test_a_device_this_machine_lacks_is_refused(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert cli.device("cuda:1") == "cuda:1"
+    fails("generate", ["--device", "cuda:2", "--prompt", "Hi."], capsys, "argument --device", "2 CUDA device(s)",
+          code=2)
+    fails("generate", ["--device", "mps", "--prompt", "Hi."], capsys, "argument --device", "no MPS device", code=2)
+
+
+def test_a_checkpoint_without_data_is_refused(capsys, tiny_ckpt):
+    fails("train_sft", ["--ckpt", tiny_ckpt], capsys, "--data is required with --ckpt", code=2)
 
 
 def test_place_defaults_to_float32_on_cpu_and_bfloat16_on_each_ranks_gpu(monkeypatch):
@@ -318,9 +337,10 @@ def test_resume_with_other_settings_names_them(flag, value, run, tiny_ckpt, caps
           watch=[tmp_path])
 
 
-def test_resume_with_other_data_names_data(run, tiny_ckpt, capsys, tmp_path):
+@pytest.mark.parametrize("word", ["crow", "raven"], ids=["another size", "the same size"])
+def test_resume_with_other_data_names_data(word, run, tiny_ckpt, capsys, tmp_path):
     data, out = run
-    data.write_text(data.read_text().replace("robin", "crow"))
+    data.write_text(data.read_text().replace("robin", word))
     fails("train_sft", sft_args(tiny_ckpt, data, out, "--resume"), capsys, "--data's content", watch=[tmp_path])
 
 
@@ -364,6 +384,16 @@ def test_a_torn_metrics_line_is_dropped_on_resume(finished, tiny_ckpt, tmp_path,
     expected = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [r["step"] for r in expected]
     assert [r.get("loss") for r in records] == [r.get("loss") for r in expected]
+
+
+def test_a_run_whose_metrics_log_is_gone_resumes_with_a_new_one(finished, tiny_ckpt, tmp_path, capsys):
+    data, _ = finished
+    out = tmp_path / "run"
+    assert run_script(train_sft, sft_args(tiny_ckpt, data, out, "--max-steps", "3"), capsys)[0] == 0
+    (out / "metrics.jsonl").unlink()
+    code, _, err = run_script(train_sft, sft_args(tiny_ckpt, data, out, "--resume"), capsys)
+    assert code == 0, err
+    assert [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()] == [4, 4]
 
 
 def test_lines_past_the_saved_step_are_dropped_on_resume(finished, tiny_ckpt, tmp_path, capsys):
@@ -879,20 +909,23 @@ def test_ctrl_c_is_one_line_and_a_non_zero_exit(capsys, monkeypatch):
     assert code == 130 and err == "train_sft.py: interrupted\n"
 
 
-def test_ctrl_c_during_training_says_how_to_continue(tiny_ckpt, capsys, tmp_path, monkeypatch):
+@pytest.mark.parametrize("save_every, saved", [(1, 3), (2, 2)])
+def test_ctrl_c_during_training_says_how_to_continue(save_every, saved, tiny_ckpt, capsys, tmp_path, monkeypatch):
+    """Stopped during step 4 of an epoch of 4: state.pt holds the last multiple of --save-every."""
     real = trainer.optimizer_step
 
     def step(run, progress):
-        if progress.step == 2:
+        if progress.step == 3:
             raise KeyboardInterrupt
         return real(run, progress)
 
     monkeypatch.setattr(trainer, "optimizer_step", step)
-    code, _, err = run_script(train_sft, sft_args(tiny_ckpt, sft_data(tmp_path), tmp_path / "run",
-                                                  "--save-every", "1"), capsys)
+    code, _, err = run_script(train_sft, sft_args(tiny_ckpt, sft_data(tmp_path), tmp_path / "run", "--batch-size",
+                                                  "1", "--save-every", str(save_every)), capsys)
     assert code == 130 and "Traceback" not in err
-    assert error_line(err).startswith("train_sft.py: interrupted: stopped at step 2;")
-    assert "holds step 2: continue with --resume" in error_line(err)
+    assert error_line(err).startswith("train_sft.py: interrupted: stopped at step 3;")
+    assert f"holds step {saved}: continue with --resume" in error_line(err)
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["step"] == saved
 
 
 SUBPROCESS_CASES = [

@@ -94,17 +94,91 @@ def test_strict_scores_the_number_after_the_first_hashes(before, answer, after):
     assert exact_match(extract_strict(text), f"#### {answer[1]}")
 
 
-@settings(max_examples=200, deadline=None)
-@given(text=st.text())
-def test_filters_always_give_a_string(text):
-    for extract in (extract_strict, extract_flexible):
-        assert isinstance(extract(text), str)
+DIGITS = "0123456789"
+
+
+def strict_by_hand(text: str) -> str:
+    """The first match of `#### (\\-?[0-9\\.\\,]+)`, scanned by hand: "#### ", an optional minus,
+    then the longest run of digits, points and commas (at least one)."""
+    for i in range(len(text)):
+        if text.startswith("#### ", i):
+            start = i + 5
+            first = start + (text[start:start + 1] == "-")
+            end = first
+            while end < len(text) and text[end] in DIGITS + ".,":
+                end += 1
+            if end > first:
+                return text[start:end]
+    return "[invalid]"
+
+
+def flexible_by_hand(text: str) -> str:
+    """The last of the leftmost, non-overlapping matches of `(-?[$0-9.,]{2,})|(-?[0-9]+)`, scanned
+    by hand: at each position, an optional minus and a run of two or more of $0-9.,; else an
+    optional minus and a run of digits; else move on by one character."""
+    found, i = [], 0
+    while i < len(text):
+        first = i + (text[i] == "-")
+        end = first
+        while end < len(text) and text[end] in "$.," + DIGITS:
+            end += 1
+        if end - first < 2:
+            end = first
+            while end < len(text) and text[end] in DIGITS:
+                end += 1
+        if end > first:
+            found.append(text[i:end])
+            i = end
+        else:
+            i += 1
+    return found[-1] if found else "[invalid]"
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.one_of(st.text(), st.text(alphabet="#### -$.,0123456789a\n", max_size=40)))
+def test_filters_equal_a_hand_written_scan(text):
+    """Any text at all, and texts dense in hashes, signs, digits and separators: each filter gives
+    what a scan written from its regex by hand gives."""
+    assert extract_strict(text) == strict_by_hand(text)
+    assert extract_flexible(text) == flexible_by_hand(text)
 
 
 def test_the_reference_is_what_follows_the_last_hashes():
     answer = "She has 2,000 + 125 = <<2000+125=2125>>2,125.\n#### 2,125"
     assert exact_match("2125", answer) and exact_match("$2,125.", answer) and not exact_match("2000", answer)
-    assert not exact_match("[invalid]", "#### 3")  # a missing answer is simply wrong
+    corrected = "#### 5\nNo, the total is:\n#### 7"  # only the text after the last "#### " counts
+    assert exact_match("7", corrected) and not exact_match("5", corrected)
+
+
+def test_exact_match_removes_in_the_harness_order_and_ignores_case():
+    """gsm8k.yaml's regexes_to_ignore are removed one after the other, in its order: "," and "$"
+    before the final ".", so "7.," and "5.$" end as bare numbers; ignore_case lower-cases both sides."""
+    assert [evaluate.normalize(t) for t in ("7.,", "5.$", "#### 5 Apples")] == ["7", "5", "5 apples"]
+    assert exact_match("5 APPLES", "#### 5 apples")
+
+
+def test_gsm8k_generates_until_the_harness_stops_and_scores_both_filters(monkeypatch):
+    """run_gsm8k hands generation the harness's stop strings and scores each output with both
+    filters against the whole reference answer."""
+    outputs = {11: "5 + 3 = 8\n#### 8", 12: "It is 7 dollars.", 13: "#### 1,000\nthen 9 more"}
+    golds = {11: "He has 8.\n#### 8", 12: "#### 7", 13: "So 1,000.\n#### 1000"}
+    calls = []
+
+    def fake_generate(model, tokenizer, prompts, aligner, **options):
+        calls.append(options)
+        return [outputs[p[-1]] for p in prompts]
+
+    monkeypatch.setattr(evaluate, "generate", fake_generate)
+    items = [evaluate.GenerationItem(f"prompt {k}", [1, k], golds[k], 0, 0) for k in outputs]
+    args = argparse.Namespace(batch_size=2, max_new_tokens=9, compile=False)
+    result, records = evaluate.run_gsm8k(None, None, None, "base", evaluate.Prepared(items, {}), args)
+    assert calls and all(c["stop"] == ["Question:", "</s>", "<|im_end|>"] and c["max_new_tokens"] == 9
+                         for c in calls)
+    assert [(r["strict"], r["flexible"]) for r in records] == [("8", "8"), ("[invalid]", "7"), ("1,000", "9")]
+    assert [(r["strict_correct"], r["flexible_correct"]) for r in records] == [(True, True), (False, True),
+                                                                               (True, False)]
+    assert [r["gold"] for r in records] == ["8", "7", "1000"]
+    assert result == {"strict": 2 / 3, "flexible": 2 / 3, "n": 3}
 
 
 # -----------------------------------------------------------------------------
@@ -144,6 +218,9 @@ def test_mmlu_rows_with_quotes_and_line_breaks_parse(tmp_path):
 def test_a_bad_mmlu_row_is_named_by_file_and_line(tmp_path):
     write_csv(tmp_path / "bad.csv", [DEV[1], ["q", "a", "b", "c", "D"]])
     with pytest.raises(ValueError, match=r"bad\.csv, line 3: 5 fields"):  # the first row spans lines 1-2
+        read_mmlu_csv(tmp_path / "bad.csv")
+    write_csv(tmp_path / "bad.csv", [DEV[0], ["q", "a", "b", "c", "d", "E"]])
+    with pytest.raises(ValueError, match=r"bad\.csv, line 2: answer 'E' is not one of A, B, C, D"):
         read_mmlu_csv(tmp_path / "bad.csv")
 
 
@@ -222,6 +299,16 @@ def test_aggregation_by_subject_category_and_overall():
     assert result["questions"] == pytest.approx(4 / 6)  # the mean over questions
     assert result["subjects"] == pytest.approx(0.5)  # the mean over subjects
     assert result["n"] == 6
+
+
+def test_a_category_pools_its_questions():
+    """Two STEM subjects of 1 and 3 questions: STEM is 2 right of 4 pooled (0.5), not the mean of
+    the subjects' accuracies (1 and 1/3); the mean over subjects is over all subjects."""
+    records = [("abstract_algebra", True), ("astronomy", False), ("astronomy", False), ("astronomy", True),
+               ("philosophy", False)]
+    result = aggregate(records)
+    assert result["categories"] == {"STEM": 0.5, "humanities": 0.0}
+    assert result["subjects"] == pytest.approx((1 + 1 / 3 + 0) / 3) and result["questions"] == pytest.approx(2 / 5)
 
 
 # -----------------------------------------------------------------------------
@@ -332,6 +419,75 @@ def test_paper_setting_is_one_shot_each_and_excludes_shots(tiny_ckpt, tmp_path, 
     with pytest.raises(SystemExit) as stopped:
         cli.run(evaluate.main, ["gsm8k", "--ckpt", str(tiny_ckpt), "--paper", "--shots", "3"])
     assert stopped.value.code == 2 and "give either --paper or --shots" in capsys.readouterr().err
+
+
+def test_a_qa_prompt_needs_room_for_the_tokens_to_generate(tiny_ckpt, tmp_path):
+    write_jsonl(tmp_path / "qa.jsonl", [{"instruction": "What is a robin?", "output": "A bird."}])
+    tokenizer = Tokenizer(tiny_ckpt.parent / "tokenizer.model")
+    n = len(tokenizer.encode(format_prompt("What is a robin?"), bos=True))
+    fits = argparse.Namespace(limit=None, template=None, max_new_tokens=10, max_seq_len=n + 10)
+    assert len(evaluate.prepare_qa(tmp_path / "qa.jsonl", tokenizer, 0, fits).items) == 1
+    with pytest.raises(evaluate.DataError, match=r"qa\.jsonl, record 1: the prompt and --max-new-tokens exceed"):
+        evaluate.prepare_qa(tmp_path / "qa.jsonl", tokenizer, 0,
+                            argparse.Namespace(**{**vars(fits), "max_seq_len": n + 9}))
+
+
+def test_missing_or_empty_evaluation_data_is_named(tiny_ckpt, tmp_path):
+    tokenizer = Tokenizer(tiny_ckpt.parent / "tokenizer.model")
+    args = argparse.Namespace(limit=None, template=None, seed=0, max_seq_len=256, max_new_tokens=8)
+    (tmp_path / "mmlu" / "test").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"mmlu/dev: missing; an MMLU folder holds dev/ and test/"):
+        mmlu_subjects(tmp_path / "mmlu", "dev")
+    with pytest.raises(FileNotFoundError, match=r"mmlu/test: no <subject>_test\.csv files"):
+        mmlu_subjects(tmp_path / "mmlu")
+    write_csv(tmp_path / "mmlu" / "test" / "anatomy_test.csv", [TEST_ROW])
+    with pytest.raises(FileNotFoundError, match=r"anatomy_dev\.csv: missing; the few-shot examples come from"):
+        evaluate.prepare_mmlu(tmp_path / "mmlu", tokenizer, 1, args)
+    (tmp_path / "test.jsonl").write_text("\n")
+    with pytest.raises(evaluate.DataError, match=r"test\.jsonl: no records"):
+        evaluate.prepare_qa(tmp_path / "test.jsonl", tokenizer, 0, args)
+    write_jsonl(tmp_path / "test.jsonl", [{"question": "Q?", "answer": "#### 1"}])
+    write_jsonl(tmp_path / "train.jsonl", [{"question": "Q?", "answer": "#### 1"}] * 2)
+    with pytest.raises(evaluate.DataError, match=r"train\.jsonl: 2 records, fewer than --shots 3"):
+        evaluate.prepare_gsm8k(tmp_path / "test.jsonl", tokenizer, 3, args)
+
+
+@pytest.mark.parametrize("argv, message", [(["all", "--data", "x.jsonl"], "--data needs a single task"),
+                                           (["mmlu", "--template", "alpaca"], "--template applies to qa and gsm8k")])
+def test_flags_that_do_not_go_together_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        cli.run(evaluate.main, argv)
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_prompts_cut_from_the_left_are_warned_about(capsys):
+    items = [evaluate.GenerationItem("p", [1, 2], "#### 1", 0, 3), evaluate.GenerationItem("q", [1], "#### 1", 0, 0)]
+    evaluate.warn_if_shortened("gsm8k", "test.jsonl", evaluate.Prepared(items, {"prompts_cut": 1}),
+                               argparse.Namespace(max_seq_len=64))
+    assert capsys.readouterr().err == ("warning: gsm8k test.jsonl: 1 of 2 prompts were cut from the left to fit "
+                                       "--max-seq-len 64 even without shots\n")
+
+
+def test_the_default_shots_are_llama_2s_8_and_5(tiny_ckpt, tmp_path):
+    """Without --shots or --paper: GSM8K 8-shot and MMLU 5-shot, as the LLaMA-2 paper reports them."""
+    write_jsonl(tmp_path / "gsm8k" / "train.jsonl", [{"question": f"Q{i}?", "answer": f"#### {i}"} for i in range(10)])
+    write_jsonl(tmp_path / "gsm8k" / "test.jsonl", [{"question": "T?", "answer": "#### 1"}])
+    write_csv(tmp_path / "mmlu" / "dev" / "anatomy_dev.csv", DEV * 2)
+    write_csv(tmp_path / "mmlu" / "test" / "anatomy_test.csv", [TEST_ROW])
+    common = ["--ckpt", str(tiny_ckpt), "--max-new-tokens", "2", "--max-seq-len", "512"]
+    gsm8k = evaluate.main(["gsm8k", *common, "--data", str(tmp_path / "gsm8k" / "test.jsonl"),
+                           "--out", str(tmp_path / "g")])
+    mmlu = evaluate.main(["mmlu", *common, "--data", str(tmp_path / "mmlu"), "--out", str(tmp_path / "m")])
+    assert [list(r.values())[0]["info"]["shots"] for r in (gsm8k["gsm8k"], mmlu["mmlu"])] == [8, 5]
+    assert read_jsonl(tmp_path / "g" / "gsm8k.jsonl")[0]["prompt"].count("Question:") == 9
+    assert read_jsonl(tmp_path / "m" / "mmlu.jsonl")[0]["prompt"].count("Answer:") == 6
+
+
+def test_qa_puts_its_questions_in_the_template(tiny_ckpt, tmp_path):
+    write_jsonl(tmp_path / "qa.jsonl", [{"instruction": "What is a robin?", "output": "A bird."}])
+    evaluate.main(["qa", "--ckpt", str(tiny_ckpt), "--data", str(tmp_path / "qa.jsonl"), "--template", "beaver",
+                   "--max-new-tokens", "2", "--max-seq-len", "256", "--out", str(tmp_path / "q")])
+    assert read_jsonl(tmp_path / "q" / "qa.jsonl")[0]["prompt"] == "[User] What is a robin? [Assistant] "
 
 
 def test_prompts_that_drop_shots_are_counted_and_warned_about(tiny_ckpt, tmp_path, capsys):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import cli
 import generate as generate_script
 import llama
 from aligner import Aligner, AlignerBank
@@ -110,12 +111,25 @@ def test_prefix_keys_and_values_are_computed_once_per_generation(tiny, monkeypat
     assert len(calls) == model.args.n_layers - aligner.start_layer  # once per adapted layer, not per step
 
 
-def test_one_token_shortcut_equals_the_general_prefix_attention():
-    """With N = 1 the prefix softmax is over one key, so Eq. 7 is beta_l * V_p at every position."""
-    torch.manual_seed(0)
-    q = torch.randn(2, 4, 7, 16)
-    k_p, v_p, gate = torch.randn(2, 4, 1, 16), torch.randn(2, 4, 1, 16), torch.randn(2, 4, 1, 1)
-    torch.testing.assert_close(prefix_attention(q, k_p, v_p, gate), (gate * v_p).expand(2, 4, 7, 16))
+@torch.no_grad()
+def test_one_token_shortcut_equals_the_general_prefix_attention(monkeypatch):
+    """With N = 1 the model takes its shortcut, beta_l * V_p at every position. The same model whose
+    prefix attention is Eq. 7 written out in full, a softmax over the one prefix key, gives the
+    same logits, for whole sequences and for a cache filled a token at a time."""
+    model = random_model()
+    one = trained_aligner(model.args, n_tokens=1)
+    tokens = torch.randint(0, 384, (2, 9), generator=torch.Generator().manual_seed(5))
+    shortcut, cached = model(tokens, one), cached_logits(model, tokens, one, 4)
+
+    def written_out(q, k_p, v_p, gate):
+        weights = torch.softmax(q @ k_p.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1)  # (B, H, T, 1)
+        return gate * (weights @ v_p)
+
+    monkeypatch.setattr(llama, "prefix_attention", written_out)
+    general = model(tokens, one)
+    torch.testing.assert_close(shortcut, general, **FLOAT32)
+    torch.testing.assert_close(cached, general, **FLOAT32)
+    assert not torch.allclose(general, model(tokens), atol=1e-3)  # the Aligner matters: the test can fail
 
 
 @torch.no_grad()
@@ -192,6 +206,19 @@ def test_more_prompts_than_a_batch_holds(tiny):
                    max_new_tokens=6)
     alone = [generate(model, tokenizer, [p], a, max_new_tokens=6)[0] for p, a in zip(prompts, [aligner, None] * 2)]
     assert out == alone * 3
+
+
+def test_wrong_calls_are_named(tiny):
+    model, tokenizer = tiny
+    aligner = trained_aligner(model.args)
+    prompts = encode(tokenizer, PROMPTS[:2])
+    with pytest.raises(TypeError, match=r"pass bank\.select\(rows\)"):
+        generate(model, tokenizer, prompts, AlignerBank([aligner, None]))
+    with pytest.raises(ValueError, match="the AlignerRows hold 3 rows for 2 prompts"):
+        generate(model, tokenizer, prompts, AlignerBank([aligner, None]).select([0, 1, 0]))
+    with pytest.raises(ValueError, match="prompt 1 is empty; it needs at least the BOS token"):
+        generate(model, tokenizer, [prompts[0], []])
+    assert generate(model, tokenizer, prompts, aligner, max_new_tokens=0) == ["", ""]
 
 
 # -----------------------------------------------------------------------------
@@ -360,14 +387,31 @@ def test_reading_ahead_as_on_a_gpu_gives_the_same_text(tiny, monkeypatch, compil
 # -----------------------------------------------------------------------------
 # sampling
 
-def test_greedy_is_deterministic(tiny):
+def greedy_by_full_forwards(model, tokenizer, prompt, n, aligner):
+    """n greedy tokens the slow way: the whole sequence through the model at every step, no
+    cache, no padding, the argmax of the last position; stopped before EOS."""
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            token = int(model(torch.tensor([ids]), aligner=aligner)[0, -1].argmax())
+            if token == tokenizer.eos_id:
+                break
+            ids.append(token)
+            out.append(token)
+    return tokenizer.decode(out)
+
+
+def test_greedy_is_the_argmax_of_full_forwards(tiny):
+    """Greedy decoding of left-padded prompts of four lengths, through the cache, gives each
+    prompt's argmax continuation computed alone with full forwards; so does sampling with top-k 1
+    at any temperature."""
     model, tokenizer = tiny
     prompts = encode(tokenizer, PROMPTS)
     aligner = trained_aligner(model.args)
-    first = generate(model, tokenizer, prompts, aligner, max_new_tokens=16)
-    assert generate(model, tokenizer, prompts, aligner, max_new_tokens=16) == first
-    # top_k = 1 leaves only the argmax to sample, whatever the temperature and seed
-    assert generate(model, tokenizer, prompts, aligner, max_new_tokens=16, temperature=2.0, top_k=1) == first
+    expected = [greedy_by_full_forwards(model, tokenizer, p, 16, aligner) for p in prompts]
+    assert generate(model, tokenizer, prompts, aligner, max_new_tokens=16) == expected
+    assert generate(model, tokenizer, prompts, aligner, max_new_tokens=16, temperature=2.0, top_k=1, seed=0) == expected
+    assert len(set(expected)) == len(expected) and all(expected)
 
 
 def test_a_seed_makes_sampling_reproducible(tiny):
@@ -394,6 +438,23 @@ def test_top_p_never_samples_outside_the_nucleus(logits, top_p, temperature, see
     assert nucleus[drawn].all()
 
 
+@pytest.mark.parametrize("p, kept", [(0.4, [True, False, False]), (0.7, [True, True, False]),
+                                     (0.9, [True, True, True])])
+def test_top_p_keeps_the_token_that_reaches_p(p, kept):
+    """Probabilities 0.5, 0.3, 0.2: the nucleus for p is the most probable tokens up to and
+    including the one whose probability brings the sum to p or past it."""
+    logits = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    assert torch.isfinite(generate_script.top_p_filter(logits, p))[0].tolist() == kept
+
+
+@pytest.mark.parametrize("p, kept", [(0.75, [True, True, False]), (0.0, [True, False, False])])
+def test_top_p_stops_where_the_sum_reaches_p_exactly(p, kept):
+    """Probabilities 0.5, 0.25, 0.25 (exact in float32): the first two already hold 0.75, so p = 0.75
+    keeps two; and the most probable token is kept even at p = 0."""
+    logits = torch.tensor([[0.5, 0.25, 0.25]]).log()
+    assert torch.isfinite(generate_script.top_p_filter(logits, p))[0].tolist() == kept
+
+
 @settings(max_examples=30, deadline=None)
 @given(logits=st.lists(st.floats(-6, 6), min_size=2, max_size=40), top_k=st.integers(1, 8),
        seed=st.integers(0, 2**16))
@@ -402,6 +463,64 @@ def test_top_k_samples_only_the_k_most_probable(logits, top_k, seed):
     kth = logits.sort(descending=True).values[min(top_k, len(logits)) - 1]
     drawn = sample(logits.expand(500, -1), 1.0, top_k=top_k, generator=torch.Generator().manual_seed(seed))
     assert (logits[drawn] >= kth).all()
+
+
+def test_temperature_divides_the_logits():
+    """Two tokens whose logits differ by 1, sampled at temperature 0.5: the second is drawn with
+    probability sigmoid(1 / 0.5) = 0.881 (at temperature 2 it would be sigmoid(0.5) = 0.622)."""
+    drawn = sample(torch.tensor([[0.0, 1.0]]).expand(20_000, -1), temperature=0.5,
+                   generator=torch.Generator().manual_seed(0))
+    assert drawn.float().mean().item() == pytest.approx(0.8808, abs=0.01)
+
+
+def test_cut_at_stop_cuts_before_the_earliest_stop_string():
+    assert cut_at_stop("one two three two", ["three", "two"]) == ("one ", True)
+    assert cut_at_stop("one two", ["", "four"]) == ("one two", False)
+
+
+class Letters:
+    """A tokenizer whose ids are characters, for a row's text step by step."""
+    eos_id = 0
+
+    @staticmethod
+    def decode(ids):
+        return "".join(map(chr, ids))
+
+
+def test_streaming_holds_back_what_may_still_become_a_stop_string():
+    """Stop string "ab": after "xa" only "x" is final; once "b" comes the row ends at "x", and
+    nothing of the stop string was ever sent."""
+    row, pieces = generate_script.Row(0), []
+    for ch in "xab":
+        row.add(ord(ch), Letters, ["ab"], lambda index, text: pieces.append(text), last=False)
+        if ch == "a":
+            assert pieces == ["x"] and row.text is None
+    assert row.text == "x" and pieces == ["x"]
+    row = generate_script.Row(1)
+    for ch in "xay":
+        row.add(ord(ch), Letters, ["ab"], lambda index, text: pieces.append(text), last=ch == "y")
+    assert row.text == "xay" and pieces == ["x", "x", "ay"]
+
+
+def test_a_prompts_file_is_jsonl_by_its_suffix_and_lines_otherwise(tmp_path):
+    for name in ("prompts.txt", "prompts", "prompts.md"):
+        (tmp_path / name).write_text('Name a bird.\n\n{"instruction": "kept as text"}\n')
+        assert [(p.instruction, p.input) for p in generate_script.read_prompts(tmp_path / name)] == [
+            ("Name a bird.", ""), ('{"instruction": "kept as text"}', "")]
+    (tmp_path / "p.jsonl").write_text('{"instruction": "Add.", "input": "2 and 3"}\n{"instruction": "Hi."}\n')
+    assert [(p.instruction, p.input) for p in generate_script.read_prompts(tmp_path / "p.jsonl")] == [
+        ("Add.", "2 and 3"), ("Hi.", "")]
+
+
+def test_aligner_names_are_stems_unless_two_share_one():
+    assert generate_script.aligner_names(["runs/a/best.pt", "runs/b/best.pt", "runs/dpo.pt"]) == [
+        "runs/a/best.pt", "runs/b/best.pt", "dpo"]
+
+
+@pytest.mark.parametrize("length, positions", [(1, 256), (256, 256), (257, 512), (700, 768), (900, 800)])
+def test_a_compiled_cache_holds_the_next_multiple_of_256_within_the_context(length, positions):
+    args = ModelArgs(dim=8, n_layers=1, n_heads=2, vocab_size=16, max_seq_len=800)
+    assert generate_script.static_cache(args, 1, length, "cpu", torch.float32).max_len == positions
 
 
 # -----------------------------------------------------------------------------
@@ -452,6 +571,12 @@ def test_command_line_reads_a_jsonl_prompts_file(tiny, tiny_ckpt, tmp_path, caps
     assert [r["output"] for r in records] == expected
     assert [r["aligner"] for r in records] == ["base", "base"]
     assert [r["prompt"] for r in records] == ["Name a bird.", "Add these.\n\n2 and 3"]
+
+
+def test_command_line_needs_a_prompt_with_a_checkpoint(tiny_ckpt, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        cli.run(generate_script.main, ["--ckpt", str(tiny_ckpt)])
+    assert stopped.value.code == 2 and "give --prompt or --prompts-file" in capsys.readouterr().err
 
 
 def test_command_line_names_the_line_of_a_bad_prompts_file(tiny_ckpt, tmp_path):

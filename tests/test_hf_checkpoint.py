@@ -14,7 +14,7 @@ from files import FileError
 from hf_checkpoint import HFCheckpoint, is_hf_folder, rotary_rows
 import llama
 from aligner import Aligner
-from hf_layout import to_half_split, write_hf, write_safetensors
+from hf_layout import to_half_split, to_hf_state, write_hf, write_safetensors
 from llama import ModelArgs, Transformer
 
 
@@ -95,6 +95,7 @@ REFUSED = {
     "num_key_value_heads": {"num_key_value_heads": 12},
     "rms_norm_eps": {"rms_norm_eps": "1e-5"},
     "vocab_size": {"vocab_size": None},
+    "rope_theta": {"rope_theta": 10000.0, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}},
 }
 
 
@@ -145,6 +146,20 @@ def test_every_weight_and_row_slice_is_metas(meta, tmp_path, layout):
         assert got.dtype == expected.dtype and torch.equal(got, expected), key
         for rows in ROWS:
             assert torch.equal(ckpt.get(key, rows=rows), expected[rows]), (key, rows)
+
+
+def test_every_norm_is_read_from_its_own_key(meta, tmp_path):
+    """input_layernorm is Meta's attention_norm, post_attention_layernorm its ffn_norm, model.norm
+    its final norm: with every norm weight drawn apart, each comes back from its own key."""
+    model, _ = meta
+    state = model.state_dict()
+    generator = torch.Generator().manual_seed(0)
+    for key in state:
+        if key.endswith("norm.weight"):
+            state[key] = torch.rand(state[key].shape, generator=generator)
+    ckpt = HFCheckpoint(write_hf(state, model.args, tmp_path / "hf"))
+    for key, expected in state.items():
+        assert torch.equal(ckpt.get(key), expected), key
 
 
 def test_a_transformer_built_from_params_holds_the_weights(meta, tmp_path):
@@ -296,7 +311,36 @@ DAMAGE = {  # name: (what it does to the folder's model.safetensors, a phrase th
         data_offsets=[h[Q0]["data_offsets"][0], h[Q0]["data_offsets"][0] + 8192])), "overlap"),
     "unknown dtype": (lambda p: rewrite_header(p, lambda h: h[Q0].update(dtype="Q7")), "Q7"),
     "wrong shape": (lambda p: rewrite_header(p, lambda h: h[Q0].update(shape=[32, 128])), Q0),
+    "header a list": (lambda p: p.write_bytes((3).to_bytes(8, "little") + b"[1]" + b"\0" * 64),
+                      "its header is not a JSON object"),
+    "entry without dtype": (lambda p: rewrite_header(p, lambda h: h[Q0].pop("dtype")),
+                            "lacks dtype, shape or data_offsets"),
+    "negative size": (lambda p: rewrite_header(p, lambda h: h[Q0].update(shape=[32, -1])), "not a list of sizes"),
+    "one offset": (lambda p: rewrite_header(p, lambda h: h[Q0].update(data_offsets=[0])), "not [begin, end]"),
 }
+
+
+def test_a_weight_in_two_files_or_in_another_file_than_the_index_says_is_refused(meta, tmp_path):
+    model, _ = meta
+    folder = write_hf(model.state_dict(), model.args, tmp_path / "hf", "safetensors", 2)
+    first, second = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    hf = to_hf_state(model.state_dict(), model.args.n_heads, model.args.n_kv_heads)
+    names = list(hf)  # the first file holds names[0::2], the second names[1::2]
+    write_safetensors(folder / second, {n: hf[n] for n in names[1::2] + names[:1]})
+    assert f"{second}: {names[0]} is also in {first}" in refusal(lambda: HFCheckpoint(folder))
+    write_safetensors(folder / second, {n: hf[n] for n in names[1::2]})
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"][names[0]] = second
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert f"places {names[0]} in {second}, but {first} holds it" in refusal(lambda: HFCheckpoint(folder))
+
+
+def test_heads_of_odd_width_are_refused(tmp_path):
+    """RoPE turns pairs of features: a head of 3 features (hidden_size 96 over 32 heads) cannot be read."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(LLAMA_2_7B | {"hidden_size": 96}))
+    message = refusal(lambda: hf_checkpoint.read_config(path))
+    assert str(path) in message and "3 features cannot be rotated in pairs" in message
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
@@ -337,6 +381,24 @@ def test_an_index_naming_a_missing_file_is_refused(meta, tmp_path, fmt):
     lost.unlink()
     message = refusal(lambda: HFCheckpoint(folder))
     assert "index.json" in message and lost.name in message
+
+
+def test_a_config_that_is_no_object_or_an_index_without_a_map_is_refused(meta, tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    assert "config.json: not a JSON object" in refusal(lambda: hf_checkpoint.read_config(tmp_path / "config.json"))
+    model, _ = meta
+    folder = write_hf(model.state_dict(), model.args, tmp_path / "hf", "safetensors", 2)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
+    assert "no weight_map of weight names to file names" in refusal(lambda: HFCheckpoint(folder))
+
+
+@pytest.mark.parametrize("content, phrase", [([torch.zeros(2)], "holds a list, not a dict of weights"),
+                                             ({"lm_head.weight": 1.5}, "lm_head.weight is a float, not a tensor")])
+def test_a_bin_file_of_other_things_is_refused(meta, tmp_path, content, phrase):
+    model, _ = meta
+    folder = write_hf(model.state_dict(), model.args, tmp_path / "hf", "bin")
+    torch.save(content, folder / "pytorch_model.bin")
+    assert f"pytorch_model.bin: {phrase}" in refusal(lambda: HFCheckpoint(folder))
 
 
 def test_truncated_bin_is_refused_in_one_line(meta, tmp_path):

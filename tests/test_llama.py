@@ -1,6 +1,9 @@
 """The base model: Meta's shapes and checkpoint layout, the attention's pieces, the tokenizer."""
 
 import json
+import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,6 +101,19 @@ def test_prefix_softmax_is_separate_and_unmasked(n_tokens, seed):
         torch.testing.assert_close(out[:, :, t:t + 1], gate * (weights @ v_p), atol=1e-5, rtol=1e-5)
 
 
+def test_rms_norm_divides_by_the_root_mean_square_plus_eps():
+    """x / sqrt(mean(x^2) + eps) * weight, with the model's eps: for inputs of size 1e-3 the mean
+    square (1e-6) is smaller than eps (1e-5), so eps decides most of the result."""
+    x = torch.full((1, 4), 1e-3)
+    x[0, 1] = -2e-3
+    norm = llama.RMSNorm(4, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.0, 2.0, 0.5, 1.0]))
+    mean_square = (1 + 4 + 1 + 1) * 1e-6 / 4
+    expected = x / (mean_square + 1e-5) ** 0.5 * norm.weight
+    torch.testing.assert_close(norm(x), expected.detach(), rtol=1e-5, atol=0)
+
+
 def test_rope_rotates_adjacent_pairs_by_position():
     """Pair (x0, x1) at position m turns by angle m * theta^0: Meta's layout, no permutation."""
     x = torch.zeros(1, 3, 1, 4)
@@ -161,6 +177,39 @@ def test_a_slice_of_rows_reads_what_the_whole_weight_holds(tmp_path, n_shards):
             assert torch.equal(ckpt.get(key, rows), tensor[rows]), (key, rows)
 
 
+def test_a_vocab_size_of_minus_one_is_the_tokenizers(tmp_path):
+    """Meta's params.json says vocab_size -1: the model takes the tokenizer's 384 pieces."""
+    model = make_checkpoint(tmp_path / "tiny").eval()
+    path = tmp_path / "tiny" / "params.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "vocab_size": -1}))
+    loaded, tokenizer = llama.load(tmp_path / "tiny")
+    assert loaded.args.vocab_size == tokenizer.n_words == 384
+    tokens = torch.tensor([tokenizer.encode("A robin is a bird.")])
+    assert torch.equal(loaded(tokens), model(tokens))
+    with pytest.raises(ValueError, match="vocab_size must be set"):
+        Transformer(ModelArgs(dim=8, n_layers=1, n_heads=2))
+
+
+def test_positions_past_the_context_or_the_cache_are_named():
+    args = ModelArgs(dim=8, n_layers=1, n_heads=2, vocab_size=16, max_seq_len=8)
+    model = Transformer(args)
+    with pytest.raises(ValueError, match="a cache of 9 positions exceeds max_seq_len 8"):
+        KVCache(args, 1, 9)
+    with pytest.raises(ValueError, match="9 positions exceed max_seq_len 8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    cache = KVCache(args, 1, 4)
+    model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="the KV cache holds 4 positions; 5 were asked for"):
+        model(torch.zeros(1, 2, dtype=torch.long), cache=cache)
+
+
+def test_a_missing_tokenizer_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer\.model in .*tiny or in"):
+        llama.find_tokenizer(tmp_path / "tiny")
+    with pytest.raises(FileNotFoundError, match=r"absent\.model: no tokenizer model here"):
+        llama.Tokenizer(tmp_path / "absent.model")
+
+
 def test_tokenizer_is_found_in_the_folder_or_beside_it(tmp_path):
     make_checkpoint(tmp_path / "tiny")
     assert llama.find_tokenizer(tmp_path / "tiny") == tmp_path / "tokenizer.model"
@@ -219,6 +268,33 @@ def test_wrong_key(tmp_path):
     assert "consolidated.00.pth" in message and "layers.0.attention.wq.wieght" in message
 
 
+@pytest.mark.parametrize("change, where", [("drop", "missing key"), ("add", "unexpected key")])
+def test_shards_that_hold_different_keys_are_refused(tmp_path, change, where):
+    make_checkpoint(tmp_path / "tiny", n_shards=2)
+    path = tmp_path / "tiny" / "consolidated.01.pth"
+    shard = torch.load(path, weights_only=True)
+    if change == "drop":
+        del shard["layers.2.attention.wv.weight"]
+        key = "layers.2.attention.wv.weight"
+    else:
+        shard["layers.2.attention.wz.weight"] = torch.zeros(4)
+        key = "layers.2.attention.wz.weight"
+    torch.save(shard, path)
+    message = one_line_error(ValueError, llama.load, tmp_path / "tiny")
+    assert "consolidated.01.pth" in message and f"{where} '{key}'" in message
+
+
+def test_a_weight_missing_from_every_shard_is_named(tmp_path):
+    make_checkpoint(tmp_path / "tiny", n_shards=2)
+    for i in range(2):
+        path = tmp_path / "tiny" / f"consolidated.{i:02d}.pth"
+        shard = torch.load(path, weights_only=True)
+        del shard["layers.1.feed_forward.w3.weight"]
+        torch.save(shard, path)
+    message = one_line_error(ValueError, llama.load, tmp_path / "tiny")
+    assert "missing key 'layers.1.feed_forward.w3.weight'" in message and str(tmp_path / "tiny") in message
+
+
 def test_atomic_save_keeps_the_old_file_when_a_write_fails(tmp_path, monkeypatch):
     path = tmp_path / "state.pt"
     files.atomic_save({"x": torch.ones(3)}, path)
@@ -233,3 +309,38 @@ def test_atomic_save_keeps_the_old_file_when_a_write_fails(tmp_path, monkeypatch
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+
+
+def test_written_files_get_the_permissions_the_umask_allows(tmp_path):
+    """A file written atomically is readable as any file the user writes: 0666 less the umask, not
+    the private 0600 of the temporary file it starts as."""
+    old = os.umask(0o022)
+    try:
+        files.atomic_text(tmp_path / "settings.json", "{}\n")
+        files.atomic_save({"x": torch.ones(1)}, tmp_path / "best.pt")
+    finally:
+        os.umask(old)
+    assert [(tmp_path / n).stat().st_mode & 0o777 for n in ("settings.json", "best.pt")] == [0o644, 0o644]
+
+
+def test_an_empty_torch_file_is_named_as_empty(tmp_path):
+    (tmp_path / "state.pt").write_bytes(b"")
+    with pytest.raises(files.FileError, match=r"state\.pt: the file is empty \(expected: training state\)"):
+        files.load_pt(tmp_path / "state.pt", "training state")
+
+
+def test_a_torch_file_holding_other_objects_is_refused(tmp_path):
+    """Files are read with weights_only: a pickled object other than tensors and plain data (here a
+    Path) is never rebuilt, and the file is named."""
+    torch.save({"prefix": torch.ones(1), "note": Path("x")}, tmp_path / "odd.pt")
+    with pytest.raises(files.FileError, match=r"odd\.pt: not a readable Aligner file: it holds something other"):
+        files.load_pt(tmp_path / "odd.pt", "Aligner file")
+
+
+@pytest.mark.parametrize("value, problem", [
+    ([0.5], "prefix is a list, not a tensor"), (torch.tensor([1.0, math.nan]), "prefix holds NaN"),
+    (torch.tensor([-math.inf]), "prefix holds an infinite value"),
+    (torch.tensor([2e10]), "prefix holds 2e+10, beyond 1e+10: it has exploded"), (torch.tensor([1e9]), None),
+    (torch.tensor([3]), None)])
+def test_bad_value_names_the_first_unusable_tensor(value, problem):
+    assert files.bad_value({"gates": torch.zeros(2), "prefix": value}) == problem

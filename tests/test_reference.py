@@ -14,7 +14,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from aligner import Aligner
-from llama import KVCache, ModelArgs, Transformer
+from conftest import make_checkpoint
+from llama import KVCache, ModelArgs, Transformer, load
 
 
 def rms_norm(x, weight, eps):
@@ -106,3 +107,17 @@ def test_the_model_computes_eq_5_to_7_as_written(config, seqlen, seed):
             cache = KVCache(args, 1, seqlen)
             stepped = torch.cat([model(tokens[b:b + 1, t:t + 1], aligner, cache)[0] for t in range(seqlen)])
             torch.testing.assert_close(stepped.double(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_loaded_checkpoint_turns_by_its_own_rope_theta(tmp_path):
+    """params.json's rope_theta (500000, as LLaMA-3 ships) reaches the model that load builds."""
+    make_checkpoint(tmp_path / "tiny", rope_theta=500000.0)
+    model, _ = load(tmp_path / "tiny", max_seq_len=16)
+    tokens = torch.randint(0, model.args.vocab_size, (12,), generator=torch.Generator().manual_seed(0))
+    state = model.state_dict()
+    with torch.no_grad():
+        logits = model(tokens[None])[0].double()
+    torch.testing.assert_close(logits, reference_logits(state, model.args, tokens), atol=1e-4, rtol=1e-4)
+    assert model.args.rope_theta == 500000.0
+    default = ModelArgs(**{**vars(model.args), "rope_theta": 10000.0})
+    assert not torch.allclose(logits, reference_logits(state, default, tokens), atol=1e-3)

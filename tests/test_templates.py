@@ -122,6 +122,8 @@ def test_a_cut_example_says_so(tiny_ckpt):
     cut = data.encode_example(tok, "Answer: ", "five " * 20, 12)
     assert not full.truncated and cut.truncated
     assert cut.tokens == full.tokens[:12] and cut.loss_start == full.loss_start
+    exact = data.encode_example(tok, "Answer: ", "five " * 20, len(full.tokens))  # fits exactly: nothing cut
+    assert exact == full
 
 
 def test_records_in_other_templates(tmp_path):

@@ -44,6 +44,17 @@ def tiny(tiny_ckpt):
     return model, aligner, pairs
 
 
+def test_pairs_cut_in_either_response_are_counted(tiny_ckpt, tmp_path, capsys):
+    rows = [{"prompt": "Answer:", "chosen": "A robin.", "rejected": "A robin." + " fox" * 40},
+            {"prompt": "Answer:", "chosen": "A robin." + " fox" * 40, "rejected": "A robin."},
+            {"prompt": "Answer:", "chosen": "A robin.", "rejected": "A fish."}] * 2
+    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    train_dpo.main(["--ckpt", str(tiny_ckpt), "--data", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "run"),
+                    "--max-seq-len", "24", "--val", "0", "--batch-size", "6", "--epochs", "1"])
+    printed = capsys.readouterr().out
+    assert "6 pairs; 0 dropped because the chosen response is unsafe; 4 cut to --max-seq-len 24" in printed
+
+
 def test_safety_filter_and_pair_choice(tmp_path):
     path = write_jsonl(tmp_path / "pku.jsonl", ROWS)
     safer, dropped = data.read_preferences(path, pair="safer")
@@ -63,6 +74,27 @@ def test_malformed_pku_row_names_its_line(tmp_path):
         data.read_preferences(write_jsonl(tmp_path / "bad.jsonl", rows))
     with pytest.raises(data.DataError, match=r"line 1: missing key 'rejected'"):
         data.read_preferences(write_jsonl(tmp_path / "bad2.jsonl", [{"prompt": "x", "chosen": "y"}]))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("is_response_0_safe", "true", "'is_response_0_safe' must be true or false, not 'true'"),
+    ("is_response_1_safe", None, "'is_response_1_safe' must be true or false, not None"),
+    ("better_response_id", True, "'better_response_id' must be 0 or 1, not True"),
+    ("safer_response_id", 1.5, "'safer_response_id' must be 0 or 1, not 1.5")])
+def test_pku_flags_and_ids_of_the_wrong_type_are_named(tmp_path, key, value, message):
+    path = write_jsonl(tmp_path / "pku.jsonl", [ROWS[0], {**ROWS[3], key: value}])
+    with pytest.raises(data.DataError, match=rf"pku\.jsonl, line 2: {message}"):
+        data.read_preferences(path)
+
+
+def test_preference_files_without_usable_pairs_are_named(tmp_path):
+    with pytest.raises(data.DataError, match=r"line 1: expected keys prompt, chosen, rejected, or PKU-SafeRLHF's"):
+        data.read_preferences(write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "a", "response": "b"}]))
+    unsafe = write_jsonl(tmp_path / "unsafe.jsonl", [ROWS[2], ROWS[2]])  # neither response safe
+    with pytest.raises(data.DataError, match=r"unsafe\.jsonl: no usable preference pairs \(2 dropped as unsafe\)"):
+        data.read_preferences(unsafe)
+    with pytest.raises(ValueError, match="pair must be 'safer' or 'better', not 'worse'"):
+        data.read_preferences(unsafe, pair="worse")
 
 
 def test_response_logps_sums_response_tokens_only():
@@ -112,15 +144,25 @@ def test_one_step_raises_the_margin(tiny):
     assert (chosen - rejected).item() > 0
 
 
-def test_shared_base_reference_equals_a_separate_copy(tiny):
-    model, aligner, pairs = tiny
-    separate = copy.deepcopy(model)
-    for reference in (copy.deepcopy(aligner), None):  # --reference init, --reference base
-        with torch.no_grad():
-            shared = train_dpo.pair_logps(model, reference, pairs)
-            copied = train_dpo.pair_logps(separate, reference, pairs)
-        for a, b in zip(shared, copied):
-            assert torch.equal(a, b)
+def test_the_shared_base_after_a_policy_step_is_still_the_base_on_disk(tiny, tiny_ckpt):
+    """Policy and reference share one base in memory. After the policy's Aligner has taken an
+    optimizer step through it, the reference (the initial Aligner, or none) still scores every pair
+    as a base loaded afresh from the checkpoint does, while the policy's scores have moved."""
+    model, init, pairs = tiny
+    policy, reference = copy.deepcopy(init), copy.deepcopy(init).requires_grad_(False)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    with torch.no_grad():
+        before = train_dpo.pair_logps(model, reference, pairs)
+    losses, _, _ = train_dpo.dpo_loss(*train_dpo.pair_logps(model, policy, pairs), *before)
+    losses.sum().backward()
+    optimizer.step()
+    fresh, _ = llama.load(tiny_ckpt, max_seq_len=128)
+    with torch.no_grad():
+        for ref in (reference, None):  # --reference init, --reference base
+            for a, b in zip(train_dpo.pair_logps(model, ref, pairs), train_dpo.pair_logps(fresh, ref, pairs)):
+                assert torch.equal(a, b)
+        moved = train_dpo.pair_logps(model, policy, pairs)
+    assert not torch.allclose(moved[0], before[0], atol=1e-4)
 
 
 def test_cli_end_to_end(tiny_ckpt, tmp_path, capsys):
@@ -148,3 +190,84 @@ def test_cli_end_to_end(tiny_ckpt, tmp_path, capsys):
     assert not torch.equal(trained.gates, sft.gates)
     precomputed = Aligner.load(tmp_path / "pre" / "epoch-2.pt", model_args)
     torch.testing.assert_close(precomputed.gates, trained.gates, rtol=1e-4, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# the logged loss and rewards, worked out by hand
+
+PAIRS = [{"prompt": "Question: Name a bird. Answer:", "chosen": "A robin.", "rejected": "A salmon is a fish."},
+         {"prompt": "Question: What is two plus three?", "chosen": "five.", "rejected": "The lazy dog."},
+         {"prompt": "The capital of France is", "chosen": "Paris.", "rejected": "a fox."},
+         {"prompt": "Answer:", "chosen": "The quick brown fox.", "rejected": "A robin is a bird."}]
+
+
+def hand_logps(model, tok, aligner, prompt, response) -> float:
+    """log pi(response | prompt): the response's tokens and EOS, each scored after BOS, the prompt
+    (tokenized alone) and the response tokens before it; the prompt's own tokens are not counted."""
+    prompt_ids = tok.encode(prompt, bos=True)
+    tokens = prompt_ids + tok.encode(response, bos=False) + [tok.eos_id]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([tokens]), aligner=aligner)[0].double(), -1)
+    return sum(logp[t - 1, tokens[t]].item() for t in range(len(prompt_ids), len(tokens)))
+
+
+def dpo_run(tiny_ckpt, folder, *flags):
+    """train_dpo.py on PAIRS from a two-token Aligner with drawn gates, one batch of all four pairs;
+    returns (the initial Aligner, the model, the tokenizer, the step records of metrics.jsonl)."""
+    write_jsonl(folder / "pairs.jsonl", PAIRS)
+    model, tok = llama.load(tiny_ckpt)
+    torch.manual_seed(3)
+    init = Aligner(model.args, n_tokens=2)
+    with torch.no_grad():
+        init.gates.normal_(0, 0.5)
+    init.save(folder / "init.pt")
+    train_dpo.main(["--ckpt", str(tiny_ckpt), "--data", str(folder / "pairs.jsonl"), "--out", str(folder / "run"),
+                    "--init-aligner", str(folder / "init.pt"), "--val", "0", "--batch-size", "4", "--lr", "1e-2",
+                    *flags])
+    records = [json.loads(l) for l in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
+    return init, model, tok, [r for r in records if "loss" in r]
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+@pytest.mark.parametrize("flags, loss", [
+    ([], lambda h, beta: -math.log(1 / (1 + math.exp(-beta * h)))),
+    (["--label-smoothing", "0.2"], lambda h, beta: -0.8 * math.log(1 / (1 + math.exp(-beta * h)))
+                                                   - 0.2 * math.log(1 / (1 + math.exp(beta * h)))),
+    (["--loss", "ipo"], lambda h, beta: (h - 1 / (2 * beta)) ** 2),
+], ids=["dpo", "conservative", "ipo"])
+def test_first_step_against_the_base_reference_by_hand(tiny_ckpt, tmp_path, flags, loss):
+    """--reference base: at step 1 the policy is the initial Aligner. Its rewards are
+    beta * (log pi - log base) of each response, the loss is Eq. 10 (or its variant) of
+    h = (log pi_w - log base_w) - (log pi_l - log base_l), each the mean over the batch."""
+    beta = 0.5
+    init, model, tok, (step, *_) = dpo_run(tiny_ckpt, tmp_path, "--reference", "base", "--beta", str(beta),
+                                           "--epochs", "1", *flags)
+    ratio = {side: [hand_logps(model, tok, init, p["prompt"], p[side])
+                    - hand_logps(model, tok, None, p["prompt"], p[side]) for p in PAIRS]
+             for side in ("chosen", "rejected")}
+    chosen, rejected = [beta * r for r in ratio["chosen"]], [beta * r for r in ratio["rejected"]]
+    assert step["rewards/chosen"] == pytest.approx(mean(chosen), rel=1e-4, abs=1e-6)
+    assert step["rewards/rejected"] == pytest.approx(mean(rejected), rel=1e-4, abs=1e-6)
+    assert step["rewards/margin"] == pytest.approx(mean([c - r for c, r in zip(chosen, rejected)]), rel=1e-4, abs=1e-6)
+    assert step["rewards/accuracy"] == mean([c > r for c, r in zip(chosen, rejected)])
+    h = [c - r for c, r in zip(ratio["chosen"], ratio["rejected"])]
+    assert step["loss"] == pytest.approx(mean([loss(x, beta) for x in h]), rel=1e-4)
+    assert len({round(x, 3) for x in chosen}) == 4 and min(map(abs, h)) > 1e-2  # the sums can tell variants apart
+
+
+def test_rewards_measure_the_policy_against_the_initial_aligner(tiny_ckpt, tmp_path):
+    """--reference init: at step 1 policy and reference are one Aligner, so every reward is zero,
+    no pair counts as won, and the loss is log 2. At step 2 the policy is epoch 1's Aligner and the
+    reference is still the initial one: rewards beta * (log pi_epoch1 - log pi_init)."""
+    init, model, tok, (first, second) = dpo_run(tiny_ckpt, tmp_path, "--beta", "0.5", "--epochs", "2")
+    assert (first["rewards/chosen"], first["rewards/rejected"], first["rewards/accuracy"]) == (0, 0, 0)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    epoch_1 = Aligner.load(tmp_path / "run" / "epoch-1.pt", model.args)
+    for side in ("chosen", "rejected"):
+        rewards = [0.5 * (hand_logps(model, tok, epoch_1, p["prompt"], p[side])
+                          - hand_logps(model, tok, init, p["prompt"], p[side])) for p in PAIRS]
+        assert second[f"rewards/{side}"] == pytest.approx(mean(rewards), rel=1e-3, abs=1e-6)
+        assert abs(second[f"rewards/{side}"]) > 1e-3

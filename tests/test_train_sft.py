@@ -17,6 +17,7 @@ import train_sft
 import distributed
 import trainer
 from aligner import Aligner
+from files import FileError, read_text
 
 ROOT = Path(__file__).resolve().parents[1]
 COLORS = ["red", "blue", "green", "brown", "black"]
@@ -75,6 +76,53 @@ def test_malformed_data_names_its_line(tiny_ckpt, tmp_path):
         data.read_sft(broken)
 
 
+def test_a_json_list_error_names_the_line_json_names(tmp_path):
+    """A raw line break inside a string is invalid JSON at the break itself: the error names the
+    record and the line that Python's json module gives for that position."""
+    text = '[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "two\nlines", "output": "c"}\n]\n'
+    (tmp_path / "bad.json").write_text(text)
+    with pytest.raises(json.JSONDecodeError) as reference:
+        json.loads(text)
+    with pytest.raises(data.DataError, match=rf"bad\.json, record 1 \(line {reference.value.lineno}\): not valid JSON"):
+        data.read_sft(tmp_path / "bad.json")
+    assert reference.value.lineno == 3
+
+
+def test_blank_lines_are_skipped_and_wrong_values_named(tmp_path):
+    lines = tmp_path / "task.jsonl"
+    lines.write_text('{"prompt": "a", "response": "b"}\n   \n\t\n{"prompt": "c", "response": "d"}\n')
+    assert data.read_sft(lines) == [data.SFTPair("a", "b"), data.SFTPair("c", "d")]
+    lines.write_text('{"prompt": "a", "response": "b"}\n{"prompt": 1, "response": "d"}\n')
+    with pytest.raises(data.DataError, match=r"task\.jsonl, line 2: 'prompt' must be a string, not int"):
+        data.read_sft(lines)
+    listed = tmp_path / "task.json"
+    listed.write_text('[{"instruction": "a", "output": "b"}]\n{"instruction": "c", "output": "d"}\n')
+    with pytest.raises(data.DataError, match=r"task\.json, record 1 \(line 1\): unexpected text after the closing"):
+        data.read_sft(listed)
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("task.json", '[{"instruction": "a", "output": "b"}\n {"instruction": "c", "output": "d"}]',
+     r"task\.json, record 1 \(line 2\): expected ',' or '\]' after this record"),
+    ("task.jsonl", '{"prompt": "a", "response": "b"}\n[1, 2]\n',
+     r"task\.jsonl, line 2: expected a JSON object, got list"),
+    ("task.jsonl", '{"question": "a", "answer": "b"}\n',
+     r"task\.jsonl, line 1: expected keys instruction, input, output \(Alpaca\) or prompt, response; "
+     r"the record has \['answer', 'question'\]"),
+])
+def test_a_record_of_the_wrong_shape_is_named(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(data.DataError, match=message):
+        data.read_sft(tmp_path / name)
+
+
+def test_a_missing_data_file_or_a_folder_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"missing\.json: no data file here"):
+        data.read_sft(tmp_path / "missing.json")
+    with pytest.raises(FileError, match=rf"{tmp_path}: a folder, not a data file"):
+        read_text(tmp_path, "data file")
+
+
 def test_alpaca_json_and_jsonl_give_the_same_examples(tmp_path):
     task = write_task(tmp_path / "task.json", inputs=True)
     lines = tmp_path / "task.jsonl"
@@ -83,14 +131,17 @@ def test_alpaca_json_and_jsonl_give_the_same_examples(tmp_path):
 
 
 def test_loss_falls_on_a_fixed_task(tiny_ckpt, tmp_path):
+    """Every answer is the same sentence: a two-token Aligner on the random base learns it, and the
+    validation loss ends below half of where it started (about 8.0 to 3.1 here), lowest at the end."""
     rows = [{"prompt": f"Question: What is fox {i}? Answer:", "response": " A robin is a bird."} for i in range(12)]
     (tmp_path / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     train_sft.main(["--ckpt", str(tiny_ckpt), "--data", str(tmp_path / "task.jsonl"), "--out", str(tmp_path / "run"),
-                    "--n-tokens", "2", "--val", "4", "--batch-size", "8", "--epochs", "10", "--lr", "0.3"])
+                    "--n-tokens", "2", "--val", "4", "--batch-size", "2", "--epochs", "10", "--lr", "0.3",
+                    "--schedule", "constant", "--warmup-epochs", "0"])
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in records if "val_loss" in r]
     assert len(val) == 11  # before training and after each epoch
-    assert val[-1] < 0.7 * val[0], val
+    assert val[-1] < 0.5 * val[0] and min(val) == val[-1], val
 
 
 def test_cli_writes_its_files(full_run, tiny_ckpt):
@@ -138,6 +189,31 @@ def test_nan_loss_stops_and_keeps_the_last_good_state(tmp_path):
     assert state["step"] == 2 and torch.isfinite(state["aligner"]["prefix"]).all()
 
 
+@pytest.mark.parametrize("bad", ["infinite loss", "NaN gradient"])
+def test_a_non_finite_loss_or_gradient_stops_before_the_update(tmp_path, bad):
+    """At step 3 the loss is infinite while its gradient is finite, or the loss is finite while its
+    gradient is NaN (the square root of |x| at 0): either stops the step before AdamW moves,
+    and the Aligner in memory is still the one state.pt holds (step 2)."""
+    args = llama.ModelArgs(dim=8, n_layers=2, n_heads=2, vocab_size=16)
+    aligner = Aligner(args, n_tokens=1, start_layer=0)
+    calls = []
+
+    def batch_loss(indices):
+        calls.append(indices)
+        value = (aligner.prefix.sum() + aligner.gates.sum()) * len(indices)
+        if len(calls) == 3:
+            value = value + (math.inf if bad == "infinite loss" else
+                             torch.sqrt((aligner.prefix - aligner.prefix.detach()).abs().sum()))
+        return value, {}
+
+    with pytest.raises(FloatingPointError, match=r"step 3: the loss is .*; stopping\. .*state\.pt \(step 2\)"):
+        trainer.train(loop_settings(tmp_path, batch_size=2, epochs=3, warmup_epochs=0.0, save_every=1),
+                      aligner, batch_loss, [0, 1], [], [1, 1], [1, 1], distributed.Dist(0, 1, torch.device("cpu")))
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert state["step"] == 2
+    assert torch.equal(aligner.prefix.detach(), state["aligner"]["prefix"])
+
+
 def test_missing_demo_says_how_to_build_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"python build_demo.py"):
         data.check_demo(tmp_path / "llama-demo")
@@ -166,6 +242,15 @@ def test_ranks_share_each_global_batch_exactly():
             shares = [i for rank in range(world) for micro in trainer.my_micro_batches(batch, lengths, rank, world, 2)
                       for i in micro]
             assert sorted(shares) == sorted(batch)
+
+
+@pytest.mark.parametrize("val, n_val", [("2", 2), ("0", 0), ("0.05", 5), ("0.25", 25)])
+def test_the_split_holds_out_what_is_asked_and_never_trains_on_it(val, n_val):
+    train, held_out = trainer.split(100, val, seed=3)
+    assert len(held_out) == n_val and not set(train) & set(held_out)
+    assert sorted(train + held_out) == list(range(100))
+    assert (train, held_out) == trainer.split(100, val, seed=3)  # a function of the seed
+    assert n_val == 0 or held_out != trainer.split(100, val, seed=4)[1]
 
 
 def test_schedule_warms_up_then_decays_to_zero():
@@ -203,3 +288,145 @@ def test_demo_defaults_apply_without_ckpt_and_yield_to_flags(argv, batch_size):
                           max_seq_len=512, out="runs/sft")
     args = trainer.parse_args(parser, argv, demo_defaults=train_sft.DEMO_DEFAULTS, demo_data="alpaca.json")
     assert args.batch_size == batch_size and args.lr == 9e-3
+
+
+# -----------------------------------------------------------------------------
+# the loop against AdamW, the schedule and the best checkpoint written out by hand
+
+def loop_settings(out, **change):
+    """trainer.train's flags for a run on a synthetic loss, in process."""
+    return argparse.Namespace(**{**dict(lr=0.1, weight_decay=0.1, batch_size=4, micro_batch_size=3, epochs=2,
+                                        warmup_epochs=2 / 3, schedule="cosine", seed=0, out=out, save_every=100,
+                                        resume=False, max_steps=None), **change})
+
+
+def adamw_by_hand(theta, grads, lrs, weight_decay, betas=(0.9, 0.999), eps=1e-8):
+    """Loshchilov & Hutter's AdamW, decoupled decay first, in float64: the parameters after each step."""
+    m, v, out = torch.zeros_like(theta), torch.zeros_like(theta), []
+    for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
+        theta = theta * (1 - lr * weight_decay)
+        m, v = betas[0] * m + (1 - betas[0]) * g, betas[1] * v + (1 - betas[1]) * g * g
+        theta = theta - lr * (m / (1 - betas[0] ** t)) / ((v / (1 - betas[1] ** t)).sqrt() + eps)
+        out.append(theta)
+    return out
+
+
+def test_the_loop_is_adamw_on_the_warmup_cosine_schedule_over_every_example(tmp_path):
+    """10 examples in batches of 4 (the last batch of each epoch holds 2), micro-batches of 3, each
+    example with its own count of loss units: each optimizer step takes the batch's loss summed over
+    its examples and divided by the batch's units, whatever its micro-batches, and AdamW (decay 0.1)
+    moves at the logged learning rate, which rises over 2 warmup steps and then follows the cosine."""
+    args = llama.ModelArgs(dim=4, n_layers=2, n_heads=2, vocab_size=8)
+    torch.manual_seed(0)
+    aligner = Aligner(args, n_tokens=1, start_layer=1)  # 4 + 2 = 6 parameters
+    theta0 = torch.cat([aligner.prefix.detach().flatten(), aligner.gates.detach().flatten()]).double()
+    directions = torch.randn(10, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    units = [i + 1 for i in range(10)]
+    calls = []
+
+    def batch_loss(indices):  # linear in the parameters: example i's loss is units[i] * (a_i . theta)
+        calls.append(list(indices))
+        theta = torch.cat([aligner.prefix.flatten(), aligner.gates.flatten()])
+        return sum(units[i] * (directions[i].float() * theta).sum() for i in indices), {}
+
+    trainer.train(loop_settings(tmp_path), aligner, batch_loss, list(range(10)), [], [1] * 10, units,
+                  distributed.Dist(0, 1, torch.device("cpu")))
+
+    # the steps and the examples each one saw: every example once per epoch, the last batch smaller
+    steps, seen = [], iter(calls)
+    for size in (4, 4, 2, 4, 4, 2):
+        batch = []
+        while len(batch) < size:
+            batch += next(seen)
+        assert len(batch) == size
+        steps.append(batch)
+    assert next(seen, None) is None
+    assert sorted(sum(steps[:3], [])) == list(range(10)) and sorted(sum(steps[3:], [])) == list(range(10))
+
+    # warmup over 2 steps, then 0.5 * (1 + cos(pi * k / 5)) for k = 1..4: the last step still moves
+    lrs = [0.1 * f for f in (0.5, 1.0, 0.9045084971874737, 0.6545084971874737, 0.3454915028125263,
+                             0.09549150281252629)]
+    grads = [sum(units[i] * directions[i] for i in batch) / sum(units[i] for i in batch) for batch in steps]
+    thetas = adamw_by_hand(theta0, grads, lrs, weight_decay=0.1)
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"lr"' in l]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["lr"] for r in records] == pytest.approx(lrs, rel=1e-12)
+    before = [theta0] + thetas[:-1]
+    assert [r["loss"] for r in records] == pytest.approx(
+        [float(g @ t) for g, t in zip(grads, before)], rel=1e-5, abs=1e-6)
+    theta = torch.cat([aligner.prefix.detach().flatten(), aligner.gates.detach().flatten()]).double()
+    torch.testing.assert_close(theta, thetas[-1], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(theta, adamw_by_hand(theta0, grads, lrs, weight_decay=0.0)[-1], atol=1e-4)
+
+
+@pytest.mark.parametrize("stop_after", [None, 1], ids=["straight", "stopped-and-resumed"])
+def test_best_pt_is_the_epoch_of_the_lowest_validation_loss(tmp_path, stop_after):
+    """Every step moves each parameter by lr (AdamW's first steps on a constant gradient, no decay,
+    a constant lr): the validation loss, centred on where epoch 1 ends, is lr^2 * 6 before training,
+    0 after epoch 1 and lr^2 * 6 again after epoch 2. best.pt is epoch 1's Aligner, also when the run
+    was stopped after epoch 1 and resumed."""
+    args = llama.ModelArgs(dim=4, n_layers=2, n_heads=2, vocab_size=8)
+    torch.manual_seed(0)
+    aligner = Aligner(args, n_tokens=1, start_layer=1)
+    params = lambda: torch.cat([aligner.prefix.flatten(), aligner.gates.flatten()])
+    after_epoch_1 = params().detach() - 0.01  # every gradient component below is +1
+
+    def batch_loss(indices):
+        if indices == [2]:  # the validation example
+            return ((params() - after_epoch_1) ** 2).sum(), {}
+        return params().sum() * len(indices), {}
+
+    settings = loop_settings(tmp_path, lr=0.01, weight_decay=0.0, batch_size=2, schedule="constant",
+                             warmup_epochs=0.0, max_steps=stop_after)
+    train = lambda s: trainer.train(s, aligner, batch_loss, [0, 1], [2], [1] * 3, [1] * 3,
+                                    distributed.Dist(0, 1, torch.device("cpu")))
+    train(settings)
+    if stop_after:
+        assert not (tmp_path / "epoch-2.pt").exists()
+        train(argparse.Namespace(**{**vars(settings), "resume": True, "max_steps": None}))
+    val = [json.loads(l)["val_loss"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if "val" in l]
+    assert val == pytest.approx([6e-4, 0.0, 6e-4], abs=1e-9)
+    best, first, second = (aligner_tensors(tmp_path / name) for name in ("best.pt", "epoch-1.pt", "epoch-2.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(best, first))
+    assert not torch.equal(best[0], second[0])
+
+
+def test_ten_examples_in_batches_of_four_are_three_steps_an_epoch_at_the_scheduled_lr(tiny_ckpt, tmp_path):
+    """12 examples, 2 held out: batches of 4, 4 and 2 each epoch. The default schedule warms up over
+    the first epoch (3 steps) to --lr 9e-3, then decays as 0.5 * (1 + cos(pi * k / 4)), k = 1..3.
+    The run's files are these and no others, and they hold an Aligner from --start-layer."""
+    task = write_task(tmp_path / "task.json", n=12)
+    train_sft.main(run_args(tiny_ckpt, task, tmp_path / "run", "--start-layer", "1"))
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "lr" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert [r["epoch"] for r in steps] == [0.3333, 0.6667, 1.0, 1.3333, 1.6667, 2.0]
+    assert [r["lr"] for r in steps] == pytest.approx(
+        [9e-3 * f for f in (1 / 3, 2 / 3, 1.0, 0.8535533905932737, 0.5, 0.14644660940672624)], rel=1e-12)
+    assert [(r["step"], r["epoch"]) for r in records if "val_loss" in r] == [(0, 0), (3, 1), (6, 2)]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "best.pt", "epoch-1.pt", "epoch-2.pt", "metrics.jsonl", "settings.json", "state.pt"]
+    aligner = Aligner.load(tmp_path / "run" / "best.pt", llama.ModelArgs(**llama.read_params(tiny_ckpt)))
+    assert (aligner.n_tokens, aligner.start_layer, tuple(aligner.gates.shape)) == (2, 1, (3, 4))  # 4 layers, 4 heads
+
+
+@pytest.mark.parametrize("train_on_prompt", [False, True], ids=["response", "whole-sequence"])
+def test_logged_losses_are_the_mean_cross_entropy_of_the_loss_tokens(tiny_ckpt, tmp_path, train_on_prompt):
+    """Before any update the Aligner (zero gates) is the base model, so the validation loss at step 0
+    and the training loss of step 1 are the base's mean cross-entropy per loss token: of the response
+    and its EOS, or (--train-on-prompt) of every token after BOS. The examples are all alike, so
+    the value does not depend on which of them are held out. The records are put in --template."""
+    records = [{"instruction": "Name a bird.", "input": "", "output": "A robin is a bird."}] * 6
+    (tmp_path / "task.json").write_text(json.dumps(records))
+    train_sft.main(run_args(tiny_ckpt, tmp_path / "task.json", tmp_path / "run", "--template", "metamath",
+                            "--max-steps", "1", *(["--train-on-prompt"] if train_on_prompt else [])))
+    model, tok = llama.load(tiny_ckpt)
+    prompt = tok.encode("[|User|] Name a bird. [|AI Assistant|] ", bos=True)
+    tokens = prompt + tok.encode("A robin is a bird.", bos=False) + [tok.eos_id]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([tokens]))[0], -1)
+    first = 1 if train_on_prompt else len(prompt)
+    expected = -sum(logp[t - 1, tokens[t]].item() for t in range(first, len(tokens))) / (len(tokens) - first)
+    logged = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[0]["val_loss"] == pytest.approx(expected, rel=1e-5)
+    assert logged[1]["loss"] == pytest.approx(expected, rel=1e-5)
