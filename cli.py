@@ -212,7 +212,17 @@ def run(main, argv=None):
         if debugging(argv):
             raise
         message = first_line(e)
-        if not isinstance(e, (ValueError, OSError, FloatingPointError)):
+        if a_peer_stopped(e):
+            message = f"rank {torch.distributed.get_rank()}: another rank stopped, so this one stops too"
+        elif not isinstance(e, (ValueError, OSError, FloatingPointError)):
             message = f"{type(e).__name__}: {message} (--debug shows the traceback)"
         print(f"{prog}: error: {message}", file=sys.stderr)
         sys.exit(1)
+
+
+def a_peer_stopped(e: Exception) -> bool:
+    """Whether a collective failed because another rank left the process group; that rank's own
+    error line says why, and torchrun stops the ranks still waiting."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    return isinstance(e, torch.distributed.DistError) or "Connection closed by peer" in str(e)  # Gloo's words

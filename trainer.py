@@ -382,7 +382,7 @@ class Progress:
     step: int = 0  # optimizer steps taken
     best: float = math.inf  # the best validation loss so far
     last_val: dict = field(default_factory=dict)  # the last validation's metrics
-    last_saved: int = 0  # the step state.pt holds
+    last_saved: int | None = None  # the step state.pt holds; None until it is first written
 
 
 def evaluate(batch_loss, val_idx, lengths, units, d: Dist, micro_batch_size: int, stat_names) -> dict:
@@ -523,7 +523,7 @@ def train(args, aligner, batch_loss, train_idx: list, val_idx: list, lengths: li
     bar = tqdm(total=schedule.total_steps, initial=progress.step, disable=d.rank != 0, dynamic_ncols=True,
                desc="train")
     try:
-        if progress.step == 0:
+        if progress.last_saved is None:  # a new run: the initial Aligner, validated and saved
             progress = save_state(run, validate(run, progress, epoch=0))
         while progress.step < schedule.total_steps:
             record = optimizer_step(run, progress)
@@ -540,6 +540,8 @@ def train(args, aligner, batch_loss, train_idx: list, val_idx: list, lengths: li
                     tqdm.write(f"stopped at step {progress.step} (--max-steps); continue with --resume")
                 break
     except KeyboardInterrupt:
+        if progress.last_saved is None:
+            raise KeyboardInterrupt("stopped before the run's first save: nothing to resume") from None
         raise KeyboardInterrupt(f"stopped at step {progress.step}; {run.out / 'state.pt'} holds step "
                                 f"{progress.last_saved}: continue with --resume") from None
     finally:

@@ -22,9 +22,10 @@ from conftest import make_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def torchrun(script, *args, nproc=2, timeout=180):
-    """Run `script` under torchrun with Gloo on the CPU; on a timeout (a hang is how a collective
-    out of step shows) every process it started is killed with it."""
+def torchrun(script, *args, nproc=2, timeout=180, fails=False):
+    """Run `script` under torchrun with Gloo on the CPU and return its stdout (its stderr where it
+    `fails`, as expected); on a timeout (a hang is how a collective out of step shows) every
+    process it started is killed with it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(script), *map(str, args)]
@@ -40,8 +41,8 @@ def torchrun(script, *args, nproc=2, timeout=180):
                 os.killpg(process.pid, signal.SIGKILL)
                 process.communicate()
             raise AssertionError(f"{script.name} did not finish in {timeout} s: a collective out of step hangs")
-    assert process.returncode == 0, err[-3000:]
-    return out
+    assert (process.returncode != 0) == fails, err[-3000:]
+    return err if fails else out
 
 
 @pytest.mark.parametrize("rows, world", [(5, 2), (3, 4), (10, 3), (8, 2)])
@@ -121,6 +122,23 @@ def test_a_one_process_run_resumes_under_fsdp(tmp_path):
     train_sft.main([*stop_early, "--out", str(tmp_path / "moved")])
     torchrun(ROOT / "train_sft.py", *flags, "--out", tmp_path / "moved", "--fsdp", "--resume")
     same_run(tmp_path / "whole", tmp_path / "moved")
+
+
+def test_an_error_on_one_rank_stops_every_rank_and_the_run_resumes(tmp_path):
+    """Rank 1 fails as step 2 begins while rank 0 waits for it in a collective: torchrun stops both,
+    with rank 1's one-line error and no hang; the run keeps what it had saved, and --resume under
+    FSDP ends it as the run that never failed."""
+    flags = [str(f) for f in SFT]
+    torch.set_num_threads(1)
+    train_sft.main([*flags, "--out", str(tmp_path / "whole")])
+    err = torchrun(ROOT / "tests" / "fsdp_fault.py", *flags, "--out", tmp_path / "failed", "--fsdp", fails=True)
+    errors = sorted(line[line.index("train_sft.py: error: "):] for line in err.splitlines() if " error: " in line)
+    assert errors in (["train_sft.py: error: rank 1 lost its device at step 2"],  # rank 0 stopped by torchrun
+                      ["train_sft.py: error: rank 0: another rank stopped, so this one stops too",
+                       "train_sft.py: error: rank 1 lost its device at step 2"])
+    assert (tmp_path / "failed" / "state.pt").exists()
+    torchrun(ROOT / "train_sft.py", *flags, "--out", tmp_path / "failed", "--fsdp", "--resume")
+    same_run(tmp_path / "whole", tmp_path / "failed")
 
 
 @pytest.fixture(scope="module")

@@ -891,6 +891,22 @@ def test_an_unexpected_error_is_one_line_with_its_type(capsys, monkeypatch):
     assert "second line" not in err and err.count("\n") == 1, line
 
 
+def test_a_collective_broken_by_another_rank_says_so(capsys, monkeypatch, tmp_path):
+    """Under torchrun, a rank whose peer stopped names no Gloo internals: that peer's own line says why."""
+    def peer_gone(argv):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:61133.")
+
+    monkeypatch.setattr(train_sft, "main", as_main_of(train_sft, peer_gone))
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        code, _, err = run_script(train_sft, [], capsys)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert code == 1 and err == "train_sft.py: error: rank 0: another rank stopped, so this one stops too\n"
+    code, _, err = run_script(train_sft, [], capsys)  # with no process group, the error as it is
+    assert code == 1 and err.startswith("train_sft.py: error: RuntimeError: [gloo/transport")
+
+
 def test_debug_shows_the_traceback_in_process(monkeypatch):
     monkeypatch.setattr(generate, "main", as_main_of(generate, lambda argv: 1 / 0))
     with pytest.raises(ZeroDivisionError):
@@ -926,6 +942,17 @@ def test_ctrl_c_during_training_says_how_to_continue(save_every, saved, tiny_ckp
     assert error_line(err).startswith("train_sft.py: interrupted: stopped at step 3;")
     assert f"holds step {saved}: continue with --resume" in error_line(err)
     assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["step"] == saved
+
+
+def test_ctrl_c_before_the_first_save_says_there_is_nothing_to_resume(tiny_ckpt, capsys, tmp_path, monkeypatch):
+    def validate(run, progress, epoch):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "validate", validate)
+    code, _, err = run_script(train_sft, sft_args(tiny_ckpt, sft_data(tmp_path), tmp_path / "run"), capsys)
+    assert code == 130
+    assert error_line(err) == "train_sft.py: interrupted: stopped before the run's first save: nothing to resume"
+    assert not (tmp_path / "run" / "state.pt").exists()
 
 
 SUBPROCESS_CASES = [

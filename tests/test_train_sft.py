@@ -169,6 +169,31 @@ def test_resume_gives_the_same_aligner_bit_for_bit(full_run, tiny_ckpt, tmp_path
     assert (out / "metrics.jsonl").read_text().count('"loss"') == 4
 
 
+def test_a_run_stopped_in_its_first_step_resumes_as_the_run_that_never_stopped(full_run, tiny_ckpt, tmp_path,
+                                                                              monkeypatch):
+    """state.pt then holds step 0, written after the initial validation: --resume goes on from
+    there and neither validates nor logs step 0 again."""
+    task, reference = full_run
+    out = tmp_path / "run"
+    real = trainer.optimizer_step
+
+    def step(run, progress):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "optimizer_step", step)
+    with pytest.raises(KeyboardInterrupt, match="holds step 0"):
+        train_sft.main(run_args(tiny_ckpt, task, out))
+    monkeypatch.setattr(trainer, "optimizer_step", real)
+    train_sft.main(run_args(tiny_ckpt, task, out, "--resume"))
+
+    def records(run):
+        return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
+                for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records(out) == records(reference)
+    for a, b in zip(aligner_tensors(out / "best.pt"), aligner_tensors(reference / "best.pt")):
+        assert torch.equal(a, b)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_state(tmp_path):
     args = llama.ModelArgs(dim=8, n_layers=2, n_heads=2, vocab_size=16)
     aligner = Aligner(args, n_tokens=1, start_layer=0)
