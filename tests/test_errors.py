@@ -896,13 +896,20 @@ def test_a_collective_broken_by_another_rank_says_so(capsys, monkeypatch, tmp_pa
     def peer_gone(argv):
         raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:61133.")
 
-    monkeypatch.setattr(train_sft, "main", as_main_of(train_sft, peer_gone))
+    def own_error(argv):
+        raise ValueError("--data x.json: no data file here")
+
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
+        monkeypatch.setattr(train_sft, "main", as_main_of(train_sft, peer_gone))
         code, _, err = run_script(train_sft, [], capsys)
+        monkeypatch.setattr(train_sft, "main", as_main_of(train_sft, own_error))
+        own = run_script(train_sft, [], capsys)
     finally:
         torch.distributed.destroy_process_group()
     assert code == 1 and err == "train_sft.py: error: rank 0: another rank stopped, so this one stops too\n"
+    assert own == (1, "", "train_sft.py: error: --data x.json: no data file here\n")
+    monkeypatch.setattr(train_sft, "main", as_main_of(train_sft, peer_gone))
     code, _, err = run_script(train_sft, [], capsys)  # with no process group, the error as it is
     assert code == 1 and err.startswith("train_sft.py: error: RuntimeError: [gloo/transport")
 
