@@ -207,7 +207,7 @@ def run(main, argv=None):
             raise
         detail = f": {first_line(e)}" if str(e) else ""
         print(f"{prog}: interrupted{detail}", file=sys.stderr)
-        sys.exit(130)
+        leave(130)
     except Exception as e:
         if debugging(argv):
             raise
@@ -217,7 +217,18 @@ def run(main, argv=None):
         elif not isinstance(e, (ValueError, OSError, FloatingPointError)):
             message = f"{type(e).__name__}: {message} (--debug shows the traceback)"
         print(f"{prog}: error: {message}", file=sys.stderr)
-        sys.exit(1)
+        leave(1)
+
+
+def leave(code: int):
+    """sys.exit(code), but a rank under torchrun ends at once, with its output flushed: Python's
+    finalization can abort it (SIGABRT) while Gloo's threads still release a collective
+    (see distributed.exit_distributed), and its exit code would be lost."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def a_peer_stopped(e: Exception) -> bool:
@@ -225,4 +236,4 @@ def a_peer_stopped(e: Exception) -> bool:
     error line says why, and torchrun stops the ranks still waiting."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return False
-    return isinstance(e, torch.distributed.DistError) or "Connection closed by peer" in str(e)  # Gloo's words
+    return isinstance(e, torch.distributed.DistError) or "gloo/transport/" in str(e)  # a Gloo connection broke

@@ -136,6 +136,7 @@ def test_an_error_on_one_rank_stops_every_rank_and_the_run_resumes(tmp_path):
     assert errors in (["train_sft.py: error: rank 1 lost its device at step 2"],  # rank 0 stopped by torchrun
                       ["train_sft.py: error: rank 0: another rank stopped, so this one stops too",
                        "train_sft.py: error: rank 1 lost its device at step 2"])
+    assert "exitcode  : 1 (pid" in err  # torchrun's report: rank 1 exited with its code, not aborted
     assert (tmp_path / "failed" / "state.pt").exists()
     torchrun(ROOT / "train_sft.py", *flags, "--out", tmp_path / "failed", "--fsdp", "--resume")
     same_run(tmp_path / "whole", tmp_path / "failed")
