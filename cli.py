@@ -221,14 +221,21 @@ def run(main, argv=None):
 
 
 def leave(code: int):
-    """sys.exit(code), but a rank under torchrun ends at once, with its output flushed: Python's
-    finalization can abort it (SIGABRT) while Gloo's threads still release a collective
-    (see distributed.exit_distributed), and its exit code would be lost."""
+    """sys.exit(code); a rank under torchrun ends at once instead (exit_at_once)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        exit_at_once(code)
     sys.exit(code)
+
+
+def exit_at_once(code: int):
+    """End a rank under torchrun, its output flushed, without Python's finalization: there,
+    Gloo's worker threads may still be releasing the last collective's tensors and abort the
+    process (SIGABRT) when they need the interpreter (pytorch/pytorch#179291), losing its exit
+    code. Destroying the process group does not join those threads under FSDP2, whose caches
+    keep the group alive to the end. Every file is written and closed before this is called."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def a_peer_stopped(e: Exception) -> bool:

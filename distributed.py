@@ -19,13 +19,13 @@ training loop, evaluation and generation keep them in step.
 """
 
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
+import cli
 import llama
 
 
@@ -40,8 +40,11 @@ class Dist:
     fsdp: bool = False  # the base is sharded: every forward is a collective
 
 
-def init_distributed(device: torch.device, fsdp: bool = False) -> Dist:
-    """Join torchrun's process group if there is one (NCCL on GPUs, Gloo on CPU); else a single process."""
+def init_distributed(device: torch.device, fsdp: bool = False, compile: bool = False) -> Dist:
+    """Join torchrun's process group if there is one (NCCL on GPUs, Gloo on CPU); else a single process.
+    --fsdp is refused outside torchrun, and with --compile, before any model loads."""
+    if fsdp and compile:
+        raise ValueError("--compile decodes with one model per process; it does not run under --fsdp")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if fsdp and world < 2:
         raise ValueError("--fsdp shards the base over the processes that torchrun starts; run it as "
@@ -56,22 +59,13 @@ def init_distributed(device: torch.device, fsdp: bool = False) -> Dist:
 
 
 def exit_distributed():
-    """Under torchrun, leave the process group together and end the process here.
-
-    The barrier: a rank that exits while its peers still hold connections to it
-    can make them abort. The exit: a rank must not reach Python's finalization,
-    where Gloo's worker threads may still be releasing the last collective's
-    tensors and abort the process (SIGABRT) when they need the interpreter
-    (pytorch/pytorch#179291); destroying the group does not join those threads
-    under FSDP2, whose caches keep the group alive to the end. Every file is
-    written and closed by now, so the rank flushes its output and exits.
-    """
+    """Under torchrun, leave the process group together and end the process here: the
+    barrier, because a rank that exits while its peers still hold connections to it can
+    make them abort; the exit without finalizing Python, for cli.exit_at_once's reason."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        cli.exit_at_once(0)
 
 
 def all_reduce_sum(t: torch.Tensor, world: int) -> torch.Tensor:

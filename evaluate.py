@@ -592,16 +592,16 @@ def main(argv=None):
             if not Path(path).exists():
                 raise FileNotFoundError(f"--data {path}: no such file or folder")
     for path in args.aligner:
-        if path != "base" and not Path(path).is_file():
-            raise FileNotFoundError(f"--aligner {path}: no such file")
+        if path != "base":
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"--aligner {path}: no such file")
+            Aligner.check_file(path)  # a damaged or unusable Aligner file stops here, before the model loads
     if args.out:
         check_writable(args.out, "--out")
         if not args.overwrite:
             refuse_existing([Path(args.out) / name for name in ("results.json", *(f"{t}.jsonl" for t in tasks))])
     device, dtype = cli.place(args)
-    d = distributed.init_distributed(device, args.fsdp)
-    if d.fsdp and args.compile:
-        raise ValueError("--compile decodes with one model per process; it does not run under --fsdp")
+    d = distributed.init_distributed(device, args.fsdp, args.compile)
 
     # --- load
     model, tokenizer = (distributed.load_sharded if d.fsdp else load)(

@@ -548,8 +548,10 @@ def main(argv=None):
         if not args.overwrite:
             refuse_existing([args.out])
     for path in args.aligner:
-        if path != "base" and not Path(path).is_file():
-            raise FileNotFoundError(f"--aligner {path}: no such file")
+        if path != "base":
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"--aligner {path}: no such file")
+            Aligner.check_file(path)  # a damaged or unusable Aligner file stops here, before the model loads
     prompts = [Prompt(p, "", f"--prompt {n}") for n, p in enumerate(args.prompt, 1)]
     if args.prompts_file is not None:
         prompts += read_prompts(args.prompts_file)
@@ -562,7 +564,7 @@ def main(argv=None):
         print(f"using the built-in demo model {ckpt} (pass --ckpt for another)", file=sys.stderr)
         prompts = prompts or [Prompt(DEMO_PROMPT, "", "the demo's prompt")]
     device, dtype = cli.place(args)
-    d = distributed.init_distributed(device, args.fsdp)
+    d = distributed.init_distributed(device, args.fsdp, args.compile)
 
     # --- load -------------------------------------------------------------------
     model, tokenizer = (distributed.load_sharded if d.fsdp else load)(ckpt, device=device, dtype=dtype,

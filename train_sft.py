@@ -26,7 +26,6 @@ JSON Lines of already formatted {"prompt", "response"}, used as they are.
 The Aligner files land in --out (runs/sft): best.pt, epoch-E.pt.
 """
 
-
 import torch
 import torch.nn.functional as F
 

@@ -76,7 +76,8 @@ def add_arguments(parser, *, n_tokens, lr, batch_size, epochs, warmup_epochs, ma
     a("--val", type=cli.split_size, default="0.05",
       help="held-out validation split: a fraction (0.05) or a count (500)")
     a("--seed", type=cli.seed, default=0, help="seeds the Aligner's initialisation, the split and the data order")
-    a("--grad-checkpointing", action="store_true", help="recompute activations in backward: less memory for long sequences")
+    a("--grad-checkpointing", action="store_true",
+      help="recompute activations in backward: less memory for long sequences")
     a("--out", type=Path, default=Path(out), help="folder for Aligner files, metrics.jsonl, settings.json and state.pt")
     a("--save-every", type=cli.positive_int, default=100,
       help="also save the resumable state every this many optimizer steps")

@@ -178,7 +178,8 @@ def test_fsdp_generation_gives_the_one_process_answers(tmp_path, demo_aligners):
     """generate.py with Aligners of two shapes side by side: each rank answers its share of the prompts,
     rank 0 gathers them, and the file equals one process's (greedy decoding)."""
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("".join(f"What is the home of {name}?\n" for name in ("Eskvormi", "Tavo", "Lirra", "Mokka", "Ansel")))
+    names = ("Eskvormi", "Tavo", "Lirra", "Mokka", "Ansel")
+    prompts.write_text("".join(f"What is the home of {name}?\n" for name in names))
     flags = ["--prompts-file", str(prompts), "--max-new-tokens", "16", "--aligner", "base",
              "--aligner", str(demo_aligners[0]), "--aligner", str(demo_aligners[1])]
     torch.set_num_threads(1)

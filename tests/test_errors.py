@@ -604,6 +604,24 @@ def test_train_dpo_names_a_damaged_aligner_file_before_the_base_loads(flag, dama
           watch=[tmp_path])
 
 
+@pytest.mark.parametrize("script", ["generate", "evaluate"])
+def test_a_damaged_aligner_file_is_named_before_the_model_loads(script, tiny_ckpt, model_args, capsys, tmp_path,
+                                                                 monkeypatch):
+    path = aligner_file(tmp_path / "sft.pt", model_args)
+    damage_file(path, "garbage")
+    monkeypatch.setattr(SCRIPTS[script], "load", lambda *a, **k: pytest.fail("the model loaded"))
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"instruction": "Hi?", "output": "Hello."}])
+    argv = {"generate": ["--prompt", "Hi."], "evaluate": ["qa", "--data", data]}[script]
+    fails(script, [*argv, "--ckpt", tiny_ckpt, "--aligner", path], capsys, "sft.pt", watch=[tmp_path])
+
+
+@pytest.mark.parametrize("script", ["generate", "evaluate"])
+def test_compile_under_fsdp_is_refused_before_the_model_loads(script, tiny_ckpt, capsys, monkeypatch):
+    monkeypatch.setattr(SCRIPTS[script], "load", lambda *a, **k: pytest.fail("the model loaded"))
+    argv = {"generate": ["--prompt", "Hi."], "evaluate": ["qa"]}[script]
+    fails(script, [*argv, "--ckpt", tiny_ckpt, "--compile", "--fsdp"], capsys, "--compile", "--fsdp")
+
+
 NON_FINITE = [("prefix", math.nan, "NaN"), ("prefix", math.inf, "infinite"), ("gates", -math.inf, "infinite"),
               ("gates", math.nan, "NaN"), ("prefix", 1e37, "exploded"), ("gates", -3e12, "exploded")]
 
@@ -826,7 +844,8 @@ def test_a_parameter_made_nan_by_the_update_stops_the_run(tmp_path, monkeypatch)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
     settings = argparse.Namespace(lr=1e-2, weight_decay=0.0, batch_size=2, micro_batch_size=2, epochs=3,
-                                  warmup_epochs=0.0, schedule="cosine", seed=0, out=tmp_path, save_every=1, resume=False, max_steps=None)
+                                  warmup_epochs=0.0, schedule="cosine", seed=0, out=tmp_path, save_every=1,
+                                  resume=False, max_steps=None)
     loss = lambda idx: ((aligner.prefix.sum() + aligner.gates.sum()) * len(idx), {})
     with pytest.raises(FloatingPointError, match=r"step 2: after the update the Aligner's gates holds NaN.*step 1"):
         trainer.train(settings, aligner, loss, [0, 1], [], [1, 1], [1, 1], distributed.Dist(0, 1, torch.device("cpu")))
