@@ -15,21 +15,30 @@ A template without an input slot (all but alpaca's second string) puts a
 non-empty input after the instruction, separated by a blank line. Training,
 generation and evaluation all format prompts through `format_prompt`.
 
-Files: Alpaca's JSON list of {"instruction", "input", "output"}, the same
-records as JSON Lines, already formatted {"prompt", "response"} lines for SFT;
-{"prompt", "chosen", "rejected"} lines or PKU-SafeRLHF's own rows for DPO. A
-bad record stops the run with its file and line.
+Files, a JSON list or JSON Lines. For SFT: Alpaca's {"instruction", "input",
+"output"}; MetaMathQA's {"query", "response", "type", "original_question"};
+PKU-SafeRLHF's own rows, whose safer response is the target where it is itself
+safe (see `read_sft`); or already formatted
+{"prompt", "response"}. For DPO: PKU-SafeRLHF's rows or {"prompt", "chosen",
+"rejected"}. A bad record stops the run with its file and line.
 
 An example is BOS + prompt + response + EOS, with the prompt and the response
-tokenized separately and their ids joined, so the prompt's ids are exactly
-those that generation feeds the model for the same prompt. The response is
-tokenized as SentencePiece tokenizes any text: its first piece carries the
-word-start marker ("### Response:" then "▁The"), as a word after a colon does
-in ordinary text. Stanford's and the authors' code instead tokenize
-prompt + output as one string, where that first piece has no word start.
-The loss covers the response only, as Stanford's train.py does (it masks the
-prompt); `train_on_prompt` puts it on every token after BOS, as the authors'
-preparation scripts do (mask_inputs=False).
+tokenized apart and their ids joined (`encode_example`), so the prompt's ids
+are exactly those that generation feeds the model for the same prompt
+(`encode_prompt`). Stanford's and the authors' code instead tokenize
+prompt + output as one string. The two differ where SentencePiece would let
+the prompt's end and the response's start share or split pieces: the
+response's first piece carries the word-start marker ("### Response:" then
+"▁The", where one string gives "The"), and more rarely its first word splits
+otherwise, it gains a lone "▁", or the prompt's last piece changes (the README
+has the shares on real Alpaca records). A prompt's trailing spaces are left to
+the response: SentencePiece writes a space as the "▁" that starts the next
+word, so "[Assistant] " + "The" is "]" "▁The" in one string, while the space
+tokenized alone would end every prompt in a lone "▁" piece that one-string
+text never has. So the metamath and beaver formats, which end in a space,
+tokenize as one string does. The loss covers the response only, as Stanford's
+train.py does (it masks the prompt); `train_on_prompt` puts it on every token
+after BOS, as the authors' preparation scripts do (mask_inputs=False).
 """
 
 import json
@@ -175,27 +184,75 @@ class Preference(NamedTuple):
     rejected: str
 
 
-def read_sft(path, template: str = "alpaca") -> list:
-    """[SFTPair] from Alpaca records {"instruction", "input", "output"} (the prompt is built by
-    format_prompt in `template`) or already formatted {"prompt", "response"} records (used as they are)."""
-    pairs = []
-    for where, record in read_records(path):
-        if isinstance(record, dict) and "prompt" in record:
-            r = string_fields(path, where, record, ("prompt", "response"))
-            pairs.append(SFTPair(r["prompt"], r["response"]))
-        else:
-            if isinstance(record, dict) and "instruction" not in record:
-                raise DataError(f"{path}, {where}: expected keys instruction, input, output "
-                                f"(Alpaca) or prompt, response; the record has {sorted(record)}")
-            r = string_fields(path, where, record, ("instruction", "output"), optional=("input",))
-            pairs.append(SFTPair(format_prompt(r["instruction"], r["input"], template), r["output"]))
-    if not pairs:
-        raise DataError(f"{path}: no records")
-    return pairs
-
-
 PKU_KEYS = ("prompt", "response_0", "response_1", "is_response_0_safe", "is_response_1_safe",
             "safer_response_id", "better_response_id")
+METAMATH_KEYS = ("query", "response")  # MetaMathQA's rows also carry "type" and "original_question"
+
+
+class PKURow(NamedTuple):
+    """One PKU-SafeRLHF row, read: its prompt and the response `pair` prefers, and the other one."""
+    prompt: str
+    chosen: str
+    rejected: str
+    chosen_safe: bool
+
+
+def pku_row(path, where, record, pair: str) -> PKURow:
+    """A PKU-SafeRLHF row checked key by key; `pair` ("safer" or "better") names the id of the chosen response."""
+    r = string_fields(path, where, record, ("prompt", "response_0", "response_1"))
+    for key in PKU_KEYS[3:5]:
+        if not isinstance(record.get(key), bool):
+            raise DataError(f"{path}, {where}: {key!r} must be true or false, not {record.get(key)!r}")
+    for key in PKU_KEYS[5:]:
+        if record.get(key) not in (0, 1) or isinstance(record.get(key), bool):
+            raise DataError(f"{path}, {where}: {key!r} must be 0 or 1, not {record.get(key)!r}")
+    chosen = record[f"{pair}_response_id"]
+    return PKURow(r["prompt"], r[f"response_{chosen}"], r[f"response_{1 - chosen}"],
+                  record[f"is_response_{chosen}_safe"])
+
+
+def read_sft(path, template: str = "alpaca") -> tuple:
+    """([SFTPair], n_dropped) from any of the SFT record kinds, told apart by their keys:
+
+    - Alpaca's {"instruction", "input", "output"}: the prompt is format_prompt in `template`;
+    - MetaMathQA's {"query", "response", ...}: the query in `template` (`metamath` is the
+      authors' format for it, scripts/prepare_metaMath.py);
+    - PKU-SafeRLHF's rows: the prompt in `template`, the safer response as the target. A row
+      whose safer response is itself unsafe is dropped and counted, as train_dpo.py drops such
+      pairs. The authors' Beaver SFT run (finetune/aligner.py, get_batch, on the rows that
+      scripts/prepare_beaver_safe.py keeps with exist_safe) trains on the safer response of every
+      row where either response is safe; the two differ only on rows whose labels disagree (the
+      safer response unsafe, the other safe);
+    - already formatted {"prompt", "response"}: used as they are.
+    """
+    pairs, dropped = [], 0
+    for where, record in read_records(path):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}, {where}: expected a JSON object, got {type(record).__name__}")
+        if "response_0" in record:
+            row = pku_row(path, where, record, "safer")
+            if not row.chosen_safe:
+                dropped += 1
+                continue
+            pairs.append(SFTPair(format_prompt(row.prompt, template=template), row.chosen))
+        elif "query" in record:
+            r = string_fields(path, where, record, METAMATH_KEYS)
+            pairs.append(SFTPair(format_prompt(r["query"], template=template), r["response"]))
+        elif "prompt" in record:
+            r = string_fields(path, where, record, ("prompt", "response"))
+            pairs.append(SFTPair(r["prompt"], r["response"]))
+        elif "instruction" in record:
+            r = string_fields(path, where, record, ("instruction", "output"), optional=("input",))
+            pairs.append(SFTPair(format_prompt(r["instruction"], r["input"], template), r["output"]))
+        else:
+            raise DataError(f"{path}, {where}: expected the keys of Alpaca (instruction, input, output), "
+                            f"MetaMathQA (query, response), PKU-SafeRLHF ({', '.join(PKU_KEYS)}) or "
+                            f"prompt, response; the record has {sorted(record)}")
+    if not pairs and dropped:
+        raise DataError(f"{path}: no usable records ({dropped} dropped: the safer response is unsafe)")
+    if not pairs:
+        raise DataError(f"{path}: no records")
+    return pairs, dropped
 
 
 def read_preferences(path, pair="safer", keep_unsafe=False, template: str = "alpaca"):
@@ -204,8 +261,8 @@ def read_preferences(path, pair="safer", keep_unsafe=False, template: str = "alp
     Either {"prompt", "chosen", "rejected"} (the prompt used as it is, as for
     SFT's {"prompt", "response"}), or PKU-SafeRLHF's own rows, whose prompt
     goes through format_prompt in `template`: `pair` names the id ("safer" or "better")
-    that picks the chosen response. As in the paper, a PKU pair whose chosen
-    response is not itself safe is dropped unless keep_unsafe.
+    that picks the chosen response. As the paper does (Appendix C), a PKU pair
+    whose chosen response is not itself safe is dropped unless keep_unsafe.
     """
     if pair not in ("safer", "better"):
         raise ValueError(f"pair must be 'safer' or 'better', not {pair!r}")
@@ -218,19 +275,11 @@ def read_preferences(path, pair="safer", keep_unsafe=False, template: str = "alp
         if not isinstance(record, dict) or "response_0" not in record:
             raise DataError(f"{path}, {where}: expected keys prompt, chosen, rejected, or "
                             f"PKU-SafeRLHF's {', '.join(PKU_KEYS)}")
-        r = string_fields(path, where, record, ("prompt", "response_0", "response_1"))
-        for key in PKU_KEYS[3:5]:
-            if not isinstance(record.get(key), bool):
-                raise DataError(f"{path}, {where}: {key!r} must be true or false, not {record.get(key)!r}")
-        for key in PKU_KEYS[5:]:
-            if record.get(key) not in (0, 1) or isinstance(record.get(key), bool):
-                raise DataError(f"{path}, {where}: {key!r} must be 0 or 1, not {record.get(key)!r}")
-        chosen = record[f"{pair}_response_id"]
-        if not keep_unsafe and not record[f"is_response_{chosen}_safe"]:
+        row = pku_row(path, where, record, pair)
+        if not keep_unsafe and not row.chosen_safe:
             dropped += 1
             continue
-        triples.append(Preference(format_prompt(r["prompt"], template=template), r[f"response_{chosen}"],
-                                  r[f"response_{1 - chosen}"]))
+        triples.append(Preference(format_prompt(row.prompt, template=template), row.chosen, row.rejected))
     if not triples:
         raise DataError(f"{path}: no usable preference pairs ({dropped} dropped as unsafe)")
     return triples, dropped
@@ -249,10 +298,20 @@ class Example(NamedTuple):
     truncated: bool  # cut to max_len, which drops the EOS and perhaps more
 
 
+def encode_prompt(tokenizer, prompt: str) -> list:
+    """BOS + the prompt's ids: what training puts before a response, and what generation feeds.
+
+    The prompt's trailing spaces are left out: in one-string text SentencePiece writes them as
+    the "▁" that starts the response's first word, and tokenized alone they would be a lone "▁"
+    piece (see the module docstring).
+    """
+    return tokenizer.encode(prompt.rstrip(" "), bos=True)
+
+
 def encode_example(tokenizer, prompt: str, response: str, max_len: int, train_on_prompt: bool = False) -> Example:
     """BOS + the prompt's ids + the response's ids + EOS, the two texts tokenized apart: the
     prompt's ids are exactly those generation feeds the model. Cut to max_len tokens."""
-    prompt_ids = tokenizer.encode(prompt, bos=True)
+    prompt_ids = encode_prompt(tokenizer, prompt)
     tokens = prompt_ids + tokenizer.encode(response, bos=False, eos=True)
     loss_start = 1 if train_on_prompt else len(prompt_ids)
     return Example(tokens[:max_len], loss_start, len(tokens) > max_len)

@@ -76,7 +76,8 @@ from tqdm import tqdm
 import cli
 import distributed
 from aligner import Aligner
-from data import DEMO_CKPT, DEMO_DATA, TEMPLATES, DataError, check_demo, format_prompt, read_records, string_fields
+from data import (DEMO_CKPT, DEMO_DATA, TEMPLATES, DataError, check_demo, encode_prompt, format_prompt, read_records,
+                  string_fields)
 from generate import generate
 from files import atomic_write, check_writable, read_text, refuse_existing
 from llama import load
@@ -400,8 +401,8 @@ def prepare_gsm8k(path, tokenizer, shots: int, args) -> Prepared:
         def build(k):
             if args.template:
                 text = format_prompt(record["question"], template=args.template)
-            else:
-                text = gsm8k_prompt(record["question"], drawn[:k])
+                return text, encode_prompt(tokenizer, text)
+            text = gsm8k_prompt(record["question"], drawn[:k])
             return text, tokenizer.encode(text, bos=True)
 
         (prompt, ids), k = fit_shots(build, shots, lambda built: len(built[1]), limit)
@@ -488,7 +489,7 @@ def prepare_qa(path, tokenizer, shots: int, args) -> Prepared:
     records = read_items(path, ("instruction", "output"))[:args.limit]
     template = args.template or "alpaca"
     prompts = [format_prompt(r["instruction"], r.get("input", ""), template) for r in records]
-    items = [GenerationItem(prompt, tokenizer.encode(prompt, bos=True), r["output"], 0, 0)
+    items = [GenerationItem(prompt, encode_prompt(tokenizer, prompt), r["output"], 0, 0)
              for prompt, r in zip(prompts, records)]
     too_long = [n for n, item in enumerate(items, 1) if len(item.ids) + args.max_new_tokens > args.max_seq_len]
     if too_long:

@@ -10,7 +10,7 @@ Text generation with a frozen LLaMA and any number of Aligners, through the KV c
         --aligner aligner1token-llama2-7B-lr0.009bs64-wu1-epoch-3.0-valloss0.7474.pth   # an authors' Aligner
 
 Each instruction is put in --template (data.TEMPLATES) and tokenized alone,
-BOS first: the same ids that training puts before the response. Any Aligner
+BOS first, by data.encode_prompt: the same ids that training puts before the response. Any Aligner
 file is read by Aligner.read, this project's or the paper's authors'.
 
 The library function is `generate(model, tokenizer, prompts, aligner)`; evaluate.py
@@ -51,7 +51,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import cli
 import distributed
 from aligner import Aligner, AlignerBank, AlignerRows
-from data import DEMO_CKPT, TEMPLATES, check_demo, format_prompt
+from data import DEMO_CKPT, TEMPLATES, check_demo, encode_prompt, format_prompt
 from files import atomic_text, check_writable, read_text, refuse_existing
 from llama import KVCache, load
 
@@ -574,7 +574,7 @@ def main(argv=None):
 
     # --- prompts ----------------------------------------------------------------
     texts = [format_prompt(p.instruction, p.input, args.template) for p in prompts]
-    encoded = [tokenizer.encode(text, bos=True) for text in texts]
+    encoded = [encode_prompt(tokenizer, text) for text in texts]
     for prompt, ids in zip(prompts, encoded):
         if len(ids) >= args.max_seq_len:
             raise ValueError(f"{prompt.source}: the prompt is {len(ids)} tokens, and --max-seq-len "

@@ -65,7 +65,7 @@ def main(argv=None):
     model, tokenizer = trainer.load_base(args, d)
 
     # --- data: read, tokenise, split
-    pairs = data.read_sft(args.data, args.template)
+    pairs, n_unsafe = data.read_sft(args.data, args.template)
     examples, n_cut = [], 0
     for pair in pairs:
         example = data.encode_example(tokenizer, pair.prompt, pair.response, args.max_seq_len, args.train_on_prompt)
@@ -77,7 +77,9 @@ def main(argv=None):
                          f"--max-seq-len {args.max_seq_len}")
     lengths = [len(e.tokens) for e in examples]
     units = [data.n_targets(e) for e in examples]  # the loss is a mean over these tokens
-    say(f"{args.data}: {len(pairs)} examples; {n_cut} cut to --max-seq-len {args.max_seq_len} tokens"
+    say(f"{args.data}: {len(pairs)} examples"
+        + (f" ({n_unsafe} PKU-SafeRLHF rows dropped: their safer response is unsafe)" if n_unsafe else "")
+        + f"; {n_cut} cut to --max-seq-len {args.max_seq_len} tokens"
         + (f", {len(pairs) - len(examples)} of them dropped: no response left" if len(examples) < len(pairs) else ""))
     train_idx, val_idx = trainer.split(len(examples), args.val, args.seed)
     say(f"{len(train_idx)} for training, {len(val_idx)} held out for validation; "

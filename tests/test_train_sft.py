@@ -91,7 +91,7 @@ def test_a_json_list_error_names_the_line_json_names(tmp_path):
 def test_blank_lines_are_skipped_and_wrong_values_named(tmp_path):
     lines = tmp_path / "task.jsonl"
     lines.write_text('{"prompt": "a", "response": "b"}\n   \n\t\n{"prompt": "c", "response": "d"}\n')
-    assert data.read_sft(lines) == [data.SFTPair("a", "b"), data.SFTPair("c", "d")]
+    assert data.read_sft(lines) == ([data.SFTPair("a", "b"), data.SFTPair("c", "d")], 0)
     lines.write_text('{"prompt": "a", "response": "b"}\n{"prompt": 1, "response": "d"}\n')
     with pytest.raises(data.DataError, match=r"task\.jsonl, line 2: 'prompt' must be a string, not int"):
         data.read_sft(lines)
@@ -107,8 +107,8 @@ def test_blank_lines_are_skipped_and_wrong_values_named(tmp_path):
     ("task.jsonl", '{"prompt": "a", "response": "b"}\n[1, 2]\n',
      r"task\.jsonl, line 2: expected a JSON object, got list"),
     ("task.jsonl", '{"question": "a", "answer": "b"}\n',
-     r"task\.jsonl, line 1: expected keys instruction, input, output \(Alpaca\) or prompt, response; "
-     r"the record has \['answer', 'question'\]"),
+     r"task\.jsonl, line 1: expected the keys of Alpaca \(instruction, input, output\), MetaMathQA \(query, "
+     r"response\), PKU-SafeRLHF \(prompt, response_0, .*\) or prompt, response; the record has \['answer', 'question'\]"),
 ])
 def test_a_record_of_the_wrong_shape_is_named(tmp_path, name, text, message):
     (tmp_path / name).write_text(text)
@@ -455,3 +455,17 @@ def test_logged_losses_are_the_mean_cross_entropy_of_the_loss_tokens(tiny_ckpt, 
     logged = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert logged[0]["val_loss"] == pytest.approx(expected, rel=1e-5)
     assert logged[1]["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_pku_saferlhf_rows_train_on_the_safer_response(tiny_ckpt, tmp_path, capsys):
+    """The first step of the paper's Experiment 2, SFT on the safe responses, from PKU-SafeRLHF's own rows."""
+    rows = [{"prompt": f"How do I hurt fox {i}?", "response_0": "I cannot help with that.",
+             "response_1": "Bite the fox.", "is_response_0_safe": True, "is_response_1_safe": i % 3 == 0,
+             "safer_response_id": 0 if i % 4 else 1, "better_response_id": 0} for i in range(12)]
+    path = tmp_path / "pku.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train_sft.main(["--ckpt", str(tiny_ckpt), "--data", str(path), "--out", str(tmp_path / "run"), "--template",
+                    "beaver", "--epochs", "1", "--val", "1", "--n-tokens", "1", "--max-seq-len", "64"])
+    unsafe = sum(1 for i, r in enumerate(rows) if r["safer_response_id"] == 1 and not r["is_response_1_safe"])
+    assert unsafe == 2
+    assert f"{len(rows) - unsafe} examples ({unsafe} PKU-SafeRLHF rows dropped" in capsys.readouterr().out
