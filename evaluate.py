@@ -26,7 +26,8 @@ and MMLU; these follow lm-evaluation-harness and the original MMLU release.
   `[invalid]` where nothing matches. Its exact_match metric then removes `,`,
   `$`, everything up to the last `#### ` and a final `.` from both the
   prediction and the whole reference answer, lower-cases both, and compares.
-  With --template the bare question is put in that prompt format instead,
+  Also reported: the share of answers in which strict-match finds a
+  `#### N` at all, right or wrong (the answer's form). With --template the bare question is put in that prompt format instead,
   zero-shot (for instruction-tuned models), with the same stops and filters.
 - MMLU, as the original release's evaluate.py (hendrycks/test): the header
   `The following are multiple choice questions (with answers) about
@@ -43,7 +44,8 @@ and MMLU; these follow lm-evaluation-harness and the original MMLU release.
   overall, both as the mean over questions and the mean over subjects.
 - QA: the question in --template (Stanford Alpaca's by default), greedy
   decoding until EOS, exact match of the stripped completion with the
-  stripped reference.
+  stripped reference; also the share of completions that start with the
+  reference, whatever follows it (the right answer, said first, in any form).
 
 With --out every per-item record holds `prompt`, the exact text given to the
 model (as the harness's --log_samples does), and generation tasks their
@@ -426,7 +428,8 @@ def run_gsm8k(model, tokenizer, aligner, name, prepared: Prepared, args, lockste
                         "flexible_correct": exact_match(flexible, item.gold)})
     n = len(items)
     return {"strict": sum(r["strict_correct"] for r in records) / n,
-            "flexible": sum(r["flexible_correct"] for r in records) / n, "n": n}, records
+            "flexible": sum(r["flexible_correct"] for r in records) / n,
+            "strict_found": sum(r["strict"] != FALLBACK for r in records) / n, "n": n}, records
 
 
 def longest_row(context: list, continuations: list) -> int:
@@ -503,9 +506,12 @@ def run_qa(model, tokenizer, aligner, name, prepared: Prepared, args, lockstep=N
     outputs = generate_all(model, tokenizer, [item.ids for item in items], aligner, args.batch_size,
                            args.max_new_tokens, (), f"qa [{name}]", args.compile, lockstep)
     records = [{"aligner": name, "index": n, "prompt": item.prompt, "stop": [], "gold": item.gold,
-                "output": out, "correct": out.strip() == item.gold.strip()}
+                "output": out, "correct": out.strip() == item.gold.strip(),
+                "starts_with_gold": out.strip().startswith(item.gold.strip())}
                for n, (item, out) in enumerate(zip(items, outputs))]
-    return {"accuracy": sum(r["correct"] for r in records) / len(items), "n": len(items)}, records
+    n = len(items)
+    return {"accuracy": sum(r["correct"] for r in records) / n,
+            "starts": sum(r["starts_with_gold"] for r in records) / n, "n": n}, records
 
 
 # -----------------------------------------------------------------------------
@@ -521,12 +527,13 @@ def print_table(task, results):
         print(f"\n{task}: {source}" + (f"  {json.dumps(result['info'])}" if result["info"] else ""))
         for name, r in result["rows"].items():
             if task == "gsm8k":
-                line = f"strict {100 * r['strict']:6.2f}  flexible {100 * r['flexible']:6.2f}"
+                line = (f"strict {100 * r['strict']:6.2f}  flexible {100 * r['flexible']:6.2f}  "
+                        f"in the #### form {100 * r['strict_found']:6.2f}")
             elif task == "mmlu":
                 line = (f"questions {100 * r['questions']:6.2f}  subjects {100 * r['subjects']:6.2f}  "
                         + "  ".join(f"{c} {100 * a:5.2f}" for c, a in r["categories"].items()))
             else:
-                line = f"exact match {100 * r['accuracy']:6.2f}"
+                line = f"exact match {100 * r['accuracy']:6.2f}  starts with the reference {100 * r['starts']:6.2f}"
             print(f"  {name:<30} {line}  (n={r['n']})")
 
 

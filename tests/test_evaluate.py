@@ -178,7 +178,7 @@ def test_gsm8k_generates_until_the_harness_stops_and_scores_both_filters(monkeyp
     assert [(r["strict_correct"], r["flexible_correct"]) for r in records] == [(True, True), (False, True),
                                                                                (True, False)]
     assert [r["gold"] for r in records] == ["8", "7", "1000"]
-    assert result == {"strict": 2 / 3, "flexible": 2 / 3, "n": 3}
+    assert result == {"strict": 2 / 3, "flexible": 2 / 3, "strict_found": 2 / 3, "n": 3}
 
 
 # -----------------------------------------------------------------------------
@@ -358,6 +358,13 @@ def test_cli_runs_all_tasks_and_a_zero_gate_aligner_matches_the_base(tiny_ckpt, 
                    "--out", str(tmp_path / "q2")])
     qa_rows = json.loads((tmp_path / "q2" / "results.json").read_text())["results"]["qa"]
     assert [r["rows"]["base"]["accuracy"] for r in qa_rows.values()] == [1.0, 0.0]
+    assert [r["rows"]["base"]["starts"] for r in qa_rows.values()] == [1.0, 0.0]
+    # a reference that is only the start of each completion: not an exact match, but said first
+    write_jsonl(data / "qa" / "start.jsonl", [{**r, "output": c[:len(c.strip()) // 2 or 1]}
+                                              for r, c in zip(qa, completions) if len(c.strip()) > 1])
+    evaluate.main(["qa", *common, "--data", str(data / "qa" / "start.jsonl"), "--out", str(tmp_path / "q3")])
+    (start,) = json.loads((tmp_path / "q3" / "results.json").read_text())["results"]["qa"].values()
+    assert (start["rows"]["base"]["accuracy"], start["rows"]["base"]["starts"]) == (0.0, 1.0)
 
     for out, task in (("g", "gsm8k"), ("m", "mmlu"), ("q1", "qa")):
         summary = json.loads((tmp_path / out / "results.json").read_text())
