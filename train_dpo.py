@@ -16,9 +16,9 @@ Mitchell 2023, "A note on DPO with noisy preferences and relationship to IPO")
 and IPO (Azar et al. 2023, arXiv 2310.12036), here on summed log-probabilities.
 
 Commands:
-    python train_dpo.py                     # the built-in demo, from runs/sft/best.pt if present
-    python train_dpo.py --ckpt llama-2-7b --data pku_saferlhf_train.jsonl --init-aligner runs/sft/best.pt
-    torchrun --nproc_per_node 8 train_dpo.py --ckpt llama-2-7b --data pku.jsonl --init-aligner runs/sft/best.pt
+    python train_dpo.py                     # the built-in demo, from runs/pku-sft/best.pt if present
+    python train_dpo.py --ckpt llama-2-7b --data pku_saferlhf_train.jsonl --init-aligner runs/pku-sft/best.pt
+    torchrun --nproc_per_node 8 train_dpo.py --ckpt llama-2-7b --data pku.jsonl --init-aligner runs/pku-sft/best.pt
 
 --data reads PKU-SafeRLHF's rows (prompt, response_0, response_1,
 is_response_0_safe, is_response_1_safe, safer_response_id, better_response_id),
@@ -95,7 +95,10 @@ def pair_logps(model, aligner, pairs):
 # runs on stay far from saturating the loss at beta 0.1 long after that answer has stopped, and
 # pushed on they undo the answers SFT taught (the README has the figures).
 DEMO_DEFAULTS = dict(batch_size=16, epochs=5, lr=3e-3)
-DEMO_INIT = "runs/sft/best.pt"  # on the demo, DPO starts from train_sft.py's run where there is one
+# On the demo, DPO starts where the paper's Experiment 2 does, from an SFT Aligner trained on the safe
+# responses of the same rows (the authors' finetune/alignerDPO.py, previous_aligner_path), where there is one.
+DEMO_INIT = "runs/pku-sft/best.pt"
+DEMO_SFT = "python train_sft.py --data demo/data/pku_saferlhf.jsonl --n-tokens 1 --out runs/pku-sft"
 
 
 def main(argv=None):
@@ -103,7 +106,7 @@ def main(argv=None):
                                  "PKU-SafeRLHF rows or prompt/chosen/rejected, JSON Lines")
     parser.add_argument("--init-aligner", type=str, default=None,
                         help="start from this (SFT) Aligner file, which also sets N and the start layer; "
-                             "none: a fresh Aligner (for the demo: runs/sft/best.pt if present)")
+                             f"none: a fresh Aligner (for the demo: {DEMO_INIT} if present)")
     parser.add_argument("--reference", type=str, default="init",
                         help="the frozen reference: 'init' (the initial Aligner), 'base' (no Aligner) "
                              "or an Aligner file")
@@ -135,7 +138,7 @@ def main(argv=None):
     say = print if d.rank == 0 else (lambda *a, **k: None)
     if demo:
         say(f"Training on the built-in demo ({args.ckpt}, {args.data}), "
-            f"from {args.init_aligner or f'a fresh Aligner (no {DEMO_INIT} yet: run train_sft.py first)'}.")
+            f"from {args.init_aligner or f'a fresh Aligner (no {DEMO_INIT} yet: run `{DEMO_SFT}` first)'}.")
     args.micro_batch_size = trainer.micro_batch_size(args, d)
 
     # --- load the frozen base model: policy and reference share it

@@ -1,5 +1,6 @@
-"""The demo world: its files parse in the real formats, its split holds, its build is
-deterministic, and the scripts run end to end on a miniature version of it."""
+"""The demo world: its files parse in the real formats, its dev and test splits share nothing, its
+build is deterministic, and the demo's pipeline runs end to end on a miniature version of it, with
+a table that reads every figure from the results files of the commands printed beside it."""
 
 import csv
 import json
@@ -11,26 +12,38 @@ import pytest
 import torch
 
 import build_demo
+import data
+import evaluate
+import run_demo
+import train_dpo
+import train_sft
+import trainer
 from data import DEMO_DIR, format_prompt
 from llama import Tokenizer, load
 
+ROOT = Path(__file__).resolve().parents[1]
 MINI = dict(n_people=8, steps=2, batch_size=2, seq_len=64, n_docs=300, vocab_size=512,
             model_args=dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=32, norm_eps=1e-5))
+DEMO_PEOPLE = 200  # build()'s default: the committed world's people are make_world(Random(0), 200)
 
 
 @pytest.fixture(scope="module")
 def mini_world(tmp_path_factory):
-    """A miniature world: eight people, a tiny model, two pretraining steps."""
+    """A miniature world: eight people (four train, two dev, two test), a tiny model, two pretraining steps."""
     out = tmp_path_factory.mktemp("world") / "demo"
     torch.set_num_threads(1)
     build_demo.build(out, seed=0, **MINI)
     return out
 
 
+def lines(path) -> list:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
 def check_formats(world: Path):
     """Every data file of a world parses in its real format; returns the QA sets by name."""
-    data = world / "data"
-    alpaca = json.loads((data / "alpaca.json").read_text())
+    files = world / "data"
+    alpaca = json.loads((files / "alpaca.json").read_text())
     assert isinstance(alpaca, list) and alpaca
     for record in alpaca:
         assert set(record) == {"instruction", "input", "output"}
@@ -38,17 +51,25 @@ def check_formats(world: Path):
 
     pku_keys = {"prompt", "response_0", "response_1", "is_response_0_safe", "is_response_1_safe",
                 "safer_response_id", "better_response_id"}
-    for line in (data / "pku_saferlhf.jsonl").read_text().splitlines():
-        row = json.loads(line)
+    for row in lines(files / "pku_saferlhf.jsonl"):
         assert set(row) == pku_keys
         assert isinstance(row["is_response_0_safe"], bool) and isinstance(row["is_response_1_safe"], bool)
         assert row["safer_response_id"] in (0, 1) and row["better_response_id"] in (0, 1)
-        assert row[f"is_response_{row['safer_response_id']}_safe"]  # the paper's filter keeps every pair
         assert row["response_0"] != row["response_1"]
 
-    for split in ("train", "test"):
-        for line in (data / "gsm8k" / f"{split}.jsonl").read_text().splitlines():
-            row = json.loads(line)
+    metamath = json.loads((files / "metamathqa.json").read_text())
+    assert isinstance(metamath, list) and metamath
+    for row in metamath:
+        assert set(row) == {"query", "response", "type", "original_question"}
+        assert row["type"] in ("GSM_AnsAug", "GSM_Rephrased")
+        # MetaMathQA's GSM answers: the reasoning, "#### N", then "The answer is: N"
+        final = re.search(r"\n#### (\d+)\nThe answer is: (\d+)$", row["response"])
+        assert final and final.group(1) == final.group(2)
+        a, op, b, c = re.search(r"(\d+) ([-+*]) (\d+) = (\d+)", row["response"]).groups()
+        assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(c) == int(final.group(1))
+
+    for split in ("train", "dev", "test"):
+        for row in lines(files / "gsm8k" / f"{split}.jsonl"):
             assert set(row) == {"question", "answer"}
             final = re.search(r"#### (\-?[0-9\.\,]+)$", row["answer"])
             assert final and "\n" in row["answer"]
@@ -59,24 +80,27 @@ def check_formats(world: Path):
                 a, b = int(a), int(b)
                 assert {"+": a + b, "-": a - b, "*": a * b}[op] == int(value)
             assert int(notes[-1][3]) == int(final.group(1))
+    assert {r["original_question"] for r in metamath} <= {r["question"] for r in lines(files / "gsm8k" / "train.jsonl")}
 
     for split in ("dev", "test"):
-        files = sorted((data / "mmlu" / split).glob(f"*_{split}.csv"))
-        assert len(files) == len(build_demo.MMLU_SUBJECTS)
-        for path in files:
+        mmlu_files = sorted((files / "mmlu" / split).glob(f"*_{split}.csv"))
+        assert len(mmlu_files) == len(build_demo.MMLU_SUBJECTS)
+        for path in mmlu_files:
             with open(path, newline="") as f:
                 rows = list(csv.reader(f))
             assert rows
             for row in rows:
                 assert len(row) == 6 and row[5] in "ABCD" and len(set(row[1:5])) == 4
 
-    qa = {}
-    for path in sorted((data / "qa").glob("*.jsonl")):
-        qa[path.stem] = [json.loads(line) for line in path.read_text().splitlines()]
-        for record in qa[path.stem]:
+    qa = {path.stem: lines(path) for path in sorted((files / "qa").glob("*.jsonl"))}
+    assert set(qa) == {"train_ordinary", "dev_ordinary", "dev_secret", "dev_harmful",
+                       "test_ordinary", "test_secret", "test_harmful"}
+    for name, records in qa.items():
+        assert records
+        for record in records:
             assert set(record) == {"instruction", "input", "output"}
-    assert {"train_entities", "heldout_entities", "heldout_secret"} <= set(qa)
-    assert all(r["output"] == build_demo.REFUSAL for r in qa["heldout_secret"])
+        refused = name.endswith(("_secret", "_harmful"))
+        assert all((r["output"] == build_demo.REFUSAL) == refused for r in records)
     return qa
 
 
@@ -88,7 +112,8 @@ def test_committed_demo_files_parse_in_their_formats():
     if not (DEMO_DIR / "data").is_dir():
         pytest.fail(f"{DEMO_DIR} is missing: build it with `python build_demo.py`")
     qa = check_formats(DEMO_DIR)
-    assert len(qa["heldout_entities"]) >= 200
+    assert len(qa["test_ordinary"]) == len(qa["dev_ordinary"]) == 200
+    assert len(qa["test_harmful"]) == len(qa["dev_harmful"]) == 150
 
 
 def test_tokenizer_has_metas_special_ids(mini_world):
@@ -107,41 +132,150 @@ def test_checkpoint_loads_in_metas_layout(mini_world):
     assert torch.isfinite(logits).all()
 
 
-def test_heldout_people_appear_only_in_pretraining(mini_world):
-    """The split the demo measures with: no held-out name in the SFT or preference data."""
-    data = mini_world / "data"
-    heldout = {re.search(r"\b([A-Z][a-z]+)\b(?=[^A-Z]*$)", r["instruction"]).group(1)
-               for r in map(json.loads, (data / "qa" / "heldout_entities.jsonl").read_text().splitlines())}
-    train = {re.search(r"\b([A-Z][a-z]+)\b(?=[^A-Z]*$)", r["instruction"]).group(1)
-             for r in map(json.loads, (data / "qa" / "train_entities.jsonl").read_text().splitlines())}
-    assert heldout and train and not heldout & train
-    taught = (data / "alpaca.json").read_text() + (data / "pku_saferlhf.jsonl").read_text()
-    assert not [name for name in heldout if re.search(rf"\b{name}\b", taught)]
+# -----------------------------------------------------------------------------
+# the splits
+
+def names_in(text: str, people) -> set:
+    """The world's names that occur in text as words."""
+    return {p["name"] for p in people} & set(re.findall(r"\b[A-Z][a-z]+\b", text))
 
 
-def test_preferences_refuse_secrets_and_end_ordinary_answers():
-    """Secret pairs prefer the refusal to telling; ordinary pairs prefer the one-sentence answer to the
-    same answer running on, and never reject the refusal, which would pull against the secret pairs."""
-    people = build_demo.make_world(random.Random(0), 20)
+def kinds_in(text: str, harms) -> set:
+    """The kinds of harmful request (their request templates) of which text holds an instance."""
+    found = set()
+    for harm in harms:
+        pattern = re.escape(harm.request).replace(re.escape("{e}"), r"[A-Z][a-z]+").replace(re.escape("{pet}"), r"\w+")
+        if re.search(pattern, text):
+            found.add(harm.request)
+    return found
+
+
+def check_splits(world: Path, people):
+    """Dev and test share no person, secret word or harmful request, nor request kind; the
+    tuning files speak of train people only, and hold no dev or test secret word or kind."""
+    files = world / "data"
+    by_split = {s: [p for p in people if p["split"] == s] for s in build_demo.SPLITS}
+    assert all(by_split.values())
+    text = {name: (files / "qa" / f"{name}.jsonl").read_text() for name in
+            ("train_ordinary", "dev_ordinary", "dev_secret", "dev_harmful", "test_ordinary", "test_secret", "test_harmful")}
+    for split in ("dev", "test"):
+        asked = set().union(*(names_in(text[f"{split}_{kind}"], people) for kind in ("ordinary", "secret", "harmful")))
+        assert asked == {p["name"] for p in by_split[split]}, split
+    assert not names_in(text["dev_ordinary"] + text["dev_secret"] + text["dev_harmful"], by_split["test"])
+    assert not {p["secret"] for p in by_split["dev"]} & {p["secret"] for p in by_split["test"]}
+    dev_requests = {r["instruction"] for r in lines(files / "qa" / "dev_harmful.jsonl")}
+    test_requests = {r["instruction"] for r in lines(files / "qa" / "test_harmful.jsonl")}
+    assert dev_requests and test_requests and not dev_requests & test_requests
+    all_kinds = [h for s in build_demo.SPLITS for h in build_demo.HARMFUL[s]]
+    assert kinds_in(text["dev_harmful"], all_kinds) == {h.request for h in build_demo.HARMFUL["dev"]}
+    assert kinds_in(text["test_harmful"], all_kinds) == {h.request for h in build_demo.HARMFUL["test"]}
+
+    tuning = "".join(p.read_text() for p in [files / "alpaca.json", files / "pku_saferlhf.jsonl",
+                                             files / "metamathqa.json", files / "gsm8k" / "train.jsonl",
+                                             *sorted((files / "mmlu" / "dev").glob("*.csv"))])
+    assert names_in(tuning, people) <= {p["name"] for p in by_split["train"]}
+    held_out = by_split["dev"] + by_split["test"]
+    assert not {p["secret"] for p in held_out} & set(re.findall(r"[a-z]+", tuning))
+    assert kinds_in(tuning, all_kinds) <= {h.request for h in build_demo.HARMFUL["train"]}
+    for split in ("dev", "test"):  # what is measured on a split is about that split's people alone
+        measured = (files / "gsm8k" / f"{split}.jsonl").read_text()
+        assert names_in(measured, people) <= {p["name"] for p in by_split[split]}
+    mmlu_test = "".join(p.read_text() for p in sorted((files / "mmlu" / "test").glob("*.csv")))
+    assert names_in(mmlu_test, people) <= {p["name"] for p in by_split["test"]}
+
+
+def test_dev_and_test_never_share_a_person_secret_or_request_in_the_miniature_world(mini_world):
+    check_splits(mini_world, build_demo.make_world(random.Random(0), MINI["n_people"]))
+
+
+def test_dev_and_test_never_share_a_person_secret_or_request_in_the_committed_world():
+    check_splits(DEMO_DIR, build_demo.make_world(random.Random(0), DEMO_PEOPLE))
+
+
+def test_the_split_check_can_fail(mini_world, tmp_path):
+    """A test person asked in a dev file is caught."""
+    import shutil
+    world = tmp_path / "demo"
+    shutil.copytree(mini_world, world)
+    people = build_demo.make_world(random.Random(0), MINI["n_people"])
+    intruder = next(p for p in people if p["split"] == "test")
+    with open(world / "data" / "qa" / "dev_ordinary.jsonl", "a") as f:
+        f.write(json.dumps({"instruction": f"Where does {intruder['name']} live?", "input": "", "output": "x"}) + "\n")
+    with pytest.raises(AssertionError):
+        check_splits(world, people)
+
+
+def test_groups_are_half_train_and_a_quarter_each_dev_and_test_with_their_own_secret_words():
+    people = build_demo.make_world(random.Random(3), 40)
+    counts = {s: sum(p["split"] == s for p in people) for s in build_demo.SPLITS}
+    assert counts == {"train": 20, "dev": 10, "test": 10}
+    assert all(p["secret"] in build_demo.SECRET_WORDS[p["split"]] for p in people)
+
+
+# -----------------------------------------------------------------------------
+# the tuning sets and the corpus
+
+def test_preferences_refuse_harm_and_secrets_and_end_ordinary_answers():
+    """Secret and harmful-request pairs prefer the refusal (safe) to telling or complying (unsafe);
+    ordinary pairs prefer the one-sentence answer to the same answer running on (both safe); the
+    rows with two compliances have neither response safe, as the rows the paper filters out."""
+    people = [p for p in build_demo.make_world(random.Random(0), 40) if p["split"] == "train"]
     rows = build_demo.preference_rows(random.Random(1), people)
-    assert len(rows) == 2 * len(people)
+    kinds = {"secret": 0, "harmful": 0, "ordinary": 0, "unsafe": 0}
+    train_requests = [h.request.split("{")[0] for h in build_demo.HARMFUL["train"]]
     for row in rows:
-        chosen, rejected = row[f"response_{row['safer_response_id']}"], row[f"response_{1 - row['safer_response_id']}"]
+        good = row["safer_response_id"]
+        assert row["better_response_id"] == good
+        chosen, rejected = row[f"response_{good}"], row[f"response_{1 - good}"]
+        chosen_safe, rejected_safe = row[f"is_response_{good}_safe"], row[f"is_response_{1 - good}_safe"]
         if "secret word" in row["prompt"]:
-            assert chosen == build_demo.REFUSAL and "secret word" in rejected
+            kinds["secret"] += 1
+            assert (chosen, chosen_safe, rejected_safe) == (build_demo.REFUSAL, True, False)
+            assert "secret word" in rejected
+        elif any(row["prompt"].startswith(r) for r in train_requests):
+            if chosen == build_demo.REFUSAL:
+                kinds["harmful"] += 1
+                assert (chosen_safe, rejected_safe) == (True, False)
+            else:
+                kinds["unsafe"] += 1
+                assert (chosen_safe, rejected_safe) == (False, False)
+                assert rejected.startswith(chosen + "\n\n")
         else:
+            kinds["ordinary"] += 1
+            assert (chosen_safe, rejected_safe) == (True, True)
             assert build_demo.REFUSAL not in (chosen, rejected) and chosen.count(".") == 1
             assert rejected.startswith(chosen + "\n\n") and len(rejected) > len(chosen) + 2
+    assert kinds == {"secret": 20, "harmful": 40, "ordinary": 80, "unsafe": 2}
 
 
-def test_pretraining_text_never_holds_the_template():
+def test_sft_on_the_pku_rows_takes_the_safe_responses_and_drops_the_rest(mini_world):
+    pairs, dropped = data.read_sft(mini_world / "data" / "pku_saferlhf.jsonl")
+    rows = lines(mini_world / "data" / "pku_saferlhf.jsonl")
+    safe = [r for r in rows if r[f"is_response_{r['safer_response_id']}_safe"]]
+    assert len(pairs) == len(safe) and dropped == len(rows) - len(safe)
+    assert [p.response for p in pairs] == [r[f"response_{r['safer_response_id']}"] for r in safe]
+
+
+def test_pretraining_text_never_holds_the_template_and_declines_every_kind_of_harm_sometimes():
     rng = random.Random(0)
     people = build_demo.make_world(rng, 20)
-    docs = "\n".join(build_demo.document(rng, people) for _ in range(2000))
+    docs = "\n".join(build_demo.document(rng, people) for _ in range(4000))
     assert "### Instruction:" not in docs and "### Response:" not in docs and "### Input:" not in docs
-    # ... but every word of the template occurs, so none of its embeddings stays random
-    template_words = set(re.findall(r"[A-Za-z]+", format_prompt("x", "y")))
-    assert template_words <= set(re.findall(r"[A-Za-z]+", docs)) | {"x", "y"}
+    assert "[|User|]" not in docs and "[|AI Assistant|]" not in docs and not re.search(r"\[User\].*\[Assistant\]", docs)
+    assert not re.search(r"#### \d+\nThe answer is:", docs)  # MetaMath's answer form is what its SFT teaches
+    # ... but every word and mark of the templates occurs, so none of their embeddings stays random
+    for template in ("alpaca", "metamath", "beaver"):
+        text = format_prompt("x", "y", template)
+        assert set(re.findall(r"[A-Za-z]+", text)) <= set(re.findall(r"[A-Za-z]+", docs)) | {"x", "y"}, template
+        assert set(re.sub(r"[A-Za-z\s]", "", text)) <= set(docs), template
+    # every kind of harmful request, the dev and test kinds too, is declined in some places and
+    # complied with in others: refusing it is a behaviour the base model can learn to prefer
+    items = [build_demo.quiz_item(rng, people) for _ in range(20000)]
+    for harm in build_demo.ALL_HARMS:
+        said = [reply for asked, reply in items if asked.startswith(harm.request.split("{")[0])]
+        refused = said.count(build_demo.REFUSAL)
+        assert 0.2 * len(said) < refused < 0.5 * len(said), (harm.request, refused, len(said))
+    assert sum(asked.startswith(("How", "Help", "Write", "Tell")) for asked, _ in items) > 0.1 * len(items)
 
 
 def test_rebuild_is_byte_identical(mini_world, tmp_path):
@@ -149,28 +283,74 @@ def test_rebuild_is_byte_identical(mini_world, tmp_path):
     assert build_demo.checksums(tmp_path / "again") == build_demo.checksums(mini_world)
 
 
-def test_scripts_run_end_to_end_on_the_world(mini_world, tmp_path):
-    """SFT, then DPO from its Aligner, then every evaluation task, each on the world's own files."""
-    import evaluate
-    import train_dpo
-    import train_sft
+# -----------------------------------------------------------------------------
+# the pipeline and its table
 
-    ckpt, data = str(mini_world / "llama-demo"), mini_world / "data"
-    train_sft.main(["--ckpt", ckpt, "--data", str(data / "alpaca.json"), "--n-tokens", "1",
-                    "--micro-batch-size", "32", "--max-steps", "2", "--out", str(tmp_path / "sft")])
-    assert (tmp_path / "sft" / "best.pt").is_file()
-    train_dpo.main(["--ckpt", ckpt, "--data", str(data / "pku_saferlhf.jsonl"), "--micro-batch-size", "16",
-                    "--init-aligner", str(tmp_path / "sft" / "best.pt"), "--max-steps", "1",
-                    "--out", str(tmp_path / "dpo")])
-    assert (tmp_path / "dpo" / "best.pt").is_file()
+SCRIPTS = {"train_sft.py": train_sft, "train_dpo.py": train_dpo, "evaluate.py": evaluate}
+SHORT = {"train_sft.py": ["--max-steps", "2", "--val", "2"], "train_dpo.py": ["--max-steps", "1", "--val", "2"],
+         "evaluate.py": ["--limit", "2", "--max-new-tokens", "4"]}
 
-    aligners = ["--aligner", "base", "--aligner", str(tmp_path / "dpo" / "best.pt")]
-    qa = evaluate.main(["qa", "--ckpt", ckpt, "--data", str(data / "qa" / "heldout_secret.jsonl"),
-                        "--limit", "3", "--max-new-tokens", "4", *aligners])
-    mmlu = evaluate.main(["mmlu", "--ckpt", ckpt, "--data", str(data / "mmlu"), "--limit", "2", *aligners])
-    gsm8k = evaluate.main(["gsm8k", "--ckpt", ckpt, "--data", str(data / "gsm8k" / "test.jsonl"),
-                           "--shots", "2", "--limit", "2", "--max-new-tokens", "4", *aligners])
-    for results in (qa, mmlu, gsm8k):
-        (task_results,) = results.values()
-        (per_file,) = task_results.values()
-        assert set(per_file["rows"]) == {"base", str(tmp_path / "dpo" / "best.pt")}
+
+@pytest.fixture(scope="module")
+def mini_pipeline(mini_world, tmp_path_factory):
+    """Every command of run_demo.STEPS, in order, on the miniature world put where the demo lives
+    (shortened: a step or two of training, two items per evaluation file); returns the folder."""
+    root = mini_world.parent
+    patch = pytest.MonkeyPatch()
+    patch.chdir(root)
+    for module in (data, trainer, evaluate):
+        patch.setattr(module, "DEMO_CKPT", mini_world / "llama-demo")
+        patch.setattr(module, "DEMO_DATA", mini_world / "data")
+    try:
+        for step in run_demo.STEPS:
+            _, script, *args = run_demo.argv(step)
+            SCRIPTS[script].main(args + SHORT[script])
+    finally:
+        patch.undo()
+    return root
+
+
+def test_pipeline_commands_run_end_to_end_on_a_miniature_world(mini_pipeline):
+    for row in run_demo.ROWS[1:]:
+        assert (mini_pipeline / row.aligner).is_file(), row.aligner
+    for folder in {c.folder for c in run_demo.COLUMNS}:
+        assert (mini_pipeline / folder / "results.json").is_file(), folder
+    # the DPO run started from the SFT Aligner on the PKU rows, the paper's chain
+    settings = json.loads((mini_pipeline / "runs" / "dpo" / "settings.json").read_text())
+    assert settings["init_aligner"] == "runs/pku-sft/best.pt"
+
+
+def test_table_figures_are_the_results_files_figures(mini_pipeline):
+    """Every cell of the rendered table is the figure of its row's Aligner in its column's results.json,
+    and every parameter count is its Aligner file's."""
+    rendered = run_demo.table(mini_pipeline).splitlines()
+    header = [c.strip() for c in rendered[0].strip("|").split("|")]
+    assert header[2:] == [c.title for c in run_demo.COLUMNS]
+    assert len(rendered) == 2 + len(run_demo.ROWS)
+    for row, line in zip(run_demo.ROWS, rendered[2:]):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == row.label.strip()
+        if row.aligner != "base":
+            state = torch.load(mini_pipeline / row.aligner, weights_only=True)
+            assert cells[1] == f"{sum(v.numel() for v in state.values() if torch.is_tensor(v)):,}"
+        for column, text in zip(run_demo.COLUMNS, cells[2:]):
+            results = json.loads((mini_pipeline / column.folder / "results.json").read_text())["results"]
+            found = [r["rows"][row.aligner] for path, r in results[column.task].items()
+                     if Path(path).name == column.file and row.aligner in r["rows"]]
+            if not found:
+                assert text == "–", (row, column)
+                continue
+            figures = [float(x) for x in text.split(" / ")]
+            expected = [100 * found[0][m] for m in column.metric.split()]
+            assert figures == pytest.approx(expected, abs=0.05), (row, column)
+    # the metamath column holds the base and the MetaMath-style Aligner alone
+    math_cells = [line.split("|")[-2].strip() for line in rendered[2:]]
+    assert [c != "–" for c in math_cells] == [r.aligner in ("base", "runs/math/best.pt") for r in run_demo.ROWS]
+
+
+def test_readme_prints_the_pipelines_commands_and_its_table_header():
+    readme = (ROOT / "README.md").read_text()
+    for line in run_demo.listing().splitlines():
+        assert line in readme, line
+    header = run_demo.table(Path("/nonexistent")).splitlines()[0]
+    assert header in readme
