@@ -50,7 +50,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import cli
 import distributed
-from aligner import Aligner, AlignerBank, AlignerRows
+from aligner import Aligner, AlignerBank, AlignerRows, shape_of
 from data import DEMO_CKPT, TEMPLATES, check_demo, encode_prompt, format_prompt
 from files import atomic_text, check_writable, read_text, refuse_existing
 from llama import KVCache, load
@@ -217,7 +217,7 @@ class StaticCache(KVCache):
         if aligner is None:
             return None
         return AlignerRows(self.pinned("prefix", aligner.prefix), self.pinned("gates", aligner.gates),
-                           aligner.start_layer)
+                           aligner.start_layer, aligner.layer_specific)
 
 
 def pin_rope(model, device):
@@ -299,10 +299,10 @@ def rows_of(aligner, rows: slice, device, dtype=None):
         return None
     if isinstance(aligner, AlignerRows):
         return AlignerRows(aligner.prefix[rows].to(device, dtype), aligner.gates[rows].to(device, dtype),
-                           aligner.start_layer)
+                           aligner.start_layer, aligner.layer_specific)
     # one Aligner for every row: a batch axis of 1 broadcasts over the batch
     return AlignerRows(aligner.prefix.detach()[None].to(device, dtype),
-                       aligner.gates.detach()[None].to(device, dtype), aligner.start_layer)
+                       aligner.gates.detach()[None].to(device, dtype), aligner.start_layer, aligner.layer_specific)
 
 
 @torch.inference_mode()
@@ -471,10 +471,10 @@ def aligner_names(paths) -> list:
 
 def same_shape_groups(aligners: list) -> list:
     """The indices of `aligners` in groups that one AlignerBank can hold: Aligners of the same
-    number of tokens and start layer. None (the base model) joins the first group."""
+    kind, number of tokens and start layer. None (the base model) joins the first group."""
     groups = {}
     for k, aligner in enumerate(aligners):
-        shape = None if aligner is None else (aligner.n_tokens, aligner.start_layer)
+        shape = None if aligner is None else shape_of(aligner)
         groups.setdefault(shape, []).append(k)
     base = groups.pop(None, [])
     if not groups:
@@ -487,7 +487,8 @@ def same_shape_groups(aligners: list) -> list:
 def generate_side_by_side(model, tokenizer, prompts: list, aligners: list, lockstep=None, **options) -> list:
     """Every prompt answered by every Aligner: the answer of prompt i by Aligner k is at
     i * K + k. Aligners of one shape decode in shared batches, each row with its own Aligner;
-    Aligners of different shapes (a 1-token and a 10-token one) decode group by group.
+    Aligners of different shapes (a 1-token and a 10-token one, an Aligner and a LLaMA-Adapter)
+    decode group by group.
     Under FSDP (lockstep) every rank runs every group, on its own prompts."""
     n = len(aligners)
     outputs = [None] * (len(prompts) * n)

@@ -166,8 +166,12 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     if args.init_aligner:
         aligner = Aligner.read(args.init_aligner, model.args)
+        if args.llama_adapter and not aligner.layer_specific:
+            raise ValueError(f"--llama-adapter: --init-aligner {args.init_aligner} is an Aligner (one shared "
+                             "prefix), not a LLaMA-Adapter")
     else:
-        aligner = Aligner(model.args, n_tokens=args.n_tokens, start_layer=args.start_layer)
+        aligner = Aligner(model.args, n_tokens=args.n_tokens, start_layer=args.start_layer,
+                          layer_specific=args.llama_adapter)
     aligner = aligner.to(d.device)
     if args.reference == "init":
         reference = copy.deepcopy(aligner).requires_grad_(False)
@@ -175,8 +179,7 @@ def main(argv=None):
         reference = None
     else:
         reference = Aligner.read(args.reference, model.args).to(d.device).requires_grad_(False)
-    say(f"Aligner: {aligner.n_tokens} token{'s' * (aligner.n_tokens != 1)} from layer {aligner.start_layer}, "
-        f"{aligner.num_params():,} parameters; reference: {args.reference}")
+    say(f"{aligner.describe()}; reference: {args.reference}")
 
     ref_logps = None
     if args.precompute_ref:

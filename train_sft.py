@@ -87,9 +87,9 @@ def main(argv=None):
 
     # --- the Aligner: the only trained parameters, fp32
     torch.manual_seed(args.seed)
-    aligner = Aligner(model.args, n_tokens=args.n_tokens, start_layer=args.start_layer).to(d.device)
-    say(f"Aligner: {args.n_tokens} token{'s' * (args.n_tokens != 1)} from layer {args.start_layer}, "
-        f"{aligner.num_params():,} parameters")
+    aligner = Aligner(model.args, n_tokens=args.n_tokens, start_layer=args.start_layer,
+                      layer_specific=args.llama_adapter).to(d.device)
+    say(aligner.describe())
 
     def batch_loss(indices):
         """Cross-entropy summed over the response tokens of these examples (float32 logits)."""

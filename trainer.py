@@ -59,6 +59,9 @@ def add_arguments(parser, *, n_tokens, lr, batch_size, epochs, warmup_epochs, ma
     a = parser.add_argument
     a("--n-tokens", type=cli.positive_int, default=n_tokens, help="N, the number of Aligner tokens")
     a("--start-layer", type=cli.non_negative_int, default=2, help="the first layer that attends to the Aligner")
+    a("--llama-adapter", action="store_true",
+      help="train the paper's baseline, LLaMA-Adapter V1: a prefix of --n-tokens tokens in each adapted layer "
+           "(lit-llama's adapter.py) instead of the Aligner's one shared prefix")
     a("--lr", type=cli.positive_float, default=lr, help="peak learning rate of AdamW")
     a("--weight-decay", type=cli.non_negative_float, default=0.02, help="AdamW's weight decay")
     a("--batch-size", type=cli.positive_int, default=batch_size,
