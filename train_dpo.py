@@ -2,14 +2,25 @@
 Train an Aligner by Direct Preference Optimization: the paper's Experiment 2
 (DPO on PKU-SafeRLHF, one token, starting from an SFT Aligner).
 
-Aligner (Zhou, Wu, Zhu, Terzopoulos, arXiv 2312.05503), Experiment 2 and Eq. 10:
+Aligner (Zhou, Wu, Zhu, Terzopoulos, arXiv 2312.05503), Section 4.2, Appendix C and Eq. 10:
     L = -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])
-with log-probabilities summed over the response tokens, beta = 0.1, N = 1,
-lr 1e-4, global batch 64, weight decay 0.02, examples up to 1024 tokens. The
-policy is the frozen base plus the trained Aligner; the reference is the same
-base (the same weights in memory, never a second copy) with a frozen reference
-Aligner: by default the initial one, or none (--reference base). As in the
-paper, PKU pairs whose chosen response is not itself safe are dropped.
+with log-probabilities summed over the response tokens. The policy is the
+frozen base plus the trained Aligner; the reference is the same base (the same
+weights in memory, never a second copy) with a frozen reference Aligner: by
+default the initial one, or none (--reference base). `--llama-adapter` trains
+the paper's baseline, LLaMA-Adapter V1, instead.
+
+Where each default comes from:
+- the paper: N = 1 (Section 4.2, Figs. 3-4), a PKU pair kept only where its chosen
+  response is itself safe (Appendix C), the start from an SFT Aligner
+  (--init-aligner; the authors released theirs, trained on the safe responses);
+- the authors' finetune/alignerDPO.py: beta 0.1, lr 1e-4, AdamW's weight decay
+  0.02, examples up to 1024 tokens, a batch of 64 (theirs counts sequences, so
+  32 pairs a step; here --batch-size counts pairs);
+- ours: one epoch (each pair once; theirs draws 80,000 pairs with replacement
+  per "epoch" and ran 3), a warmup of a tenth of it then cosine decay (theirs:
+  --schedule constant --warmup-epochs 16), 5% held out (theirs validates on
+  PKU-SafeRLHF's test split).
 
 Also offered, in the same loss function: conservative DPO (label smoothing,
 Mitchell 2023, "A note on DPO with noisy preferences and relationship to IPO")
@@ -90,7 +101,7 @@ def pair_logps(model, aligner, pairs):
     return logps[:len(pairs)], logps[len(pairs):]
 
 
-# The demo's preference set has 200 pairs, 3 optimizer steps per epoch at the paper's settings, so
+# The demo's preference set has 200 pairs, 3 optimizer steps per epoch at a batch of 64, so
 # its DPO takes smaller batches, a larger step and 5 epochs. Not more: the pairs whose rejected answer
 # runs on stay far from saturating the loss at beta 0.1 long after that answer has stopped, and
 # pushed on they undo the answers SFT taught (the README has the figures).

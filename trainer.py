@@ -2,10 +2,11 @@
 The training loop that train_sft.py and train_dpo.py share: only the Aligner's
 few thousand parameters train, the base model stays frozen.
 
-What it does, in the setting of the paper's experiments (Aligner, arXiv 2312.05503):
-AdamW with weight decay, a global batch reached by gradient accumulation over
-micro-batches, linear warmup then cosine decay, validation before training and
-after every epoch, an Aligner file per epoch plus the best by validation loss.
+What it does (Aligner, arXiv 2312.05503; each script's docstring says where its
+defaults come from): AdamW with weight decay, a global batch reached by gradient
+accumulation over micro-batches, linear warmup then cosine decay (ours) or the
+authors' constant schedule, validation before training and after every epoch,
+an Aligner file per epoch plus the best by validation loss.
 
 What a run leaves in --out: settings.json, metrics.jsonl (one line per
 optimizer step and per validation), epoch-E.pt and best.pt (Aligner files),
@@ -53,7 +54,7 @@ from llama import find_tokenizer, load
 
 
 # -----------------------------------------------------------------------------
-# flags both scripts take; each script sets the paper's defaults for its run
+# flags both scripts take; each script sets its run's defaults (its docstring says where each comes from)
 
 def add_arguments(parser, *, n_tokens, lr, batch_size, epochs, warmup_epochs, max_seq_len, out):
     a = parser.add_argument
