@@ -23,6 +23,7 @@ gating_factor). Every script that takes an Aligner file reads it through
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -31,6 +32,12 @@ from files import atomic_save, check_values, load_pt
 from llama import ModelArgs
 
 BASE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads")  # the base shape an Aligner file records
+
+
+class AlignerShape(NamedTuple):
+    """What an Aligner file says of the Aligner's own shape."""
+    n_tokens: int
+    start_layer: int
 
 
 class Aligner(nn.Module):
@@ -72,13 +79,20 @@ class Aligner(nn.Module):
         return cls._from_state(state, Path(path), args)
 
     @classmethod
-    def check_file(cls, path):
-        """Refuse, before any model loads, a file that is no usable Aligner of either layout."""
+    def check_file(cls, path) -> "AlignerShape":
+        """Refuse, before any model loads, a file that is no usable Aligner of either layout;
+        returns the number of tokens and the start layer it holds (None where the authors'
+        layout leaves one to be checked against the model)."""
         state = load_pt(path, "Aligner file")
         if is_lit_llama(state):
-            check_values(path, _lit_llama_weights(state), "Aligner file")
-        else:
-            cls._from_state(state, Path(path))
+            weights = _lit_llama_weights(state)
+            check_values(path, weights, "Aligner file")
+            prefix = weights["global_value_embedding.weight"]
+            layers = [int(m.group(1)) for key in weights
+                      if (m := re.fullmatch(r"transformer\.h\.(\d+)\.attn\.gating_factor", key))]
+            return AlignerShape(prefix.shape[0] if prefix.dim() == 2 else None, min(layers, default=None))
+        aligner = cls._from_state(state, Path(path))
+        return AlignerShape(aligner.n_tokens, aligner.start_layer)
 
     @classmethod
     def load(cls, path, args: ModelArgs = None) -> "Aligner":
@@ -106,8 +120,14 @@ class Aligner(nn.Module):
         base = state["base"]
         if not isinstance(base, dict) or any(key not in base for key in BASE_KEYS):
             raise ValueError(f"{path}: 'base' must hold {list(BASE_KEYS)}, not {base!r}")
-        shape_args = ModelArgs(**{key: base[key] for key in BASE_KEYS}, vocab_size=1)
-        aligner = cls(shape_args, n_tokens=state["n_tokens"], start_layer=state["start_layer"])
+        for key in ("n_tokens", "start_layer"):
+            if type(state[key]) is not int:  # type(), not isinstance: True and False are ints to Python
+                raise ValueError(f"{path}: {key} is {state[key]!r}, not an integer")
+        try:
+            shape_args = ModelArgs(**{key: base[key] for key in BASE_KEYS}, vocab_size=1)
+            aligner = cls(shape_args, n_tokens=state["n_tokens"], start_layer=state["start_layer"])
+        except (ValueError, TypeError) as e:  # the settings it records are not an Aligner's
+            raise ValueError(f"{path}: {e}") from None
         if args is not None:
             aligner.check_fits(args, source=str(path))
         for key in ("prefix", "gates"):
