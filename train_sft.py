@@ -34,6 +34,7 @@ import data
 import distributed
 import trainer
 from aligner import Aligner
+from llama import check_context
 
 
 # The demo's SFT set is small (1,715 examples): the paper's batch of 64 would give only about 200
@@ -53,12 +54,13 @@ def main(argv=None):
                           max_seq_len=512, out="runs/sft")
     args = trainer.parse_args(parser, argv, demo_defaults=DEMO_DEFAULTS, demo_data="alpaca.json")
     trainer.open_run(args)  # a finished run in --out is refused, and --resume checked, before anything loads
+    check_context(args.ckpt, args.max_seq_len, args.beyond_context)
 
     # --- processes and devices
     d = distributed.init_distributed(torch.device(args.device), args.fsdp)
     say = print if d.rank == 0 else (lambda *a, **k: None)
     if args.ckpt == str(data.DEMO_CKPT):
-        say(f"Training on the built-in demo ({args.ckpt}, {args.data}).")
+        say(trainer.demo_line(args.ckpt, args.data, "alpaca.json") + ".")
     args.micro_batch_size = trainer.micro_batch_size(args, d)
 
     # --- load the frozen base model
@@ -86,7 +88,7 @@ def main(argv=None):
     # --- the Aligner: the only trained parameters, fp32
     torch.manual_seed(args.seed)
     aligner = Aligner(model.args, n_tokens=args.n_tokens, start_layer=args.start_layer).to(d.device)
-    say(f"Aligner: {args.n_tokens} token{'s' * (args.n_tokens != 1)} from layer {args.start_layer}, "
+    say(f"Aligner: {aligner.n_tokens} token{'s' * (aligner.n_tokens != 1)} from layer {aligner.start_layer}, "
         f"{aligner.num_params():,} parameters")
 
     def batch_loss(indices):
