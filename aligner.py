@@ -33,6 +33,7 @@ per layer). Every script that takes an Aligner file reads it through
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -41,6 +42,13 @@ from files import atomic_save, check_values, load_pt
 from llama import ModelArgs
 
 BASE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads")  # the base shape an Aligner file records
+
+
+class AlignerShape(NamedTuple):
+    """What an Aligner file says of the Aligner's own shape."""
+    n_tokens: int
+    start_layer: int
+    layer_specific: bool  # a LLaMA-Adapter
 
 
 class Aligner(nn.Module):
@@ -99,13 +107,15 @@ class Aligner(nn.Module):
         return cls._from_state(state, Path(path), args)
 
     @classmethod
-    def check_file(cls, path):
-        """Refuse, before any model loads, a file that is no usable Aligner of either layout."""
+    def check_file(cls, path) -> "AlignerShape":
+        """Refuse, before any model loads, a file that is no usable Aligner or Adapter of either
+        layout; returns the shape it holds."""
         state = load_pt(path, "Aligner file")
         if is_lit_llama(state):
-            check_values(path, _lit_llama_weights(state), "Aligner file")
-        else:
-            cls._from_state(state, Path(path))
+            parts = _lit_llama_parts(_lit_llama_weights(state), Path(path))
+            return AlignerShape(parts.prefix.shape[-2], parts.start_layer, parts.layer_specific)
+        aligner = cls._from_state(state, Path(path))
+        return AlignerShape(aligner.n_tokens, aligner.start_layer, aligner.layer_specific)
 
     @classmethod
     def load(cls, path, args: ModelArgs = None) -> "Aligner":
@@ -134,12 +144,18 @@ class Aligner(nn.Module):
         base = state["base"]
         if not isinstance(base, dict) or any(key not in base for key in BASE_KEYS):
             raise ValueError(f"{path}: 'base' must hold {list(BASE_KEYS)}, not {base!r}")
+        for key in ("n_tokens", "start_layer"):
+            if type(state[key]) is not int:  # type(), not isinstance: True and False are ints to Python
+                raise ValueError(f"{path}: {key} is {state[key]!r}, not an integer")
         layer_specific = state.get("layer_specific", False)  # files from before LLaMA-Adapter hold no such key
         if not isinstance(layer_specific, bool):
             raise ValueError(f"{path}: 'layer_specific' must be true or false, not {layer_specific!r}")
-        shape_args = ModelArgs(**{key: base[key] for key in BASE_KEYS}, vocab_size=1)
-        aligner = cls(shape_args, n_tokens=state["n_tokens"], start_layer=state["start_layer"],
-                      layer_specific=layer_specific)
+        try:
+            shape_args = ModelArgs(**{key: base[key] for key in BASE_KEYS}, vocab_size=1)
+            aligner = cls(shape_args, n_tokens=state["n_tokens"], start_layer=state["start_layer"],
+                          layer_specific=layer_specific)
+        except (ValueError, TypeError) as e:  # the settings it records are not an Aligner's
+            raise ValueError(f"{path}: {e}") from None
         if args is not None:
             aligner.check_fits(args, source=str(path))
         for key in ("prefix", "gates"):
@@ -152,70 +168,86 @@ class Aligner(nn.Module):
 
     @classmethod
     def _from_lit_llama_state(cls, state: dict, path: Path, args: ModelArgs = None) -> "Aligner":
-        """lit-llama's layout, of either kind:
-
-            global_value_embedding.weight              (N, dim)       the Aligner's shared prefix P
-            transformer.h.{i}.attn.gating_factor       (1, H, 1, 1)   layer i's gates, i >= start_layer
-            transformer.h.{i}.attn.adapter_wte.weight  (N, dim)       layer i's prefix
-
-        The authors' Aligner (their lit_llama/aligner.py) shares one embedding module among the
-        layers, so each layer's adapter_wte is a copy of global_value_embedding; a copy that
-        differs is refused. A file without global_value_embedding is a LLaMA-Adapter
-        (lit_llama/adapter.py): each adapter_wte is that layer's own prefix P^l. A gating_factor
-        of one value (lit-llama's older files) is spread over the heads, as lit-llama's
-        _load_from_state_dict does. Without `args`, the shape comes from the tensors: the last
-        gated layer is the model's last, and lit-llama's attention has one key/value head per
-        query head.
-        """
-        check_values(path, {key: t for key, t in state.items() if key.endswith(("embedding.weight", "adapter_wte.weight",
-                                                                                 "gating_factor"))}, "Aligner file")
-        shared = state.get("global_value_embedding.weight")
-        layer_prefixes, gates = {}, {}
-        for key, tensor in state.items():
-            if key == "global_value_embedding.weight":
-                continue
-            match = re.fullmatch(r"transformer\.h\.(\d+)\.attn\.(adapter_wte\.weight|gating_factor)", key)
-            if match is None:
-                raise ValueError(f"{path}: unexpected key {key!r} for an Aligner in lit-llama's layout")
-            if not isinstance(tensor, torch.Tensor):
-                raise ValueError(f"{path}: {key!r} is a {type(tensor).__name__}, not a tensor")
-            (layer_prefixes if match.group(2) == "adapter_wte.weight" else gates)[int(match.group(1))] = tensor
-        if not gates:
-            raise ValueError(f"{path}: no 'transformer.h.N.attn.gating_factor' keys")
-        start_layer = min(gates)
-        n_layers = args.n_layers if args is not None else max(gates) + 1
-        if sorted(gates) != list(range(start_layer, n_layers)):
-            raise ValueError(f"{path}: gates for layers {sorted(gates)} do not cover layers "
-                             f"{start_layer}..{n_layers - 1} of this model")
-        if shared is not None:  # the Aligner: one shared prefix, of which each adapter_wte is a copy
-            prefix, name = shared, "'global_value_embedding.weight'"
-        else:  # LLaMA-Adapter: a prefix of its own in every gated layer
-            if sorted(layer_prefixes) != sorted(gates):
-                raise ValueError(f"{path}: adapter_wte for layers {sorted(layer_prefixes)} but gating_factor for "
-                                 f"layers {sorted(gates)}; a LLaMA-Adapter has both in every adapted layer")
-            shapes = {tuple(t.shape) for t in layer_prefixes.values()}
-            if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-                raise ValueError(f"{path}: the layers' adapter_wte shapes {sorted(shapes)} are not one (N, dim)")
-            prefix, name = torch.stack([layer_prefixes[i] for i in sorted(layer_prefixes)]), "adapter_wte"
-        if not isinstance(prefix, torch.Tensor) or prefix.dim() != 2 + (shared is None) or (
-                args is not None and prefix.shape[-1] != args.dim):
-            shape = tuple(prefix.shape) if isinstance(prefix, torch.Tensor) else type(prefix).__name__
-            raise ValueError(f"{path}: {name} has shape {shape}; the model needs (N, "
-                             f"{'dim' if args is None else args.dim})")
-        if shared is not None:
-            for i, tensor in layer_prefixes.items():
-                if not torch.equal(tensor, shared):
-                    raise ValueError(f"{path}: 'transformer.h.{i}.attn.adapter_wte.weight' differs from "
-                                     "'global_value_embedding.weight'; in the authors' layout every layer's "
-                                     "adapter_wte is the one shared prefix")
+        """An Aligner or Adapter from lit-llama's layout (see _lit_llama_parts). Without `args`, the
+        shape comes from the tensors: the last gated layer is the model's last, and lit-llama's
+        attention has one key/value head per query head."""
+        parts = _lit_llama_parts(state, path, args)
         if args is None:
-            args = _lit_llama_shape(path, prefix.shape[-1], n_layers, gates[start_layer])
-        aligner = cls(args, n_tokens=prefix.shape[-2], start_layer=start_layer, layer_specific=shared is None)
-        aligner.prefix.data.copy_(prefix.float())
-        for i in range(start_layer, n_layers):
-            aligner.gates.data[i - start_layer] = _spread_gate(gates[i], args.n_heads, path,
-                                                               f"transformer.h.{i}.attn.gating_factor")
+            args = _lit_llama_shape(path, parts.prefix.shape[-1], parts.n_layers, parts.gates[parts.start_layer])
+        aligner = cls(args, n_tokens=parts.prefix.shape[-2], start_layer=parts.start_layer,
+                      layer_specific=parts.layer_specific)
+        aligner.prefix.data.copy_(parts.prefix.float())
+        for i in range(parts.start_layer, parts.n_layers):
+            aligner.gates.data[i - parts.start_layer] = _spread_gate(parts.gates[i], args.n_heads, path,
+                                                                     f"transformer.h.{i}.attn.gating_factor")
         return aligner
+
+
+class LitLlamaParts(NamedTuple):
+    """What a lit-llama file holds, checked: its prefix, its gates by layer, and where they sit."""
+    prefix: torch.Tensor  # (N, dim) shared; or (n_layers - start_layer, N, dim), one per layer
+    gates: dict  # layer -> gating_factor as stored
+    start_layer: int
+    n_layers: int
+    layer_specific: bool
+
+
+def _lit_llama_parts(state: dict, path: Path, args: ModelArgs = None) -> LitLlamaParts:
+    """lit-llama's layout, of either kind:
+
+        global_value_embedding.weight              (N, dim)       the Aligner's shared prefix P
+        transformer.h.{i}.attn.gating_factor       (1, H, 1, 1)   layer i's gates, i >= start_layer
+        transformer.h.{i}.attn.adapter_wte.weight  (N, dim)       layer i's prefix
+
+    The authors' Aligner (their lit_llama/aligner.py) shares one embedding module among the
+    layers, so each layer's adapter_wte is a copy of global_value_embedding; a copy that
+    differs is refused. A file without global_value_embedding is a LLaMA-Adapter
+    (lit_llama/adapter.py): each adapter_wte is that layer's own prefix P^l. A gating_factor
+    of one value (lit-llama's older files) is spread over the heads, as lit-llama's
+    _load_from_state_dict does (_spread_gate).
+    """
+    check_values(path, {key: t for key, t in state.items()
+                        if key.endswith(("embedding.weight", "adapter_wte.weight", "gating_factor"))}, "Aligner file")
+    shared = state.get("global_value_embedding.weight")
+    layer_prefixes, gates = {}, {}
+    for key, tensor in state.items():
+        if key == "global_value_embedding.weight":
+            continue
+        match = re.fullmatch(r"transformer\.h\.(\d+)\.attn\.(adapter_wte\.weight|gating_factor)", key)
+        if match is None:
+            raise ValueError(f"{path}: unexpected key {key!r} for an Aligner in lit-llama's layout")
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{path}: {key!r} is a {type(tensor).__name__}, not a tensor")
+        (layer_prefixes if match.group(2) == "adapter_wte.weight" else gates)[int(match.group(1))] = tensor
+    if not gates:
+        raise ValueError(f"{path}: no 'transformer.h.N.attn.gating_factor' keys")
+    start_layer = min(gates)
+    n_layers = args.n_layers if args is not None else max(gates) + 1
+    if sorted(gates) != list(range(start_layer, n_layers)):
+        raise ValueError(f"{path}: gates for layers {sorted(gates)} do not cover layers "
+                         f"{start_layer}..{n_layers - 1} of this model")
+    if shared is not None:  # the Aligner: one shared prefix, of which each adapter_wte is a copy
+        prefix, name = shared, "'global_value_embedding.weight'"
+    else:  # LLaMA-Adapter: a prefix of its own in every gated layer
+        if sorted(layer_prefixes) != sorted(gates):
+            raise ValueError(f"{path}: adapter_wte for layers {sorted(layer_prefixes)} but gating_factor for "
+                             f"layers {sorted(gates)}; a LLaMA-Adapter has both in every adapted layer")
+        shapes = {tuple(t.shape) for t in layer_prefixes.values()}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise ValueError(f"{path}: the layers' adapter_wte shapes {sorted(shapes)} are not one (N, dim)")
+        prefix, name = torch.stack([layer_prefixes[i] for i in sorted(layer_prefixes)]), "adapter_wte"
+    if not isinstance(prefix, torch.Tensor) or prefix.dim() != 2 + (shared is None) or (
+            args is not None and prefix.shape[-1] != args.dim):
+        shape = tuple(prefix.shape) if isinstance(prefix, torch.Tensor) else type(prefix).__name__
+        raise ValueError(f"{path}: {name} has shape {shape}; the model needs (N, "
+                         f"{'dim' if args is None else args.dim})")
+    if shared is not None:
+        for i, tensor in layer_prefixes.items():
+            if not torch.equal(tensor, shared):
+                raise ValueError(f"{path}: 'transformer.h.{i}.attn.adapter_wte.weight' differs from "
+                                 "'global_value_embedding.weight'; in the authors' layout every layer's "
+                                 "adapter_wte is the one shared prefix")
+    return LitLlamaParts(prefix, gates, start_layer, n_layers, shared is None)
 
 
 def _lit_llama_shape(path, dim: int, n_layers: int, gate: torch.Tensor) -> ModelArgs:

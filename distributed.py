@@ -110,9 +110,11 @@ def load_sharded(ckpt_dir, device, dtype=torch.bfloat16, tokenizer_path=None,
             if rows.stop - rows.start != local.shape[0]:
                 raise RuntimeError(f"FSDP gave rank {rank} {local.shape[0]} rows of {name}; "
                                    f"expected {rows.stop - rows.start}")
-            local.copy_(llama.checked_weight(ckpt, name, shapes[name], rows))
+            llama.finite_weight(ckpt, name, local.copy_(llama.checked_weight(ckpt, name, shapes[name], rows)))
     model.freqs_cis = llama.precompute_freqs_cis(args.head_dim, args.max_seq_len, args.rope_theta).to(device)
-    return model.eval(), tokenizer
+    llama.check_finite(model.eval(), tokenizer, ckpt_dir)  # a forward on every rank, in step
+    model.reshard()  # the root unit keeps its weights gathered after a forward; give them back
+    return model, tokenizer
 
 
 def local_weight_bytes(model) -> int:

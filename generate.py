@@ -53,7 +53,7 @@ import distributed
 from aligner import Aligner, AlignerBank, AlignerRows, shape_of
 from data import DEMO_CKPT, TEMPLATES, check_demo, encode_prompt, format_prompt
 from files import atomic_text, check_writable, read_text, refuse_existing
-from llama import KVCache, load
+from llama import KVCache, check_context, load
 
 DEMO_PROMPT = "What is the home of Eskvormi?"  # a person of the demo world whom SFT never asks about
 
@@ -83,17 +83,27 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-           generator: torch.Generator = None) -> torch.Tensor:
-    """The next token of each row: logits (B, V) -> ids (B,). Temperature 0 is greedy."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
+def sampling_distribution(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
+                          top_k: int = 0) -> torch.Tensor:
+    """The distribution each row's next token is drawn from: logits (B, V) -> probabilities (B, V).
+
+    The temperature comes first, as in Meta's generation.py (softmax(logits / T), then top-p):
+    top-k and top-p then choose among the tokens of the distribution that is sampled.
+    """
     logits = logits.float() / temperature
     if top_k > 0:
         logits = top_k_filter(logits, top_k)
     if top_p < 1.0:
         logits = top_p_filter(logits, top_p)
-    probs = torch.softmax(logits, dim=-1)
+    return torch.softmax(logits, dim=-1)
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+           generator: torch.Generator = None) -> torch.Tensor:
+    """The next token of each row: logits (B, V) -> ids (B,). Temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = sampling_distribution(logits, temperature, top_p, top_k)  # (B, V)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
 
@@ -517,7 +527,7 @@ def main(argv=None):
                         help="an Aligner file; repeat to answer each prompt with several, side by side; "
                              "'base' stands for the base model; none given: the base model alone")
     parser.add_argument("--prompt", action="append", default=[], help="an instruction; repeatable")
-    parser.add_argument("--prompts-file", type=Path, default=None,
+    parser.add_argument("--prompts-file", type=cli.path, default=None,
                         help="one instruction per line, or .jsonl with \"instruction\" and optional \"input\"")
     parser.add_argument("--template", choices=list(TEMPLATES), default="alpaca",
                         help="the prompt format each instruction is put in (data.TEMPLATES): Stanford Alpaca's, "
@@ -525,15 +535,18 @@ def main(argv=None):
     parser.add_argument("--max-new-tokens", type=cli.positive_int, default=256,
                         help="at most this many tokens per answer")
     parser.add_argument("--max-seq-len", type=cli.positive_int, default=2048,
-                        help="the model's context, prompt and answer together (2048; 4096 for LLaMA-2)")
-    parser.add_argument("--temperature", type=cli.non_negative_float, default=0.0, help="0: greedy; otherwise sample")
+                        help="the longest prompt and answer together (at most the checkpoint's context: "
+                             "see --beyond-context)")
+    parser.add_argument("--temperature", type=cli.non_negative_float, default=0.0,
+                        help="0: greedy; otherwise sample from softmax(logits / temperature)")
     parser.add_argument("--top-p", type=cli.probability, default=1.0,
                         help="nucleus sampling: keep this much probability")
     parser.add_argument("--top-k", type=cli.non_negative_int, default=0,
                         help="sample among the k most probable tokens; 0: all")
     parser.add_argument("--stop", action="append", default=[], help="end an answer before this string; repeatable")
-    parser.add_argument("--seed", type=cli.seed, default=None, help="seed for sampling, for reproducible output")
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--seed", type=cli.seed, default=None,
+                        help="seed for sampling, for reproducible output; none: a fresh one each run")
+    parser.add_argument("--out", type=cli.out_path, default=None,
                         help="also write JSON Lines: instruction, input, prompt (the exact text given to "
                              "the model), aligner, output")
     parser.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
@@ -564,11 +577,13 @@ def main(argv=None):
         ckpt = DEMO_CKPT
         print(f"using the built-in demo model {ckpt} (pass --ckpt for another)", file=sys.stderr)
         prompts = prompts or [Prompt(DEMO_PROMPT, "", "the demo's prompt")]
+    check_context(ckpt, args.max_seq_len, args.beyond_context)
     device, dtype = cli.place(args)
     d = distributed.init_distributed(device, args.fsdp, args.compile)
 
     # --- load -------------------------------------------------------------------
     model, tokenizer = (distributed.load_sharded if d.fsdp else load)(ckpt, device=device, dtype=dtype,
+                                                                      tokenizer_path=args.tokenizer,
                                                                       max_seq_len=args.max_seq_len)
     names = aligner_names(args.aligner) if args.aligner else ["base"]
     aligners = [None if p == "base" else Aligner.read(p, model.args) for p in args.aligner] or [None]

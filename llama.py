@@ -439,13 +439,18 @@ class Tokenizer:
 
 
 def find_tokenizer(ckpt_dir) -> Path:
-    """tokenizer.model in the checkpoint folder, or beside it as in Meta's download."""
+    """tokenizer.model in the checkpoint folder, or beside it as in Meta's download; where the
+    folder is a symbolic link (or lies under one), also beside the folder it points to."""
     ckpt_dir = Path(ckpt_dir)
-    for path in (ckpt_dir / "tokenizer.model", ckpt_dir.parent / "tokenizer.model"):
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"no tokenizer.model in {ckpt_dir} or in {ckpt_dir.parent}; "
-                            "pass the tokenizer's path explicitly")
+    places = [ckpt_dir, ckpt_dir.parent]
+    target = ckpt_dir.resolve()
+    if target != ckpt_dir.absolute():
+        places.append(target.parent)
+    for place in places:
+        if (place / "tokenizer.model").is_file():
+            return place / "tokenizer.model"
+    where = ", in ".join(str(p) for p in places[:-1]) + f" or in {places[-1]}"
+    raise FileNotFoundError(f"no tokenizer.model in {where}; name it with --tokenizer")
 
 
 # -----------------------------------------------------------------------------
@@ -643,12 +648,65 @@ def open_checkpoint(ckpt_dir):
     return MetaCheckpoint(ckpt_dir)
 
 
+# The context of a checkpoint in Meta's layout, whose params.json records none: LLaMA-2's
+# (Touvron et al. 2023, "Llama 2", Table 1: 4k). LLaMA-1 was trained at 2048.
+META_CONTEXT = 4096
+
+
+def context_length(ckpt_dir) -> tuple:
+    """(the longest sequence the checkpoint was trained on, where that number comes from):
+    config.json's max_position_embeddings (2048, LlamaConfig's default, where it is absent),
+    or META_CONTEXT for Meta's layout. Reads only the settings file."""
+    if not Path(ckpt_dir).is_dir():
+        raise FileNotFoundError(f"{ckpt_dir}: no checkpoint folder here")
+    if hf_checkpoint.is_hf_folder(ckpt_dir):
+        return hf_checkpoint.max_positions(Path(ckpt_dir) / "config.json")
+    read_params(ckpt_dir)
+    return META_CONTEXT, f"LLaMA-2's context; {Path(ckpt_dir) / 'params.json'} records none"
+
+
+def check_context(ckpt_dir, max_seq_len: int, beyond: bool = False):
+    """Refuse, before any weight loads, a --max-seq-len past the checkpoint's context: RoPE
+    positions it never saw, and a RoPE table and KV cache sized by it. --beyond-context allows it."""
+    context, source = context_length(ckpt_dir)
+    if max_seq_len > context and not beyond:
+        raise ValueError(f"--max-seq-len {max_seq_len} is past {ckpt_dir}'s context of {context} tokens "
+                         f"({source}); pass --beyond-context to go past it")
+
+
+def finite_weight(ckpt, key: str, weight: torch.Tensor) -> torch.Tensor:
+    """The weight, refused with a line naming its file and key where it holds NaN or an
+    infinite value (damaged, or too large for the dtype it was cast to). Checked one weight at
+    a time as it loads: a fused attention kernel can turn NaN scores into zeros, hiding from
+    the logits a NaN in wq or wk."""
+    if not torch.isfinite(weight).all():
+        what = "NaN" if torch.isnan(weight).any() else f"an infinite value in {weight.dtype}"
+        raise FileError(f"{ckpt.where(key)}: {key} holds {what}; the checkpoint is damaged"
+                        + ("" if what == "NaN" else " or too large for this dtype"))
+    return weight
+
+
+def check_finite(model, tokenizer, ckpt_dir):
+    """Stop where the base model's first forward is not finite, naming the checkpoint, rather
+    than let it generate nonsense or train on NaN: weights each finite can still overflow in a
+    narrow dtype. A forward of BOS and the first few pieces."""
+    ids = [tokenizer.bos_id] + list(range(min(8, model.args.vocab_size)))
+    probe = torch.tensor([ids[:model.args.max_seq_len]], device=model.tok_embeddings.weight.device)  # (1, T)
+    with torch.no_grad():
+        logits = model(probe)  # (1, T, V)
+    if not torch.isfinite(logits).all():
+        raise FileError(f"{ckpt_dir}: the base model's first forward gives NaN or infinite logits in "
+                        f"{model.tok_embeddings.weight.dtype}; its values are too large for this dtype")
+
+
 def load(ckpt_dir, device="cpu", dtype=torch.float32, tokenizer_path=None,
          max_seq_len: int = 2048, max_batch_size: int = 32):
     """A frozen Transformer and its Tokenizer from a checkpoint folder.
 
     The weights are read one at a time, memory-mapped, into a model built on
-    the meta device, so at most one full copy of them is ever held.
+    the meta device, so at most one full copy of them is ever held. A weight
+    holding NaN or an infinite value, or a model whose first forward is not
+    finite, is refused (finite_weight, check_finite).
     """
     ckpt = open_checkpoint(ckpt_dir)
     tokenizer = Tokenizer(tokenizer_path or ckpt.tokenizer_path)
@@ -657,7 +715,10 @@ def load(ckpt_dir, device="cpu", dtype=torch.float32, tokenizer_path=None,
         model = Transformer(args)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_keys(ckpt, expected)
-    state = {key: checked_weight(ckpt, key, shape).to(device=device, dtype=dtype) for key, shape in expected.items()}
+    state = {key: finite_weight(ckpt, key, checked_weight(ckpt, key, shape).to(device=device, dtype=dtype))
+             for key, shape in expected.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.freqs_cis = precompute_freqs_cis(args.head_dim, args.max_seq_len, args.rope_theta).to(device)
-    return model.requires_grad_(False).eval(), tokenizer
+    model = model.requires_grad_(False).eval()
+    check_finite(model, tokenizer, ckpt_dir)
+    return model, tokenizer

@@ -52,6 +52,7 @@ import data
 import distributed
 import trainer
 from aligner import Aligner
+from llama import check_context
 
 
 # -----------------------------------------------------------------------------
@@ -109,13 +110,31 @@ DEMO_DEFAULTS = dict(batch_size=16, epochs=5, lr=3e-3)
 DEMO_INIT = "runs/sft/best.pt"  # on the demo, DPO starts from train_sft.py's run where there is one
 
 
+def aligner_shape(args, init) -> tuple:
+    """(N, start layer, layer-specific?) of the Aligner that trains: the initial Aligner file's
+    (`init`, from Aligner.check_file), which --n-tokens, --start-layer and --llama-adapter may
+    only repeat; with no file, the flags or the paper's DPO setting, one token from layer 2."""
+    if init is None:
+        return (1 if args.n_tokens is None else args.n_tokens, 2 if args.start_layer is None else args.start_layer,
+                args.llama_adapter)
+    for flag, given, held in (("--n-tokens", args.n_tokens, init.n_tokens),
+                              ("--start-layer", args.start_layer, init.start_layer)):
+        if given is not None and held is not None and given != held:
+            raise ValueError(f"{flag} {given} contradicts the initial Aligner {args.init_aligner} (--init-aligner), "
+                             f"which holds {held}; leave {flag} out to take the file's")
+    if args.llama_adapter and not init.layer_specific:
+        raise ValueError(f"--llama-adapter contradicts the initial Aligner {args.init_aligner} (--init-aligner), "
+                         "which has one shared prefix, not a LLaMA-Adapter's prefix per layer")
+    return init.n_tokens, init.start_layer, init.layer_specific
+
+
 def main(argv=None):
     parser = trainer.make_parser("Train an Aligner on preference pairs (DPO, Eq. 10).", DEMO_DEFAULTS,
                                  "PKU-SafeRLHF rows or prompt/chosen/rejected, JSON Lines")
-    parser.add_argument("--init-aligner", type=str, default=None,
+    parser.add_argument("--init-aligner", type=cli.path, default=None,
                         help="start from this (SFT) Aligner file, which also sets N and the start layer; "
                              "none: a fresh Aligner (for the demo: runs/sft/best.pt if present)")
-    parser.add_argument("--reference", type=str, default="init",
+    parser.add_argument("--reference", type=cli.path, default="init",
                         help="the frozen reference: 'init' (the initial Aligner), 'base' (no Aligner) "
                              "or an Aligner file")
     parser.add_argument("--precompute-ref", action="store_true",
@@ -131,21 +150,23 @@ def main(argv=None):
     parser.add_argument("--keep-unsafe", action="store_true",
                         help="for PKU-SafeRLHF rows: keep pairs whose chosen response is itself unsafe")
     trainer.add_arguments(parser, n_tokens=1, lr=1e-4, batch_size=64, epochs=1, warmup_epochs=0.1,
-                          max_seq_len=1024, out="runs/dpo")
+                          max_seq_len=1024, out="runs/dpo", shape_from="--init-aligner")
     args = trainer.parse_args(parser, argv, demo_defaults=DEMO_DEFAULTS, demo_data="pku_saferlhf.jsonl")
     demo = args.ckpt == str(data.DEMO_CKPT)
     if demo and args.init_aligner is None and Path(DEMO_INIT).is_file():
         args.init_aligner = DEMO_INIT
-    for path in (args.init_aligner, None if args.reference in ("init", "base") else args.reference):
-        if path is not None:
-            Aligner.check_file(path)  # an unreadable or unusable Aligner file stops here, before the base loads
+    if args.reference not in ("init", "base"):
+        Aligner.check_file(args.reference)  # an unreadable or unusable Aligner file stops here, before the base loads
+    init = Aligner.check_file(args.init_aligner) if args.init_aligner else None
+    args.n_tokens, args.start_layer, args.llama_adapter = aligner_shape(args, init)  # what trains, as recorded
     trainer.open_run(args)  # a finished run in --out is refused, and --resume checked, before anything loads
+    check_context(args.ckpt, args.max_seq_len, args.beyond_context)
 
     # --- processes and devices; on the demo, start from its SFT run
     d = distributed.init_distributed(torch.device(args.device), args.fsdp)
     say = print if d.rank == 0 else (lambda *a, **k: None)
     if demo:
-        say(f"Training on the built-in demo ({args.ckpt}, {args.data}), "
+        say(f"{trainer.demo_line(args.ckpt, args.data, 'pku_saferlhf.jsonl')}, "
             f"from {args.init_aligner or f'a fresh Aligner (no {DEMO_INIT} yet: run train_sft.py first)'}.")
     args.micro_batch_size = trainer.micro_batch_size(args, d)
 
@@ -177,9 +198,6 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     if args.init_aligner:
         aligner = Aligner.read(args.init_aligner, model.args)
-        if args.llama_adapter and not aligner.layer_specific:
-            raise ValueError(f"--llama-adapter: --init-aligner {args.init_aligner} is an Aligner (one shared "
-                             "prefix), not a LLaMA-Adapter")
     else:
         aligner = Aligner(model.args, n_tokens=args.n_tokens, start_layer=args.start_layer,
                           layer_specific=args.llama_adapter)

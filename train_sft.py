@@ -45,6 +45,7 @@ import data
 import distributed
 import trainer
 from aligner import Aligner
+from llama import check_context
 
 
 # The demo's SFT set is small (1,715 examples): the authors' batch of 64 would give only about 200
@@ -65,12 +66,13 @@ def main(argv=None):
                           max_seq_len=512, out="runs/sft")
     args = trainer.parse_args(parser, argv, demo_defaults=DEMO_DEFAULTS, demo_data="alpaca.json")
     trainer.open_run(args)  # a finished run in --out is refused, and --resume checked, before anything loads
+    check_context(args.ckpt, args.max_seq_len, args.beyond_context)
 
     # --- processes and devices
     d = distributed.init_distributed(torch.device(args.device), args.fsdp)
     say = print if d.rank == 0 else (lambda *a, **k: None)
     if args.ckpt == str(data.DEMO_CKPT):
-        say(f"Training on the built-in demo ({args.ckpt}, {args.data}).")
+        say(trainer.demo_line(args.ckpt, args.data, "alpaca.json") + ".")
     args.micro_batch_size = trainer.micro_batch_size(args, d)
 
     # --- load the frozen base model

@@ -33,7 +33,6 @@ its total count of loss units (response tokens for SFT, pairs for DPO) before
 backward, so summing the ranks' gradients gives the one-process gradient.
 """
 
-import argparse
 import json
 import math
 import os
@@ -56,10 +55,19 @@ from llama import find_tokenizer, load
 # -----------------------------------------------------------------------------
 # flags both scripts take; each script sets its run's defaults (its docstring says where each comes from)
 
-def add_arguments(parser, *, n_tokens, lr, batch_size, epochs, warmup_epochs, max_seq_len, out):
+def add_arguments(parser, *, n_tokens, lr, batch_size, epochs, warmup_epochs, max_seq_len, out, shape_from=None):
+    """The flags both scripts take. shape_from: a flag naming an Aligner file that also sets
+    --n-tokens and --start-layer; those two then default to None (take the file's, or n_tokens and
+    2 without one), and the script resolves them."""
     a = parser.add_argument
-    a("--n-tokens", type=cli.positive_int, default=n_tokens, help="N, the number of Aligner tokens")
-    a("--start-layer", type=cli.non_negative_int, default=2, help="the first layer that attends to the Aligner")
+    if shape_from is None:
+        a("--n-tokens", type=cli.positive_int, default=n_tokens, help="N, the number of Aligner tokens")
+        a("--start-layer", type=cli.non_negative_int, default=2, help="the first layer that attends to the Aligner")
+    else:
+        a("--n-tokens", type=cli.positive_int, default=None,
+          help=f"N, the number of Aligner tokens (default: {shape_from}'s, else {n_tokens})")
+        a("--start-layer", type=cli.non_negative_int, default=None,
+          help=f"the first layer that attends to the Aligner (default: {shape_from}'s, else 2)")
     a("--llama-adapter", action="store_true",
       help="train the paper's baseline, LLaMA-Adapter V1: a prefix of --n-tokens tokens in each adapted layer "
            "(lit-llama's adapter.py) instead of the Aligner's one shared prefix")
@@ -76,13 +84,15 @@ def add_arguments(parser, *, n_tokens, lr, batch_size, epochs, warmup_epochs, ma
       help="after the warmup: cosine decay towards zero, or constant: the authors' finetune script, "
            "whose warmup starts from zero")
     a("--max-seq-len", type=cli.positive_int, default=max_seq_len,
-      help="longer examples are cut to this many tokens (and counted)")
+      help="longer examples are cut to this many tokens (and counted); at most the checkpoint's context "
+           "(see --beyond-context)")
     a("--val", type=cli.split_size, default="0.05",
       help="held-out validation split: a fraction (0.05) or a count (500)")
     a("--seed", type=cli.seed, default=0, help="seeds the Aligner's initialisation, the split and the data order")
     a("--grad-checkpointing", action="store_true",
       help="recompute activations in backward: less memory for long sequences")
-    a("--out", type=Path, default=Path(out), help="folder for Aligner files, metrics.jsonl, settings.json and state.pt")
+    a("--out", type=cli.out_path, default=Path(out),
+      help="folder for Aligner files, metrics.jsonl, settings.json and state.pt")
     a("--save-every", type=cli.positive_int, default=100,
       help="also save the resumable state every this many optimizer steps")
     again = parser.add_mutually_exclusive_group()
@@ -91,17 +101,16 @@ def add_arguments(parser, *, n_tokens, lr, batch_size, epochs, warmup_epochs, ma
                        help="replace the run already in --out (its settings.json, metrics.jsonl, state.pt, "
                             "best.pt and epoch-*.pt; nothing else there)")
     a("--max-steps", type=cli.positive_int, default=None,
-      help="stop (resumably) after this many optimizer steps in all; for tests")
+      help="stop (resumably) after this many optimizer steps in all, for tests; none: run every epoch")
     cli.add_common_flags(parser)
 
 
 def make_parser(description: str, demo_defaults: dict, data_help: str):
     """The parser both training scripts begin with: --ckpt and --data, and a --help that says
     which defaults the built-in demo changes."""
-    parser = cli.ArgumentParser(description=description, epilog=demo_note(demo_defaults),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.ArgumentParser(description=description, epilog=demo_note(demo_defaults))
     cli.add_checkpoint_flag(parser)
-    parser.add_argument("--data", type=str, default=None, help=data_help + "; none: the demo's")
+    parser.add_argument("--data", type=cli.path, default=None, help=data_help + "; none: the demo's")
     return parser
 
 
@@ -130,11 +139,19 @@ def parse_args(parser, argv, demo_defaults: dict, demo_data: str):
     return args
 
 
+def demo_line(ckpt, data, demo_data: str) -> str:
+    """What a run on the built-in demo's model says it trains on: the demo, where the data is the
+    demo's file `demo_data`; else the user's data on the demo's model."""
+    if Path(data).resolve() == (DEMO_DATA / demo_data).resolve():
+        return f"Training on the built-in demo ({ckpt}, {data})"
+    return f"Training on {data}, with the built-in demo's model {ckpt} as the base (no --ckpt given)"
+
+
 def load_base(args, d: "Dist"):
     """The frozen base model and its tokenizer, on the device and in the dtype cli.place chose."""
     loader = load_sharded if d.fsdp else load
     model, tokenizer = loader(args.ckpt, device=d.device, dtype=getattr(torch, args.dtype),
-                              max_seq_len=args.max_seq_len)
+                              tokenizer_path=args.tokenizer, max_seq_len=args.max_seq_len)
     if args.start_layer >= model.args.n_layers:
         raise ValueError(f"--start-layer {args.start_layer}: the model has {model.args.n_layers} layers, "
                          f"numbered 0 to {model.args.n_layers - 1}")
@@ -164,7 +181,7 @@ NOT_SETTINGS = ("resume", "overwrite", "max_steps", "debug")
 FREE = ("out", "device", "micro_batch_size", "save_every", "grad_checkpointing", "fsdp")
 # Files and folders the run reads: compared on resume by their content (settings["inputs"]), not by path,
 # so that a run whose folder or inputs moved still resumes.
-INPUTS = ("ckpt", "data", "init_aligner", "reference")
+INPUTS = ("ckpt", "tokenizer", "data", "init_aligner", "reference")
 
 
 def run_files(out: Path) -> list:
@@ -504,9 +521,9 @@ def save_state(run: Run, progress: Progress) -> Progress:
 
 
 def show(bar, record: dict, stat_names):
-    bar.update(1)
     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
                     **{k.split("/")[-1]: f"{record[k]:.3f}" for k in stat_names})
+    bar.update(1)
 
 
 def train(args, aligner, batch_loss, train_idx: list, val_idx: list, lengths: list, units: list,
@@ -525,8 +542,7 @@ def train(args, aligner, batch_loss, train_idx: list, val_idx: list, lengths: li
               tuple(stat_names), d, schedule)
 
     progress = start(run)
-    bar = tqdm(total=schedule.total_steps, initial=progress.step, disable=d.rank != 0, dynamic_ncols=True,
-               desc="train")
+    bar = cli.progress(schedule.total_steps, "train", initial=progress.step, disable=d.rank != 0)
     try:
         if progress.last_saved is None:  # a new run: the initial Aligner, validated and saved
             progress = save_state(run, validate(run, progress, epoch=0))

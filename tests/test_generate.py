@@ -473,6 +473,27 @@ def test_temperature_divides_the_logits():
     assert drawn.float().mean().item() == pytest.approx(0.8808, abs=0.01)
 
 
+@pytest.mark.parametrize("temperature, top_p, expected", [
+    (0.5, 0.6, [1.0, 0.0, 0.0]),
+    (2.0, 0.75, [0.41545, 0.32181, 0.26274]),
+], ids=["sharpened", "flattened"])
+def test_the_temperature_comes_before_top_p(temperature, top_p, expected):
+    """Probabilities 0.5, 0.3, 0.2. At temperature 0.5 they become 0.658, 0.237, 0.105 (each
+    squared, renormalised), and the nucleus for p = 0.6 is the first token alone; top-p on the
+    raw probabilities would keep two (0.5 < 0.6) and give 0.735, 0.265, 0. At temperature 2
+    they become 0.415, 0.322, 0.263 (square roots), whose first two hold 0.737 < 0.75, so all
+    three stay; top-p first would drop the third (0.5 + 0.3 >= 0.75) and give 0.564, 0.436, 0."""
+    logits = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    probs = generate_script.sampling_distribution(logits, temperature, top_p)
+    assert probs[0].tolist() == pytest.approx(expected, abs=1e-4)
+    drawn = sample(logits.expand(400, -1), temperature, top_p, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(drawn, minlength=3) / 400
+    if expected[0] == 1.0:
+        assert counts.tolist() == [1.0, 0.0, 0.0]  # one token can be drawn, whatever the seed
+    else:
+        assert counts[2] > 0.15  # top-p before the temperature could never draw it
+
+
 def test_cut_at_stop_cuts_before_the_earliest_stop_string():
     assert cut_at_stop("one two three two", ["three", "two"]) == ("one ", True)
     assert cut_at_stop("one two", ["", "four"]) == ("one two", False)

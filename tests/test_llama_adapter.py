@@ -91,7 +91,8 @@ def test_train_dpo_trains_an_adapter_and_refuses_an_aligner_named_an_adapter(tin
     train_dpo.main([*common, "--init-aligner", str(tmp_path / "start.pt"), "--out", str(tmp_path / "dpo")])
     trained = Aligner.read(tmp_path / "dpo" / "epoch-1.pt", args)
     assert trained.layer_specific and not torch.equal(trained.prefix, start.prefix)
+    assert json.loads((tmp_path / "dpo" / "settings.json").read_text())["llama_adapter"] is True  # what trained
     Aligner(args, n_tokens=1).save(tmp_path / "aligner.pt")
-    with pytest.raises(ValueError, match=r"--llama-adapter: --init-aligner .*aligner\.pt is an Aligner"):
+    with pytest.raises(ValueError, match=r"--llama-adapter contradicts the initial Aligner .*aligner\.pt"):
         train_dpo.main([*common, "--init-aligner", str(tmp_path / "aligner.pt"), "--llama-adapter",
                         "--out", str(tmp_path / "refused")])
