@@ -523,19 +523,25 @@ def test_streaming_holds_back_what_may_still_become_a_stop_string():
     assert row.text == "xay" and pieces == ["x", "x", "ay"]
 
 
-def test_a_prompts_file_is_jsonl_by_its_suffix_and_lines_otherwise(tmp_path):
+def test_a_prompts_file_is_json_by_its_suffix_and_lines_otherwise(tmp_path):
     for name in ("prompts.txt", "prompts", "prompts.md"):
         (tmp_path / name).write_text('Name a bird.\n\n{"instruction": "kept as text"}\n')
-        assert [(p.instruction, p.input) for p in generate_script.read_prompts(tmp_path / name)] == [
-            ("Name a bird.", ""), ('{"instruction": "kept as text"}', "")]
+        assert [(q.instruction, q.input, q.question_id) for q in generate_script.read_questions(tmp_path / name)] == [
+            ("Name a bird.", "", 1), ('{"instruction": "kept as text"}', "", 2)]
     (tmp_path / "p.jsonl").write_text('{"instruction": "Add.", "input": "2 and 3"}\n{"instruction": "Hi."}\n')
-    assert [(p.instruction, p.input) for p in generate_script.read_prompts(tmp_path / "p.jsonl")] == [
+    assert [(q.instruction, q.input) for q in generate_script.read_questions(tmp_path / "p.jsonl")] == [
+        ("Add.", "2 and 3"), ("Hi.", "")]
+    (tmp_path / "p.json").write_text('[{"instruction": "Add.", "input": "2 and 3"}, {"instruction": "Hi."}]')
+    assert [(q.instruction, q.input) for q in generate_script.read_questions(tmp_path / "p.json")] == [
         ("Add.", "2 and 3"), ("Hi.", "")]
 
 
 def test_aligner_names_are_stems_unless_two_share_one():
-    assert generate_script.aligner_names(["runs/a/best.pt", "runs/b/best.pt", "runs/dpo.pt"]) == [
-        "runs/a/best.pt", "runs/b/best.pt", "dpo"]
+    assert generate_script.aligner_names(["runs/a/best.pt", "runs/b/best.pt", "runs/dpo.pt", "base"]) == [
+        "a-best", "b-best", "dpo", "base"]
+    assert generate_script.aligner_names(["/x/a/best.pt", "/y/a/best.pt", "/x/b/best.pt"]) == [
+        "x-a-best", "y-a-best", "b-best"]
+    assert generate_script.aligner_names(["/x/a.pt", "/x/a.pt"]) == ["x-a", "x-a"]  # --answers-dir refuses these
 
 
 @pytest.mark.parametrize("length, positions", [(1, 256), (256, 256), (257, 512), (700, 768), (900, 800)])
