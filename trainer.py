@@ -47,9 +47,9 @@ from tqdm import tqdm
 import cli
 from data import DEMO_CKPT, DEMO_DATA, check_demo
 from files import (FileError, append_line, atomic_save, atomic_text, bad_value, check_values,
-                   check_writable, load_pt, read_text, sha256)
+                   check_writable, fingerprint, load_pt, read_text)
 from distributed import Dist, all_reduce_sum, load_sharded
-from llama import find_tokenizer, load
+from llama import load
 
 
 # -----------------------------------------------------------------------------
@@ -160,7 +160,7 @@ NOT_SETTINGS = ("resume", "overwrite", "max_steps", "debug")
 FREE = ("out", "device", "micro_batch_size", "save_every", "grad_checkpointing", "fsdp")
 # Files and folders the run reads: compared on resume by their content (settings["inputs"]), not by path,
 # so that a run whose folder or inputs moved still resumes.
-INPUTS = ("ckpt", "data", "init_aligner", "reference")
+INPUTS = ("ckpt", "tokenizer", "data", "init_aligner", "reference")
 
 
 def run_files(out: Path) -> list:
@@ -169,27 +169,6 @@ def run_files(out: Path) -> list:
         return []
     names = ("settings.json", "metrics.jsonl", "state.pt", "best.pt")
     return sorted([out / n for n in names if (out / n).exists()] + list(out.glob("epoch-*.pt")))
-
-
-WEIGHT_FILES = (".pth", ".safetensors", ".bin")  # Meta's shards, Hugging Face's weight files
-
-
-def fingerprint(value):
-    """What an input holds, cheaply enough for a 13 GB checkpoint. A file: its size and sha256.
-    A checkpoint folder: the sha256 of its params.json or config.json and of its tokenizer, and
-    the name and size of each weight file. Anything else (None, 'init', 'base'): itself."""
-    path = Path(value) if isinstance(value, (str, Path)) else None
-    if path is not None and path.is_file():
-        return {"bytes": path.stat().st_size, "sha256": sha256(path)}
-    if path is not None and path.is_dir():
-        try:
-            tokenizer = sha256(find_tokenizer(path))
-        except FileNotFoundError:
-            tokenizer = None
-        return {"settings": {n: sha256(path / n) for n in ("params.json", "config.json") if (path / n).is_file()},
-                "weights": {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.name.endswith(WEIGHT_FILES)},
-                "tokenizer.model": tokenizer}
-    return None if value is None else str(value)
 
 
 def run_settings(args) -> dict:

@@ -194,6 +194,55 @@ def test_a_run_stopped_in_its_first_step_resumes_as_the_run_that_never_stopped(f
         assert torch.equal(a, b)
 
 
+def test_resume_refuses_a_weight_file_changed_in_place(tiny_ckpt, tmp_path):
+    """Bytes of the checkpoint's weights changed, the file's size and name the same: --resume refuses."""
+    ckpt = tmp_path / "ckpt" / "tiny"
+    ckpt.parent.mkdir()
+    for path in tiny_ckpt.parent.rglob("*"):
+        if path.is_file():
+            target = tmp_path / "ckpt" / path.relative_to(tiny_ckpt.parent)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+    task = write_task(tmp_path / "task.json", n=10)
+    train_sft.main(run_args(ckpt, task, tmp_path / "run", "--max-steps", "1"))
+    weights = ckpt / "consolidated.00.pth"
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # a byte inside a weight tensor's data
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"other settings: --ckpt's content"):
+        train_sft.main(run_args(ckpt, task, tmp_path / "run", "--resume"))
+
+
+def test_a_weight_file_is_hashed_by_its_size_and_fixed_slices(tmp_path):
+    """Above 16 slices' worth, a weight file is hashed by its size and its first, last and 14 evenly
+    spaced slices: a change in a slice or in the size is seen, one between the slices is not (the price
+    of hashing a 13 GB checkpoint in a fraction of a second). Smaller files are hashed whole."""
+    from files import fingerprint, sampled_sha256
+    path = tmp_path / "model.safetensors"
+    raw = bytearray(os.urandom(100_000))
+    path.write_bytes(bytes(raw))
+    sampled = lambda: sampled_sha256(path, slices=4, slice_bytes=1000)  # slices at 0, 33000, 66000, 99000
+    before = sampled()
+    for offset in (0, 33_500, 66_999, 99_999):
+        raw[offset] ^= 1
+        path.write_bytes(bytes(raw))
+        assert sampled() != before, offset
+        raw[offset] ^= 1
+    raw[50_000] ^= 1  # between the second and third slices
+    path.write_bytes(bytes(raw))
+    assert sampled() == before
+    path.write_bytes(bytes(raw) + b"\0")
+    assert sampled() != before
+    (tmp_path / "x.json").write_text("{}")  # not a weight file: hashed whole
+    small = tmp_path / "small.bin"
+    small.write_bytes(bytes(4000))
+    whole = sampled_sha256(small, slices=4, slice_bytes=1000)
+    small.write_bytes(bytes(3999) + b"\1")
+    assert sampled_sha256(small, slices=4, slice_bytes=1000) != whole
+    assert set(fingerprint(path)) == {"bytes", "sampled_sha256"}
+    assert set(fingerprint(tmp_path / "x.json")) == {"bytes", "sha256"}
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_state(tmp_path):
     args = llama.ModelArgs(dim=8, n_layers=2, n_heads=2, vocab_size=16)
     aligner = Aligner(args, n_tokens=1, start_layer=0)
