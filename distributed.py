@@ -74,6 +74,12 @@ def all_reduce_sum(t: torch.Tensor, world: int) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 # -----------------------------------------------------------------------------
 # FSDP: the frozen base, sharded
 
