@@ -577,6 +577,10 @@ def main(argv=None):
     if args.template and tasks == ("mmlu",):
         parser.error("--template applies to qa and gsm8k; mmlu always uses the original release's prompt")
 
+    device, dtype = cli.place(args)
+    d = distributed.init_distributed(device, args.fsdp, args.compile)
+    distributed.check_ranks_agree(d, args, ("data", "aligner"))  # under torchrun, every rank the same run
+
     # --- check what can be checked before anything loads
     if args.ckpt is None:
         check_demo(DEMO_CKPT, DEMO_DATA)
@@ -600,8 +604,6 @@ def main(argv=None):
         check_writable(args.out, "--out")
         if not args.overwrite:
             refuse_existing([Path(args.out) / name for name in ("results.json", *(f"{t}.jsonl" for t in tasks))])
-    device, dtype = cli.place(args)
-    d = distributed.init_distributed(device, args.fsdp, args.compile)
 
     # --- load
     model, tokenizer = (distributed.load_sharded if d.fsdp else load)(

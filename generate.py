@@ -541,6 +541,9 @@ def main(argv=None):
                         help="compile the decode step (torch.compile; CUDA graphs on a GPU): slow to "
                              "start, then less time per token")
     args = parser.parse_args(argv)
+    device, dtype = cli.place(args)
+    d = distributed.init_distributed(device, args.fsdp, args.compile)
+    distributed.check_ranks_agree(d, args, ("aligner", "prompts_file"))  # under torchrun, every rank the same run
 
     # --- check what can be checked before anything loads -----------------------
     if args.out is not None:
@@ -563,8 +566,6 @@ def main(argv=None):
         ckpt = DEMO_CKPT
         print(f"using the built-in demo model {ckpt} (pass --ckpt for another)", file=sys.stderr)
         prompts = prompts or [Prompt(DEMO_PROMPT, "", "the demo's prompt")]
-    device, dtype = cli.place(args)
-    d = distributed.init_distributed(device, args.fsdp, args.compile)
 
     # --- load -------------------------------------------------------------------
     model, tokenizer = (distributed.load_sharded if d.fsdp else load)(ckpt, device=device, dtype=dtype,

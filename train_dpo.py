@@ -125,13 +125,14 @@ def main(argv=None):
     demo = args.ckpt == str(data.DEMO_CKPT)
     if demo and args.init_aligner is None and Path(DEMO_INIT).is_file():
         args.init_aligner = DEMO_INIT
+
+    # --- processes and devices; every rank given the same run, the files checked, before anything loads
+    d = distributed.init_distributed(torch.device(args.device), args.fsdp)
+    distributed.check_ranks_agree(d, args, trainer.INPUTS)
     for path in (args.init_aligner, None if args.reference in ("init", "base") else args.reference):
         if path is not None:
             Aligner.check_file(path)  # an unreadable or unusable Aligner file stops here, before the base loads
-    trainer.open_run(args)  # a finished run in --out is refused, and --resume checked, before anything loads
-
-    # --- processes and devices; on the demo, start from its SFT run
-    d = distributed.init_distributed(torch.device(args.device), args.fsdp)
+    trainer.open_run(args)  # a finished run in --out is refused, and --resume checked
     say = print if d.rank == 0 else (lambda *a, **k: None)
     if demo:
         say(f"Training on the built-in demo ({args.ckpt}, {args.data}), "
