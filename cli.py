@@ -13,7 +13,11 @@ share at the command line:
   code 1. --debug (or ALIGNER_DEBUG=1 in the environment) shows the traceback
   instead. A warning is one line too, `<script>: warning: <message>`;
 - a --help that shows every flag's default (HelpFormatter);
-- progress: a bar on a terminal, a plain line every 5% in a log (progress).
+- progress: a bar on a terminal, a plain line every 5% in a log (progress);
+- under torchrun, each error line written whole, and once however many ranks
+  raise it (say);
+- how long a rank under torchrun waits for the others in a collective
+  (collective_timeout, ALIGNER_COLLECTIVE_TIMEOUT).
 
 The project's own errors are sentences that name the file, flag or key; the
 catch-all in `run` is the safety net for everything else.
@@ -21,6 +25,8 @@ catch-all in `run` is the safety net for everything else.
 
 import argparse
 import contextlib
+import datetime
+import hashlib
 import math
 import os
 import sys
@@ -315,23 +321,23 @@ def run(main, argv=None):
     except SystemExit:
         raise
     except UsageError as e:
-        print(f"{prog}: error: {e} (--help lists the flags)", file=sys.stderr)
-        sys.exit(2)
+        say(f"{prog}: error: {e} (--help lists the flags)")
+        leave(2)
     except KeyboardInterrupt as e:
         if debugging(argv):
             raise
         detail = f": {first_line(e)}" if str(e) else ""
-        print(f"{prog}: interrupted{detail}", file=sys.stderr)
+        say(f"{prog}: interrupted{detail}")
         leave(130)
     except Exception as e:
         if debugging(argv):
             raise
-        message = first_line(e)
-        if a_peer_stopped(e):
-            message = f"rank {torch.distributed.get_rank()}: another rank stopped, so this one stops too"
-        elif not isinstance(e, (ValueError, OSError, FloatingPointError)):
-            message = f"{type(e).__name__}: {message} (--debug shows the traceback)"
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        message = collective_failure(e)
+        if message is None:
+            message = first_line(e)
+            if not isinstance(e, (ValueError, OSError, FloatingPointError)):
+                message = f"{type(e).__name__}: {message} (--debug shows the traceback)"
+        say(f"{prog}: error: {message}")
         leave(1)
 
 
@@ -354,6 +360,41 @@ def one_line_warnings(prog: str, enabled: bool = True):
         warnings.showwarning = shown
 
 
+def say(line: str):
+    """Write one line on stderr, in one write. Under torchrun (WORLD_SIZE > 1), where the ranks
+    share the terminal or log: the line starts with a newline, since rank 0's progress bar may
+    hold the line without ending it; and a line is printed once however many ranks raise it
+    (only the first to count it in torchrun's store prints it), so an error that every rank
+    meets, as the check that the ranks agree (distributed.check_ranks_agree) makes them, is one line."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if not first_to_say(line):
+            return
+        line = "\n" + line
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a stand-in stream (a test's capture) writes as it is
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+        return
+    sys.stderr.flush()
+    os.write(fd, (line + "\n").encode())
+
+
+def first_to_say(line: str) -> bool:
+    """Whether this rank is the first to count `line` in the store that torchrun's agent keeps for
+    its ranks (the store's add is atomic); True where there is no such store or it cannot be reached."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return True
+    try:
+        store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                           is_master=False, timeout=datetime.timedelta(seconds=5),
+                                           wait_for_workers=False)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        return store.add(f"aligner/said/{attempt}/{hashlib.sha256(line.encode()).hexdigest()}", 1) == 1
+    except Exception:
+        return True
+
+
 def leave(code: int):
     """sys.exit(code); a rank under torchrun ends at once instead (exit_at_once)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -372,9 +413,39 @@ def exit_at_once(code: int):
     os._exit(code)
 
 
-def a_peer_stopped(e: Exception) -> bool:
-    """Whether a collective failed because another rank left the process group; that rank's own
-    error line says why, and torchrun stops the ranks still waiting."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return False
-    return isinstance(e, torch.distributed.DistError) or "gloo/transport/" in str(e)  # a Gloo connection broke
+def collective_failure(e: Exception):
+    """The line for a collective that failed under torchrun, or None for any other error: the
+    other ranks did not all arrive within collective_timeout(), or one of them left the process
+    group (its own line says why, and torchrun stops the ranks still waiting)."""
+    pg = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not (pg or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        return None
+    if not (isinstance(e, torch.distributed.DistError) or "gloo/transport/" in str(e)):  # Gloo: RuntimeError
+        return None
+    rank = torch.distributed.get_rank() if pg else os.environ.get("RANK", "?")
+    if "timed out" in str(e).lower():
+        return (f"rank {rank}: waited {collective_timeout():g} s for another rank that never came "
+                f"({TIMEOUT_VARIABLE} sets the wait), so this one stops")
+    return f"rank {rank}: another rank stopped, so this one stops too"
+
+
+# -----------------------------------------------------------------------------
+# how long a rank waits for the others
+
+TIMEOUT_VARIABLE = "ALIGNER_COLLECTIVE_TIMEOUT"
+
+
+def collective_timeout() -> float:
+    """Seconds a rank under torchrun waits in a collective (an all-reduce, FSDP's gathering of a
+    block's weights, the ranks' check that they agree) for the other ranks: 600, or the number
+    in ALIGNER_COLLECTIVE_TIMEOUT. Ours: long enough for what one rank may do while the others
+    wait (load a checkpoint a little slower, write the run's files), short enough that a rank
+    that never arrives ends the run in minutes, not in Gloo's default 30."""
+    text = os.environ.get(TIMEOUT_VARIABLE, "600")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{TIMEOUT_VARIABLE}={text}: not a number of seconds > 0")
+    return seconds

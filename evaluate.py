@@ -670,6 +670,10 @@ def main(argv=None):
     if tasks == ("qa",) and (args.shots or args.paper):
         parser.error(f"{'--paper' if args.paper else '--shots'}: qa takes no shots (gsm8k and mmlu do)")
 
+    device, dtype = cli.place(args)
+    d = distributed.init_distributed(device, args.fsdp, args.compile)
+    distributed.check_ranks_agree(d, args, ("data", "aligner"))  # under torchrun, every rank the same run
+
     # --- check what can be checked before anything loads
     if args.ckpt is None:
         check_demo(DEMO_CKPT, DEMO_DATA)
@@ -695,8 +699,6 @@ def main(argv=None):
         if not args.overwrite:  # an earlier evaluation's files, whichever tasks it ran
             refuse_existing([Path(args.out) / name for name in WRITTEN])
     check_context(args.ckpt, args.max_seq_len, args.beyond_context)
-    device, dtype = cli.place(args)
-    d = distributed.init_distributed(device, args.fsdp, args.compile)
 
     # --- load
     model, tokenizer = (distributed.load_sharded if d.fsdp else load)(

@@ -217,3 +217,72 @@ def refuse_existing(paths, flag: str = "--out"):
     if existing:
         raise FileError(f"{flag}: {', '.join(existing)} already exist(s); choose another {flag}, "
                         "or pass --overwrite to replace")
+
+
+# -----------------------------------------------------------------------------
+# what an input holds: compared when a run resumes (trainer), and between the ranks of one
+# run before the model loads (distributed.check_ranks_agree)
+
+WEIGHT_FILES = (".pth", ".safetensors", ".bin")  # Meta's shards, Hugging Face's weight files
+CHECKPOINT_SETTINGS = ("params.json", "config.json")
+
+# A weight file is hashed by its size and SLICES slices of SLICE_BYTES at fixed places, not
+# whole: reading all 13 GB of LLaMA-2-13B takes a minute from a fast disk and far longer over a
+# network, while 16 MiB take a fraction of a second. Ours, and its price: a change confined to
+# the bytes between the slices goes unseen. Another model's weights, or the same model's in
+# another dtype, differ already in the first slice, which holds the file's header (the names,
+# shapes and places of the tensors) and the start of the first tensor's data.
+SLICES = 16
+SLICE_BYTES = 1 << 20
+
+
+def sampled_sha256(path, slices: int = SLICES, slice_bytes: int = SLICE_BYTES) -> str:
+    """sha256 of a file's size and of `slices` slices of `slice_bytes` bytes: the first, the last,
+    and the others evenly between. A file no larger than the slices together is hashed whole."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256(f"{size}\n".encode())
+    with open(path, "rb") as f:
+        if size <= slices * slice_bytes:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        else:
+            for i in range(slices):
+                f.seek(i * (size - slice_bytes) // (slices - 1))
+                digest.update(f.read(slice_bytes))
+    return digest.hexdigest()
+
+
+def file_fingerprint(path: Path) -> dict:
+    """A file's size and hash: sampled for a weight file (sampled_sha256), whole for any other."""
+    if path.name.endswith(WEIGHT_FILES):
+        return {"bytes": path.stat().st_size, "sampled_sha256": sampled_sha256(path)}
+    return {"bytes": path.stat().st_size, "sha256": sha256(path)}
+
+
+def fingerprint(value):
+    """What an input holds, as plain data that is equal exactly where the content is (for weight
+    files, as far as their sampled slices tell):
+
+    - a file: its size and hash (file_fingerprint);
+    - a checkpoint folder (params.json or config.json in it): by file name, its settings file,
+      its weight files and its tokenizer.model (in the folder or beside it, llama.find_tokenizer);
+      nothing else there, so that notes or a licence put in the folder change nothing;
+    - any other folder (MMLU's): every file under it, by its path inside the folder;
+    - anything else (None, 'init', 'base', a path where nothing is): itself, as a string.
+
+    An unreadable file raises OSError."""
+    path = Path(value) if isinstance(value, (str, Path)) else None
+    if path is not None and path.is_file():
+        return file_fingerprint(path)
+    if path is not None and path.is_dir():
+        if not any((path / name).is_file() for name in CHECKPOINT_SETTINGS):
+            return {str(p.relative_to(path)): file_fingerprint(p) for p in sorted(path.rglob("*")) if p.is_file()}
+        from llama import find_tokenizer  # here, not at the top: llama imports this module
+        try:
+            tokenizer = [find_tokenizer(path)]
+        except FileNotFoundError:
+            tokenizer = []
+        files = ([path / name for name in CHECKPOINT_SETTINGS if (path / name).is_file()] + tokenizer
+                 + [p for p in sorted(path.iterdir()) if p.is_file() and p.name.endswith(WEIGHT_FILES)])
+        return {p.name: file_fingerprint(p) for p in files}  # settings first: a difference is named at the first file
+    return None if value is None else str(value)

@@ -595,6 +595,9 @@ def main(argv=None):
                         help="compile the decode step (torch.compile; CUDA graphs on a GPU): slow to "
                              "start, then less time per token")
     args = parser.parse_args(argv)
+    device, dtype = cli.place(args)
+    d = distributed.init_distributed(device, args.fsdp, args.compile)
+    distributed.check_ranks_agree(d, args, ("aligner", "prompts_file"))  # under torchrun, every rank the same run
 
     # --- check what can be checked before anything loads -----------------------
     for path in args.aligner:
@@ -616,8 +619,6 @@ def main(argv=None):
     names = model_names(args)
     check_outputs(args, questions, names)
     check_context(ckpt, args.max_seq_len, args.beyond_context)
-    device, dtype = cli.place(args)
-    d = distributed.init_distributed(device, args.fsdp, args.compile)
 
     # --- load -------------------------------------------------------------------
     model, tokenizer = (distributed.load_sharded if d.fsdp else load)(ckpt, device=device, dtype=dtype,

@@ -155,15 +155,16 @@ def main(argv=None):
     demo = args.ckpt == str(data.DEMO_CKPT)
     if demo and args.init_aligner is None and Path(DEMO_INIT).is_file():
         args.init_aligner = DEMO_INIT
+
+    # --- processes and devices; every rank given the same run, the files checked, before anything loads
+    d = distributed.init_distributed(torch.device(args.device), args.fsdp)
+    distributed.check_ranks_agree(d, args, trainer.INPUTS)
     if args.reference not in ("init", "base"):
         Aligner.check_file(args.reference)  # an unreadable or unusable Aligner file stops here, before the base loads
     init = Aligner.check_file(args.init_aligner) if args.init_aligner else None
     args.n_tokens, args.start_layer, args.llama_adapter = aligner_shape(args, init)  # what trains, as recorded
-    trainer.open_run(args)  # a finished run in --out is refused, and --resume checked, before anything loads
+    trainer.open_run(args)  # a finished run in --out is refused, and --resume checked
     check_context(args.ckpt, args.max_seq_len, args.beyond_context)
-
-    # --- processes and devices; on the demo, start from its SFT run
-    d = distributed.init_distributed(torch.device(args.device), args.fsdp)
     say = print if d.rank == 0 else (lambda *a, **k: None)
     if demo:
         say(f"{trainer.demo_line(args.ckpt, args.data, 'pku_saferlhf.jsonl')}, "

@@ -65,11 +65,12 @@ def main(argv=None):
     trainer.add_arguments(parser, n_tokens=10, lr=9e-3, batch_size=64, epochs=8, warmup_epochs=1.0,
                           max_seq_len=512, out="runs/sft")
     args = trainer.parse_args(parser, argv, demo_defaults=DEMO_DEFAULTS, demo_data="alpaca.json")
-    trainer.open_run(args)  # a finished run in --out is refused, and --resume checked, before anything loads
-    check_context(args.ckpt, args.max_seq_len, args.beyond_context)
 
-    # --- processes and devices
+    # --- processes and devices; every rank given the same run, --out checked, before anything loads
     d = distributed.init_distributed(torch.device(args.device), args.fsdp)
+    distributed.check_ranks_agree(d, args, trainer.INPUTS)
+    trainer.open_run(args)  # a finished run in --out is refused, and --resume checked
+    check_context(args.ckpt, args.max_seq_len, args.beyond_context)
     say = print if d.rank == 0 else (lambda *a, **k: None)
     if args.ckpt == str(data.DEMO_CKPT):
         say(trainer.demo_line(args.ckpt, args.data, "alpaca.json") + ".")

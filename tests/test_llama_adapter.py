@@ -13,7 +13,7 @@ import train_dpo
 import train_sft
 from aligner import Aligner
 from conftest import lit_llama_adapter_state
-from llama import ModelArgs, load, read_params
+from llama import ModelArgs, read_params
 
 
 def read_jsonl(path):
