@@ -76,6 +76,15 @@ def lit_llama_adapter_state(args, n_tokens=2, start_layer=2, seed=0) -> dict:
     return state
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices gain nothing from threads, and lose much to them on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """Path of a tiny random checkpoint folder (params.json, consolidated.00.pth; tokenizer.model beside it)."""

@@ -25,13 +25,7 @@ FLOAT32 = dict(atol=5e-5, rtol=1e-4)
 PROMPTS = ["The quick brown fox", "Hi", "A robin is a bird. A salmon is a fish. The capital", "Question: What"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads, and lose much to them on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

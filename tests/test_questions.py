@@ -47,12 +47,7 @@ ALPACA_PREAMBLE = ("Below is an instruction that describes a task. Write a respo
                    "the request.\n\n### Instruction:\n")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
