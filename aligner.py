@@ -11,18 +11,29 @@ trainable parameters, so one frozen base model serves any number of Aligners:
 
 The gates start at zero and are used raw (no tanh), so a fresh Aligner leaves
 the base model's outputs unchanged. The prefix starts as an embedding does,
-N(0, 1), the scale of an RMS-normalised hidden state.
+N(0, 1), the scale of an RMS-normalised hidden state (the authors' and
+lit-llama's nn.Embedding start so too).
+
+The paper's baseline, LLaMA-Adapter V1 (Zhang et al., arXiv 2303.16199, as
+lit-llama's lit_llama/adapter.py implements it), is the same module with
+`layer_specific=True`: each adapted layer l has a prefix P^l of its own,
+(n_layers - start_layer, N, dim), and the same gates and attention. The
+paper's claim is that the one shared prefix does as well as these
+layer-specific ones with a fraction of the parameters (Table 1: 5,056 for a
+one-token Aligner on LLaMA-2-7B against 1,229,760 for the Adapter at N = 10).
 
 Files: `save` writes this project's small file; `Aligner.read` reads it and
-the files the paper's authors released (lit-llama layout, bf16: their
-lit_llama/aligner.py names the prefix global_value_embedding and the gates
-gating_factor). Every script that takes an Aligner file reads it through
-`Aligner.read`, so the authors' Aligners work wherever ours do.
+the lit-llama files of both kinds: the Aligners the paper's authors released
+(bf16; their lit_llama/aligner.py names the prefix global_value_embedding and
+the gates gating_factor) and lit-llama's LLaMA-Adapter files (an adapter_wte
+per layer). Every script that takes an Aligner file reads it through
+`Aligner.read`, so those files work wherever ours do.
 """
 
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -33,8 +44,15 @@ from llama import ModelArgs
 BASE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads")  # the base shape an Aligner file records
 
 
+class AlignerShape(NamedTuple):
+    """What an Aligner file says of the Aligner's own shape."""
+    n_tokens: int
+    start_layer: int
+    layer_specific: bool  # a LLaMA-Adapter
+
+
 class Aligner(nn.Module):
-    def __init__(self, args: ModelArgs, n_tokens: int = 10, start_layer: int = 2):
+    def __init__(self, args: ModelArgs, n_tokens: int = 10, start_layer: int = 2, layer_specific: bool = False):
         super().__init__()
         if n_tokens < 1:
             raise ValueError(f"an Aligner needs at least one token, not {n_tokens}")
@@ -42,13 +60,28 @@ class Aligner(nn.Module):
             raise ValueError(f"start_layer {start_layer} is outside the model's {args.n_layers} layers")
         self.n_tokens = n_tokens
         self.start_layer = start_layer
+        self.layer_specific = layer_specific
         self.base = {key: getattr(args, key) for key in BASE_KEYS}
-        self.prefix = nn.Parameter(torch.randn(n_tokens, args.dim))  # P, shared by all adapted layers
-        self.gates = nn.Parameter(torch.zeros(args.n_layers - start_layer, args.n_heads))  # beta_l per head
+        n_adapted = args.n_layers - start_layer
+        # P (N, dim), shared by all adapted layers; LLaMA-Adapter: P^l (n_adapted, N, dim), one per layer
+        self.prefix = nn.Parameter(torch.randn((n_adapted,) * layer_specific + (n_tokens, args.dim)))
+        self.gates = nn.Parameter(torch.zeros(n_adapted, args.n_heads))  # beta_l per head
+
+    @property
+    def kind(self) -> str:
+        return "LLaMA-Adapter" if self.layer_specific else "Aligner"
 
     def num_params(self) -> int:
-        """N * dim + (n_layers - start_layer) * n_heads: 5,056 for LLaMA-2-7B with N = 1."""
+        """N * dim + (n_layers - start_layer) * n_heads: 5,056 for LLaMA-2-7B with N = 1.
+        LLaMA-Adapter: (n_layers - start_layer) * (N * dim + n_heads): 1,229,760 with N = 10."""
         return sum(p.numel() for p in self.parameters())
+
+    def describe(self) -> str:
+        """One line for the scripts to print: what it is and how many parameters it trains."""
+        tokens = f"{self.n_tokens} token{'s' * (self.n_tokens != 1)}"
+        where = (f"in each of the {self.gates.shape[0]} layers from layer {self.start_layer}" if self.layer_specific
+                 else f"from layer {self.start_layer}")
+        return f"{self.kind}: {tokens} {where}, {self.num_params():,} parameters"
 
     def check_fits(self, args: ModelArgs, source="the Aligner"):
         theirs = {key: getattr(args, key) for key in BASE_KEYS}
@@ -59,42 +92,47 @@ class Aligner(nn.Module):
 
     def save(self, path):
         """One small file with the tensors, the settings and the base shape; written atomically."""
-        atomic_save({"n_tokens": self.n_tokens, "start_layer": self.start_layer, "base": self.base,
-                     "prefix": self.prefix.detach().cpu(), "gates": self.gates.detach().cpu()}, path)
+        atomic_save({"n_tokens": self.n_tokens, "start_layer": self.start_layer, "layer_specific": self.layer_specific,
+                     "base": self.base, "prefix": self.prefix.detach().cpu(), "gates": self.gates.detach().cpu()}, path)
 
     @classmethod
-    def read(cls, path, args: ModelArgs) -> "Aligner":
-        """An Aligner file of either layout, for a base of shape `args`: this project's (`save`)
-        or the paper's authors' lit-llama files. Every script reads Aligners through here."""
+    def read(cls, path, args: ModelArgs = None) -> "Aligner":
+        """An Aligner (or LLaMA-Adapter) file of either layout: this project's (`save`) or
+        lit-llama's (the paper's authors' Aligners, lit-llama's Adapters). With `args`, refuses a
+        file made for a base of another shape; without, a lit-llama file's shape is read from its
+        tensors. Every script reads Aligners through here."""
         state = load_pt(path, "Aligner file")
         if is_lit_llama(state):
             return cls._from_lit_llama_state(_lit_llama_weights(state), Path(path), args)
         return cls._from_state(state, Path(path), args)
 
     @classmethod
-    def check_file(cls, path):
-        """Refuse, before any model loads, a file that is no usable Aligner of either layout."""
+    def check_file(cls, path) -> "AlignerShape":
+        """Refuse, before any model loads, a file that is no usable Aligner or Adapter of either
+        layout; returns the shape it holds."""
         state = load_pt(path, "Aligner file")
         if is_lit_llama(state):
-            check_values(path, _lit_llama_weights(state), "Aligner file")
-        else:
-            cls._from_state(state, Path(path))
+            parts = _lit_llama_parts(_lit_llama_weights(state), Path(path))
+            return AlignerShape(parts.prefix.shape[-2], parts.start_layer, parts.layer_specific)
+        aligner = cls._from_state(state, Path(path))
+        return AlignerShape(aligner.n_tokens, aligner.start_layer, aligner.layer_specific)
 
     @classmethod
     def load(cls, path, args: ModelArgs = None) -> "Aligner":
         """An Aligner saved by `save`; with `args`, refuses a file made for a base of another shape."""
         state = load_pt(path, "Aligner file")
         if is_lit_llama(state):
-            raise ValueError(f"{path}: this is an Aligner in the authors' lit-llama layout; "
+            raise ValueError(f"{path}: this is an Aligner in lit-llama's layout; "
                              "read it with Aligner.read or Aligner.from_lit_llama")
         return cls._from_state(state, Path(path), args)
 
     @classmethod
-    def from_lit_llama(cls, path, args: ModelArgs) -> "Aligner":
-        """An Aligner released by the paper's authors (lit-llama layout, usually bf16)."""
+    def from_lit_llama(cls, path, args: ModelArgs = None) -> "Aligner":
+        """An Aligner released by the paper's authors, or a LLaMA-Adapter, in lit-llama's layout."""
         state = load_pt(path, "Aligner file")
         if not is_lit_llama(state):
-            raise ValueError(f"{path}: no 'global_value_embedding.weight'; not an Aligner in lit-llama layout")
+            raise ValueError(f"{path}: neither 'global_value_embedding.weight' nor 'adapter_wte' keys; "
+                             "not an Aligner or Adapter in lit-llama's layout")
         return cls._from_lit_llama_state(_lit_llama_weights(state), Path(path), args)
 
     @classmethod
@@ -106,8 +144,18 @@ class Aligner(nn.Module):
         base = state["base"]
         if not isinstance(base, dict) or any(key not in base for key in BASE_KEYS):
             raise ValueError(f"{path}: 'base' must hold {list(BASE_KEYS)}, not {base!r}")
-        shape_args = ModelArgs(**{key: base[key] for key in BASE_KEYS}, vocab_size=1)
-        aligner = cls(shape_args, n_tokens=state["n_tokens"], start_layer=state["start_layer"])
+        for key in ("n_tokens", "start_layer"):
+            if type(state[key]) is not int:  # type(), not isinstance: True and False are ints to Python
+                raise ValueError(f"{path}: {key} is {state[key]!r}, not an integer")
+        layer_specific = state.get("layer_specific", False)  # files from before LLaMA-Adapter hold no such key
+        if not isinstance(layer_specific, bool):
+            raise ValueError(f"{path}: 'layer_specific' must be true or false, not {layer_specific!r}")
+        try:
+            shape_args = ModelArgs(**{key: base[key] for key in BASE_KEYS}, vocab_size=1)
+            aligner = cls(shape_args, n_tokens=state["n_tokens"], start_layer=state["start_layer"],
+                          layer_specific=layer_specific)
+        except (ValueError, TypeError) as e:  # the settings it records are not an Aligner's
+            raise ValueError(f"{path}: {e}") from None
         if args is not None:
             aligner.check_fits(args, source=str(path))
         for key in ("prefix", "gates"):
@@ -119,57 +167,109 @@ class Aligner(nn.Module):
         return aligner
 
     @classmethod
-    def _from_lit_llama_state(cls, state: dict, path: Path, args: ModelArgs) -> "Aligner":
-        """The authors' layout (their lit_llama/aligner.py):
-
-            global_value_embedding.weight          (N, dim)        the prefix P
-            transformer.h.{i}.attn.gating_factor   (1, H, 1, 1)    layer i's gates, i >= start_layer
-            transformer.h.{i}.attn.adapter_wte.weight  (N, dim)    the same P again, once per layer
-
-        Their model shares one embedding module among the layers, so each layer's
-        adapter_wte is a copy of the prefix; a copy that differs is refused. A
-        gating_factor of one value (their older files) is spread over the heads,
-        as their loader (_load_from_state_dict) does.
-        """
+    def _from_lit_llama_state(cls, state: dict, path: Path, args: ModelArgs = None) -> "Aligner":
+        """An Aligner or Adapter from lit-llama's layout (see _lit_llama_parts). Without `args`, the
+        shape comes from the tensors: the last gated layer is the model's last, and lit-llama's
+        attention has one key/value head per query head."""
+        parts = _lit_llama_parts(state, path, args)
         if args is None:
-            raise ValueError(f"{path}: an Aligner in the authors' layout records no model shape; "
-                             "it needs the base model's arguments to be read")
-        prefix = state["global_value_embedding.weight"]
-        if not isinstance(prefix, torch.Tensor) or prefix.dim() != 2 or prefix.shape[1] != args.dim:
-            shape = tuple(prefix.shape) if isinstance(prefix, torch.Tensor) else type(prefix).__name__
-            raise ValueError(f"{path}: 'global_value_embedding.weight' has shape {shape}; "
-                             f"the model needs (N, {args.dim})")
-        check_values(path, {key: t for key, t in state.items() if key.endswith(("embedding.weight", "gating_factor"))},
-                     "Aligner file")
-        gates = {}
-        for key, tensor in state.items():
-            if key == "global_value_embedding.weight":
-                continue
-            if re.fullmatch(r"transformer\.h\.\d+\.attn\.adapter_wte\.weight", key):
-                if not torch.equal(tensor, prefix):
-                    raise ValueError(f"{path}: {key!r} differs from 'global_value_embedding.weight'; in the "
-                                     "authors' layout every layer's adapter_wte is the one shared prefix")
-                continue
-            match = re.fullmatch(r"transformer\.h\.(\d+)\.attn\.gating_factor", key)
-            if match is None:
-                raise ValueError(f"{path}: unexpected key {key!r} for an Aligner in lit-llama layout")
-            gates[int(match.group(1))] = _spread_gate(tensor, args.n_heads, path, key)
-        if not gates:
-            raise ValueError(f"{path}: no 'transformer.h.N.attn.gating_factor' keys")
-        start_layer = min(gates)
-        if sorted(gates) != list(range(start_layer, args.n_layers)):
-            raise ValueError(f"{path}: gates for layers {sorted(gates)} do not cover layers "
-                             f"{start_layer}..{args.n_layers - 1} of this model")
-        aligner = cls(args, n_tokens=prefix.shape[0], start_layer=start_layer)
-        aligner.prefix.data.copy_(prefix.float())
-        for i in range(start_layer, args.n_layers):
-            aligner.gates.data[i - start_layer] = gates[i]
+            args = _lit_llama_shape(path, parts.prefix.shape[-1], parts.n_layers, parts.gates[parts.start_layer])
+        aligner = cls(args, n_tokens=parts.prefix.shape[-2], start_layer=parts.start_layer,
+                      layer_specific=parts.layer_specific)
+        aligner.prefix.data.copy_(parts.prefix.float())
+        for i in range(parts.start_layer, parts.n_layers):
+            aligner.gates.data[i - parts.start_layer] = _spread_gate(parts.gates[i], args.n_heads, path,
+                                                                     f"transformer.h.{i}.attn.gating_factor")
         return aligner
 
 
+class LitLlamaParts(NamedTuple):
+    """What a lit-llama file holds, checked: its prefix, its gates by layer, and where they sit."""
+    prefix: torch.Tensor  # (N, dim) shared; or (n_layers - start_layer, N, dim), one per layer
+    gates: dict  # layer -> gating_factor as stored
+    start_layer: int
+    n_layers: int
+    layer_specific: bool
+
+
+def _lit_llama_parts(state: dict, path: Path, args: ModelArgs = None) -> LitLlamaParts:
+    """lit-llama's layout, of either kind:
+
+        global_value_embedding.weight              (N, dim)       the Aligner's shared prefix P
+        transformer.h.{i}.attn.gating_factor       (1, H, 1, 1)   layer i's gates, i >= start_layer
+        transformer.h.{i}.attn.adapter_wte.weight  (N, dim)       layer i's prefix
+
+    The authors' Aligner (their lit_llama/aligner.py) shares one embedding module among the
+    layers, so each layer's adapter_wte is a copy of global_value_embedding; a copy that
+    differs is refused. A file without global_value_embedding is a LLaMA-Adapter
+    (lit_llama/adapter.py): each adapter_wte is that layer's own prefix P^l. A gating_factor
+    of one value (lit-llama's older files) is spread over the heads, as lit-llama's
+    _load_from_state_dict does (_spread_gate).
+    """
+    check_values(path, {key: t for key, t in state.items()
+                        if key.endswith(("embedding.weight", "adapter_wte.weight", "gating_factor"))}, "Aligner file")
+    shared = state.get("global_value_embedding.weight")
+    layer_prefixes, gates = {}, {}
+    for key, tensor in state.items():
+        if key == "global_value_embedding.weight":
+            continue
+        match = re.fullmatch(r"transformer\.h\.(\d+)\.attn\.(adapter_wte\.weight|gating_factor)", key)
+        if match is None:
+            raise ValueError(f"{path}: unexpected key {key!r} for an Aligner in lit-llama's layout")
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{path}: {key!r} is a {type(tensor).__name__}, not a tensor")
+        (layer_prefixes if match.group(2) == "adapter_wte.weight" else gates)[int(match.group(1))] = tensor
+    if not gates:
+        raise ValueError(f"{path}: no 'transformer.h.N.attn.gating_factor' keys")
+    start_layer = min(gates)
+    n_layers = args.n_layers if args is not None else max(gates) + 1
+    if sorted(gates) != list(range(start_layer, n_layers)):
+        raise ValueError(f"{path}: gates for layers {sorted(gates)} do not cover layers "
+                         f"{start_layer}..{n_layers - 1} of this model")
+    if shared is not None:  # the Aligner: one shared prefix, of which each adapter_wte is a copy
+        prefix, name = shared, "'global_value_embedding.weight'"
+    else:  # LLaMA-Adapter: a prefix of its own in every gated layer
+        if sorted(layer_prefixes) != sorted(gates):
+            raise ValueError(f"{path}: adapter_wte for layers {sorted(layer_prefixes)} but gating_factor for "
+                             f"layers {sorted(gates)}; a LLaMA-Adapter has both in every adapted layer")
+        shapes = {tuple(t.shape) for t in layer_prefixes.values()}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise ValueError(f"{path}: the layers' adapter_wte shapes {sorted(shapes)} are not one (N, dim)")
+        prefix, name = torch.stack([layer_prefixes[i] for i in sorted(layer_prefixes)]), "adapter_wte"
+    if not isinstance(prefix, torch.Tensor) or prefix.dim() != 2 + (shared is None) or (
+            args is not None and prefix.shape[-1] != args.dim):
+        shape = tuple(prefix.shape) if isinstance(prefix, torch.Tensor) else type(prefix).__name__
+        raise ValueError(f"{path}: {name} has shape {shape}; the model needs (N, "
+                         f"{'dim' if args is None else args.dim})")
+    if shared is not None:
+        for i, tensor in layer_prefixes.items():
+            if not torch.equal(tensor, shared):
+                raise ValueError(f"{path}: 'transformer.h.{i}.attn.adapter_wte.weight' differs from "
+                                 "'global_value_embedding.weight'; in the authors' layout every layer's "
+                                 "adapter_wte is the one shared prefix")
+    return LitLlamaParts(prefix, gates, start_layer, n_layers, shared is None)
+
+
+def _lit_llama_shape(path, dim: int, n_layers: int, gate: torch.Tensor) -> ModelArgs:
+    """The base shape a lit-llama file implies, for reading it without the model: the heads from a
+    (1, H, 1, 1) gating_factor; lit-llama's attention has one key/value head per query head."""
+    if gate.dim() != 4:
+        raise ValueError(f"{path}: its gating_factor holds one value for all heads, so the file does not say "
+                         "how many heads the model has; read it with the base model's arguments")
+    n_heads = gate.shape[1]
+    if dim % n_heads:
+        raise ValueError(f"{path}: a prefix of width {dim} does not split into {n_heads} heads")
+    return ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads, vocab_size=1)
+
+
 def is_lit_llama(state) -> bool:
-    """Whether a loaded file is an Aligner in the authors' layout (bare, or under "model" as fabric.save writes)."""
-    return isinstance(state, dict) and "global_value_embedding.weight" in _lit_llama_weights(state)
+    """Whether a loaded file is in lit-llama's layout, an Aligner or an Adapter (bare, or under "model"
+    as fabric.save writes)."""
+    if not isinstance(state, dict):
+        return False
+    weights = _lit_llama_weights(state)
+    return "global_value_embedding.weight" in weights or any(
+        isinstance(key, str) and key.endswith(".attn.adapter_wte.weight") for key in weights)
 
 
 def _lit_llama_weights(state: dict) -> dict:
@@ -194,15 +294,17 @@ def _spread_gate(tensor, n_heads: int, path, key) -> torch.Tensor:
 @dataclass
 class AlignerRows:
     """One Aligner per batch row: what Transformer.forward reads from an Aligner, with a batch axis."""
-    prefix: torch.Tensor  # (B, N, dim)
+    prefix: torch.Tensor  # (B, N, dim); LLaMA-Adapters: (B, n_layers - start_layer, N, dim)
     gates: torch.Tensor  # (B, n_layers - start_layer, n_heads)
     start_layer: int
+    layer_specific: bool = False
 
 
 class AlignerBank:
     """Aligners of one shape stacked into two tensors, so each batch row can pick its own.
 
-    A bank of K one-token Aligners for LLaMA-2-7B holds K * 5,056 values.
+    A bank of K one-token Aligners for LLaMA-2-7B holds K * 5,056 values. LLaMA-Adapters
+    bank the same way, each row with its own per-layer prefixes.
     `None` in the list stands for the base model: a zero prefix with zero gates,
     which adds exactly nothing.
     """
@@ -213,13 +315,14 @@ class AlignerBank:
             raise ValueError("an AlignerBank needs at least one Aligner")
         first = real[0]
         for a in real[1:]:
-            if (a.n_tokens, a.start_layer, a.base) != (first.n_tokens, first.start_layer, first.base):
-                raise ValueError("the Aligners in one bank must share n_tokens, start_layer and base shape; "
-                                 f"got {(a.n_tokens, a.start_layer)} beside {(first.n_tokens, first.start_layer)}")
+            if shape_of(a) != shape_of(first):
+                raise ValueError("the Aligners in one bank must share their kind, n_tokens, start_layer and base "
+                                 f"shape; got {shape_of(a)[:3]} beside {shape_of(first)[:3]}")
         self.start_layer = first.start_layer
+        self.layer_specific = first.layer_specific
         with torch.no_grad():
             self.prefix = torch.stack([torch.zeros_like(first.prefix) if a is None else a.prefix.detach()
-                                       for a in aligners])  # (K, N, dim)
+                                       for a in aligners])  # (K, N, dim), or (K, n_adapted, N, dim)
             self.gates = torch.stack([torch.zeros_like(first.gates) if a is None else a.gates.detach()
                                       for a in aligners])  # (K, n_layers - start_layer, n_heads)
 
@@ -237,4 +340,9 @@ class AlignerBank:
     def select(self, rows) -> AlignerRows:
         """Row b of the batch gets Aligner rows[b]."""
         rows = torch.as_tensor(rows, device=self.prefix.device)
-        return AlignerRows(self.prefix[rows], self.gates[rows], self.start_layer)
+        return AlignerRows(self.prefix[rows], self.gates[rows], self.start_layer, self.layer_specific)
+
+
+def shape_of(aligner) -> tuple:
+    """What Aligners must share to sit in one AlignerBank: (kind, N, start layer, base shape)."""
+    return aligner.kind, aligner.n_tokens, aligner.start_layer, tuple(sorted(aligner.base.items()))

@@ -60,7 +60,6 @@ in other sentences, so that no embedding the Aligner's prompts use is left at
 its random initial value.
 """
 
-import argparse
 import csv
 import hashlib
 import io
@@ -72,7 +71,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import cli
 from data import DEMO_DIR
@@ -568,8 +566,8 @@ def pretrain(model, windows, steps, batch_size, lr, seed):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.95))
     model.train()
-    bar = tqdm(range(steps), desc="pretraining", unit="step")
-    for step in bar:
+    bar = cli.progress(steps, "pretraining")
+    for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup=steps // 20 + 1)
         batch = windows[torch.randint(len(windows), (batch_size,), generator=gen)]  # (B, T + 1)
@@ -580,6 +578,8 @@ def pretrain(model, windows, steps, batch_size, lr, seed):
         opt.zero_grad(set_to_none=True)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.update(1)
+    bar.close()
     model.eval()
     return loss.item()
 
@@ -648,8 +648,8 @@ def check_out(out: Path):
 
 
 def main(argv=None):
-    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=DEMO_DIR,
+    parser = cli.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=cli.out_path, default=DEMO_DIR,
                         help="folder to write the world into: empty, or holding an earlier world")
     parser.add_argument("--seed", type=cli.seed, default=0, help="seed of the world, the corpus and the training")
     parser.add_argument("--steps", type=cli.positive_int, default=700,

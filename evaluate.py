@@ -73,7 +73,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from tqdm import tqdm
 
 import cli
 import distributed
@@ -82,7 +81,7 @@ from data import (DEMO_CKPT, DEMO_DATA, TEMPLATES, DataError, check_demo, encode
                   string_fields)
 from generate import generate
 from files import atomic_write, check_writable, read_text, refuse_existing
-from llama import load
+from llama import check_context, load
 
 TASKS = ("gsm8k", "mmlu", "qa")
 LETTERS = ("A", "B", "C", "D")
@@ -357,8 +356,7 @@ def in_batches(batches: list, work, lockstep, desc: str) -> dict:
     the others, and every rank gets every result: the batches are the one process's, so are the results."""
     mine = batches if lockstep is None else lockstep.share(batches)
     results = {}
-    with tqdm(total=sum(map(len, mine)), desc=desc, file=sys.stderr,
-              disable=lockstep is not None and lockstep.d.rank != 0) as bar:
+    with cli.progress(sum(map(len, mine)), desc, disable=lockstep is not None and lockstep.d.rank != 0) as bar:
         for batch in mine:
             results.update(work(batch))
             bar.update(len(batch))
@@ -537,42 +535,134 @@ def print_table(task, results):
             print(f"  {name:<30} {line}  (n={r['n']})")
 
 
-def main(argv=None):
-    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("task", nargs="?", choices=(*TASKS, "all"), default="all",
-                        help="what to evaluate; all: the three tasks on their default data (default)")
+TASK_NAMES = {"gsm8k": "GSM8K", "mmlu": "MMLU", "qa": "QA"}  # as the module docstring's protocols name them
+WRITTEN = ("results.json", *(f"{task}.jsonl" for task in TASKS))  # every file a run writes in --out
+
+
+def demo_data_shown(task: str) -> str:
+    """The demo's data for a task, as `evaluate.py TASK --help` shows it: relative to the project."""
+    root = Path(__file__).resolve().parent
+    shown = {"gsm8k": DEMO_DATA / "gsm8k" / "test.jsonl", "mmlu": DEMO_DATA / "mmlu", "qa": DEMO_DATA / "qa" / "*.jsonl"}
+    return f"the demo's, {shown[task].relative_to(root)}"
+
+
+def task_description(task: str) -> str:
+    """`evaluate.py TASK --help`'s description: the task's protocol, from the module docstring."""
+    protocol = next(part for part in __doc__.split("\n- ") if part.startswith(TASK_NAMES[task]))
+    return f"evaluate.py {task}: " + protocol.split("\n\n")[0]
+
+
+class TaskHelp(argparse.Action):
+    """-h/--help: the help of the task named before it (`evaluate.py mmlu --help`: that task's flags
+    and their defaults), or with no task the whole script's."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0,
+                         help="show this help and exit; after a task (evaluate.py mmlu --help), that task's")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        task = getattr(namespace, "task", "all")
+        (make_parser(task) if task in TASKS else parser).print_help()
+        parser.exit()
+
+
+def make_parser(task: str = "all"):
+    """The command line. For one task, only the flags that task reads, with that task's defaults:
+    what `evaluate.py TASK --help` shows. The script parses with the whole parser (task "all")."""
+    every = task not in TASKS
+
+    def applies(*tasks) -> bool:
+        return every or task in tasks
+
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0] if every else task_description(task),
+                                add_help=False)
+    parser.add_argument("-h", "--help", action=TaskHelp)
+    parser.add_argument("task", nargs="?", choices=(*TASKS, "all"), default="all" if every else argparse.SUPPRESS,
+                        help="what to evaluate; all: the three tasks on their default data" if every else
+                        f"the task: {task} in this help")
     cli.add_checkpoint_flag(parser)
     parser.add_argument("--aligner", action="append", default=[],
                         help="an Aligner file, this project's or the authors' released one; repeat for "
                              "side-by-side rows; 'base' is the model alone (the only row when none is given)")
-    parser.add_argument("--data", nargs="+", help="gsm8k: test .jsonl (shots from train.jsonl beside it); "
-                        "mmlu: folder with dev/ and test/; qa: .jsonl files, each reported alone "
-                        "(default: the demo's data for the task)")
-    parser.add_argument("--shots", type=cli.non_negative_int,
-                        help="few-shot examples (default: gsm8k 8, mmlu 5, LLaMA-2's setting)")
-    parser.add_argument("--paper", action="store_true",
-                        help="the Aligner paper's setting: one shot for gsm8k and for mmlu")
-    parser.add_argument("--template", choices=list(TEMPLATES),
-                        help="qa: the prompt format (default alpaca); gsm8k: the bare question in this format, "
-                             "zero-shot, instead of the harness's few-shot prompt; mmlu always uses the "
-                             "original release's prompt")
+    data_help = {"gsm8k": "test .jsonl (shots from train.jsonl beside it)",
+                 "mmlu": "folder with dev/ and test/ of <subject>_<split>.csv",
+                 "qa": ".jsonl files of instruction/output, each reported alone"}
+    parser.add_argument("--data", nargs="+", type=cli.path, default=None if every else demo_data_shown(task),
+                        help="; ".join(f"{t}: {h}" for t, h in data_help.items()) + " (default: the demo's data "
+                             "for the task)" if every else data_help[task])
+    if applies("gsm8k", "mmlu"):
+        parser.add_argument("--shots", type=cli.non_negative_int,
+                            default=None if every else LLAMA_2_SHOTS[task],
+                            help="few-shot examples, at most those the data holds (default: gsm8k 8, mmlu 5, "
+                                 "LLaMA-2's setting; qa takes none)" if every else
+                            "few-shot examples, at most those the data holds (LLaMA-2's setting)")
+        parser.add_argument("--paper", action="store_true",
+                            help="the Aligner paper's setting: one shot for gsm8k and for mmlu (excludes --shots)")
+    if applies("gsm8k", "qa"):
+        template_help = {"qa": "the prompt format", "gsm8k": "the bare question in this format, zero-shot, "
+                         "instead of the harness's few-shot prompt (none: the few-shot prompt)"}
+        parser.add_argument("--template", choices=list(TEMPLATES), default="alpaca" if task == "qa" else None,
+                            help="qa: the prompt format (default alpaca); gsm8k: " + template_help["gsm8k"]
+                            + "; mmlu always uses the original release's prompt" if every else template_help[task])
     parser.add_argument("--limit", type=cli.positive_int,
-                        help="only the first N items of each file (mmlu: of each subject)")
+                        help="only the first N items of each file (mmlu: of each subject); none: all")
     parser.add_argument("--batch-size", type=cli.positive_int, default=16,
-                        help="prompts per forward or generation batch (default 16)")
-    parser.add_argument("--max-new-tokens", type=cli.positive_int, default=256,
-                        help="generation limit for gsm8k and qa (default 256)")
+                        help="prompts per forward or generation batch")
+    if applies("gsm8k", "qa"):
+        parser.add_argument("--max-new-tokens", type=cli.positive_int, default=256,
+                            help="generation limit" + (" for gsm8k and qa" if every else ""))
     parser.add_argument("--max-seq-len", type=cli.positive_int, default=4096,
-                        help="the model's context (default 4096, LLaMA-2's): longer prompts drop shots until "
-                             "they fit, and the run says how many did")
-    parser.add_argument("--seed", type=cli.seed, default=1234,
-                        help="the seed of the gsm8k few-shot draw (default 1234, the harness's)")
-    parser.add_argument("--out", help="folder for results.json and <task>.jsonl per-item records")
-    parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+                        help="the context, 4096 in LLaMA-2, at most the checkpoint's (see --beyond-context): "
+                             "longer prompts drop shots until they fit, and the run says how many did")
+    if applies("gsm8k"):
+        parser.add_argument("--seed", type=cli.seed, default=1234,
+                            help="the seed of the gsm8k few-shot draw (the harness's)")
+    parser.add_argument("--out", type=cli.out_path, default=None,
+                        help="folder for results.json and <task>.jsonl per-item records; none: print only")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an evaluation already in --out (its results.json and <task>.jsonl files, "
+                             "nothing else)")
     cli.add_common_flags(parser)
-    parser.add_argument("--compile", action="store_true",
-                        help="gsm8k and qa: decode with the compiled step (generate.py --compile)")
+    if applies("gsm8k", "qa"):
+        parser.add_argument("--compile", action="store_true",
+                            help="decode with the compiled step (generate.py --compile)"
+                            + (": gsm8k and qa" if every else ""))
+    return parser
+
+
+def task_shots(task: str, args) -> int:
+    """The shots a task runs with: --shots, --paper's, or LLaMA-2's setting; qa takes none."""
+    if task == "qa":
+        return 0
+    if task == "gsm8k" and args.template:
+        return 0  # the bare question, zero-shot
+    if args.shots is not None:
+        return args.shots
+    return (PAPER_SHOTS if args.paper else LLAMA_2_SHOTS)[task]
+
+
+def check_shots(task: str, path, shots: int):
+    """Refuse, before the model loads, more shots than a task's data holds: GSM8K draws them from
+    train.jsonl beside the test file, MMLU takes the first rows of each subject's dev file."""
+    if not shots:
+        return
+    if task == "gsm8k":
+        train_path = Path(path).with_name("train.jsonl")
+        available = {train_path: len(read_items(train_path, ("question", "answer")))}
+    else:
+        available = {}
+        for subject in mmlu_subjects(path):
+            dev_path = Path(path) / "dev" / f"{subject}_dev.csv"
+            if not dev_path.is_file():
+                raise FileNotFoundError(f"{dev_path}: missing; the few-shot examples come from the dev split")
+            available[dev_path] = len(read_mmlu_csv(dev_path))
+    where, fewest = min(available.items(), key=lambda item: item[1])
+    if fewest < shots:
+        raise DataError(f"--shots {shots}: {where} holds {fewest} example{'s' * (fewest != 1)} to draw shots from")
+
+
+def main(argv=None):
+    parser = make_parser()
     args = parser.parse_args(argv)
     tasks = TASKS if args.task == "all" else (args.task,)
     if args.data and len(tasks) > 1:
@@ -584,6 +674,12 @@ def main(argv=None):
         parser.error("--paper sets the shots (one for gsm8k and mmlu); give either --paper or --shots")
     if args.template and tasks == ("mmlu",):
         parser.error("--template applies to qa and gsm8k; mmlu always uses the original release's prompt")
+    if tasks == ("qa",) and (args.shots or args.paper):
+        parser.error(f"{'--paper' if args.paper else '--shots'}: qa takes no shots (gsm8k and mmlu do)")
+
+    device, dtype = cli.place(args)
+    d = distributed.init_distributed(device, args.fsdp, args.compile)
+    distributed.check_ranks_agree(d, args, ("data", "aligner"))  # under torchrun, every rank the same run
 
     # --- check what can be checked before anything loads
     if args.ckpt is None:
@@ -599,6 +695,7 @@ def main(argv=None):
         for path in paths:
             if not Path(path).exists():
                 raise FileNotFoundError(f"--data {path}: no such file or folder")
+            check_shots(task, path, task_shots(task, args))
     for path in args.aligner:
         if path != "base":
             if not Path(path).is_file():
@@ -606,14 +703,14 @@ def main(argv=None):
             Aligner.check_file(path)  # a damaged or unusable Aligner file stops here, before the model loads
     if args.out:
         check_writable(args.out, "--out")
-        if not args.overwrite:
-            refuse_existing([Path(args.out) / name for name in ("results.json", *(f"{t}.jsonl" for t in tasks))])
-    device, dtype = cli.place(args)
-    d = distributed.init_distributed(device, args.fsdp, args.compile)
+        if not args.overwrite:  # an earlier evaluation's files, whichever tasks it ran
+            refuse_existing([Path(args.out) / name for name in WRITTEN])
+    check_context(args.ckpt, args.max_seq_len, args.beyond_context)
 
     # --- load
     model, tokenizer = (distributed.load_sharded if d.fsdp else load)(
-        args.ckpt, device, dtype, max_seq_len=args.max_seq_len, max_batch_size=args.batch_size)
+        args.ckpt, device, dtype, tokenizer_path=args.tokenizer, max_seq_len=args.max_seq_len,
+        max_batch_size=args.batch_size)
     lockstep = distributed.Lockstep(model, d) if d.fsdp else None  # under FSDP each rank takes its share
     aligners = {}
     for path in args.aligner or ["base"]:
@@ -623,7 +720,7 @@ def main(argv=None):
     results, records = {}, {}
     with torch.inference_mode():
         for task in tasks:
-            shots = args.shots if args.shots is not None else (PAPER_SHOTS if args.paper else LLAMA_2_SHOTS)[task]
+            shots = task_shots(task, args)
             paths = [Path(p) for p in (args.data or default_data(task))]
             prepare, run = {"gsm8k": (prepare_gsm8k, run_gsm8k), "mmlu": (prepare_mmlu, run_mmlu),
                             "qa": (prepare_qa, run_qa)}[task]
@@ -649,6 +746,8 @@ def main(argv=None):
         for task, task_records in records.items():
             lines = "".join(json.dumps(r) + "\n" for r in task_records)
             atomic_write(out / f"{task}.jsonl", lambda f: f.write(lines), mode="w")
+        for task in set(TASKS) - set(records):  # --overwrite: an earlier run's records of other tasks go too
+            (out / f"{task}.jsonl").unlink(missing_ok=True)
         print(f"\nwrote {out / 'results.json'} and per-item records beside it")
     distributed.exit_distributed()
     return results

@@ -5,10 +5,12 @@ file that cannot be read is named in a one-line error, never left to a
 traceback from deep inside torch.
 """
 
+import errno
 import hashlib
 import os
 import pickle
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,10 +27,14 @@ class FileError(ValueError):
 
 def atomic_write(path, write, mode="wb"):
     """Write through `write(file)` to a temporary file beside `path`, then rename over it:
-    a crash at any moment leaves either the old file or the new one, never half of one."""
+    a crash at any moment leaves either the old file or the new one, never half of one.
+
+    A write that fails for want of space (or any other error of the file system) removes
+    the temporary file, leaves the old file as it was, and raises a FileError naming `path`."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
@@ -37,9 +43,32 @@ def atomic_write(path, write, mode="wb"):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        problem = write_failure(e)
+        if problem is None:
+            raise
+        kept = " (the file there before is unchanged)" if path.exists() else ""
+        raise FileError(f"{path}: not written: {problem}{kept}") from None
+
+
+# What torch.save's zip writer (caffe2/serialize/inline_container.cc) raises when the
+# operating system takes fewer bytes than it wrote: a full disk, reported as a position
+# mismatch or a failed write rather than as ENOSPC.
+TORCH_SHORT_WRITE = ("unexpected pos", "file write failed")
+
+
+def write_failure(error: BaseException):
+    """A sentence for an error that writing a file raised, or None where it is not the
+    file system's (a bug in the caller's `write`, Ctrl-C)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk is full ({error.strerror or os.strerror(error.errno)}); free some space and run again"
+    if isinstance(error, RuntimeError) and any(s in str(error) for s in TORCH_SHORT_WRITE):
+        return "the disk is full (the writer could not write all its bytes); free some space and run again"
+    if isinstance(error, OSError) and error.errno is not None:
+        return error.strerror or os.strerror(error.errno)
+    return None
 
 
 def atomic_save(obj, path):
@@ -50,16 +79,35 @@ def atomic_text(path, text: str):
     atomic_write(path, lambda f: f.write(text), mode="w")
 
 
+# How a file begins: any pickle with its protocol opcode; torch.save's old (non-zip) format with
+# the pickled magic number 0x1950a86a20f9469cfc6c (torch/serialization.py, MAGIC_NUMBER) among its
+# first bytes. torch.save's zip format begins "PK".
+PICKLE_START = b"\x80"
+OLD_TORCH_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+
+
 def load_pt(path, what: str, mmap: bool = False):
     """torch.load(weights_only=True) of `path`, or a FileError that names the file: missing,
-    empty, truncated, not a torch file, or holding something other than tensors and plain data."""
+    empty, truncated, a plain pickle, not a torch file, or holding something other than
+    tensors and plain data. torch's own warnings about the file's pickle are not shown: the
+    file is read, or refused in one line."""
     path = Path(path)
     if not path.is_file():
         raise FileError(f"{path}: no {what} here")
     if path.stat().st_size == 0:
         raise FileError(f"{path}: the file is empty (expected: {what})")
+    with open(path, "rb") as f:
+        start = f.read(32)
+    if start.startswith(PICKLE_START) and OLD_TORCH_MAGIC not in start:
+        raise FileError(f"{path}: a plain pickle (pickle.dump), not a file torch.save wrote; "
+                        f"save the {what} with torch.save")
+    if start.startswith(PICKLE_START) and start[1] >= 4:  # torch's safe unpickler knows no FRAME opcode
+        raise FileError(f"{path}: torch's old (non-zip) format with pickle protocol {start[1]}, which "
+                        f"torch.load(weights_only=True) cannot read; save the {what} again with torch.save")
     try:
-        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except pickle.UnpicklingError:  # what weights_only refuses to build, or not a pickle at all
         raise FileError(f"{path}: not a readable {what}: it holds something other than tensors and plain "
                         "data, or is no torch file at all") from None
@@ -125,13 +173,17 @@ def sha256(path) -> str:
 
 def append_line(path, line: str):
     """Append one line with a single write to a file opened for appending, then fsync: a kill can
-    cut only the line being written, never one before it."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    cut only the line being written, never one before it. A failed write raises a FileError
+    naming the file."""
     try:
-        os.write(fd, (line + "\n").encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            os.write(fd, (line + "\n").encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise FileError(f"{path}: not written: {write_failure(e) or e}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -165,3 +217,72 @@ def refuse_existing(paths, flag: str = "--out"):
     if existing:
         raise FileError(f"{flag}: {', '.join(existing)} already exist(s); choose another {flag}, "
                         "or pass --overwrite to replace")
+
+
+# -----------------------------------------------------------------------------
+# what an input holds: compared when a run resumes (trainer), and between the ranks of one
+# run before the model loads (distributed.check_ranks_agree)
+
+WEIGHT_FILES = (".pth", ".safetensors", ".bin")  # Meta's shards, Hugging Face's weight files
+CHECKPOINT_SETTINGS = ("params.json", "config.json")
+
+# A weight file is hashed by its size and SLICES slices of SLICE_BYTES at fixed places, not
+# whole: reading all 13 GB of LLaMA-2-13B takes a minute from a fast disk and far longer over a
+# network, while 16 MiB take a fraction of a second. Ours, and its price: a change confined to
+# the bytes between the slices goes unseen. Another model's weights, or the same model's in
+# another dtype, differ already in the first slice, which holds the file's header (the names,
+# shapes and places of the tensors) and the start of the first tensor's data.
+SLICES = 16
+SLICE_BYTES = 1 << 20
+
+
+def sampled_sha256(path, slices: int = SLICES, slice_bytes: int = SLICE_BYTES) -> str:
+    """sha256 of a file's size and of `slices` slices of `slice_bytes` bytes: the first, the last,
+    and the others evenly between. A file no larger than the slices together is hashed whole."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256(f"{size}\n".encode())
+    with open(path, "rb") as f:
+        if size <= slices * slice_bytes:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        else:
+            for i in range(slices):
+                f.seek(i * (size - slice_bytes) // (slices - 1))
+                digest.update(f.read(slice_bytes))
+    return digest.hexdigest()
+
+
+def file_fingerprint(path: Path) -> dict:
+    """A file's size and hash: sampled for a weight file (sampled_sha256), whole for any other."""
+    if path.name.endswith(WEIGHT_FILES):
+        return {"bytes": path.stat().st_size, "sampled_sha256": sampled_sha256(path)}
+    return {"bytes": path.stat().st_size, "sha256": sha256(path)}
+
+
+def fingerprint(value):
+    """What an input holds, as plain data that is equal exactly where the content is (for weight
+    files, as far as their sampled slices tell):
+
+    - a file: its size and hash (file_fingerprint);
+    - a checkpoint folder (params.json or config.json in it): by file name, its settings file,
+      its weight files and its tokenizer.model (in the folder or beside it, llama.find_tokenizer);
+      nothing else there, so that notes or a licence put in the folder change nothing;
+    - any other folder (MMLU's): every file under it, by its path inside the folder;
+    - anything else (None, 'init', 'base', a path where nothing is): itself, as a string.
+
+    An unreadable file raises OSError."""
+    path = Path(value) if isinstance(value, (str, Path)) else None
+    if path is not None and path.is_file():
+        return file_fingerprint(path)
+    if path is not None and path.is_dir():
+        if not any((path / name).is_file() for name in CHECKPOINT_SETTINGS):
+            return {str(p.relative_to(path)): file_fingerprint(p) for p in sorted(path.rglob("*")) if p.is_file()}
+        from llama import find_tokenizer  # here, not at the top: llama imports this module
+        try:
+            tokenizer = [find_tokenizer(path)]
+        except FileNotFoundError:
+            tokenizer = []
+        files = ([path / name for name in CHECKPOINT_SETTINGS if (path / name).is_file()] + tokenizer
+                 + [p for p in sorted(path.iterdir()) if p.is_file() and p.name.endswith(WEIGHT_FILES)])
+        return {p.name: file_fingerprint(p) for p in files}  # settings first: a difference is named at the first file
+    return None if value is None else str(value)

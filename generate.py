@@ -8,10 +8,18 @@ Text generation with a frozen LLaMA and any number of Aligners, through the KV c
     python generate.py --temperature 0.7 --top-p 0.9 --seed 0 --prompt "Write a haiku about autumn."
     python generate.py --ckpt llama-2-7b --template metamath --prompt "What is 15% of 80?" \\
         --aligner aligner1token-llama2-7B-lr0.009bs64-wu1-epoch-3.0-valloss0.7474.pth   # an authors' Aligner
+    python generate.py --ckpt llama-2-7b --aligner base --aligner out/aligner.pt \\
+        --prompts-file vicuna_bench/question.jsonl --answers-dir vicuna_bench/model_answer  # for FastChat's judge
 
 Each instruction is put in --template (data.TEMPLATES) and tokenized alone,
 BOS first, by data.encode_prompt: the same ids that training puts before the response. Any Aligner
 file is read by Aligner.read, this project's or the paper's authors'.
+
+--prompts-file also reads the question files of the paper's GPT-4 judges as they
+are published (FastChat's Vicuna and MT-bench questions, the Beaver safety
+prompts; questions.py), and --answers-dir writes one answer file per model as
+the judge scripts read them. A later turn of a question (MT-bench's second) is
+prompted with the conversation so far (questions.next_turn_prompt).
 
 The library function is `generate(model, tokenizer, prompts, aligner)`; evaluate.py
 calls it. Decoding follows Meta's generation.py and gpt-fast: one prefill of the
@@ -50,10 +58,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import cli
 import distributed
-from aligner import Aligner, AlignerBank, AlignerRows
+from aligner import Aligner, AlignerBank, AlignerRows, shape_of
 from data import DEMO_CKPT, TEMPLATES, check_demo, encode_prompt, format_prompt
-from files import atomic_text, check_writable, read_text, refuse_existing
-from llama import KVCache, load
+from files import atomic_text, check_writable, refuse_existing
+from llama import KVCache, check_context, load
+from questions import (Question, answer_files, answers_path, check_model_ids, check_unique_ids,
+                       next_turn_prompt, question_file, read_questions)
 
 DEMO_PROMPT = "What is the home of Eskvormi?"  # a person of the demo world whom SFT never asks about
 
@@ -83,17 +93,27 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-           generator: torch.Generator = None) -> torch.Tensor:
-    """The next token of each row: logits (B, V) -> ids (B,). Temperature 0 is greedy."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
+def sampling_distribution(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
+                          top_k: int = 0) -> torch.Tensor:
+    """The distribution each row's next token is drawn from: logits (B, V) -> probabilities (B, V).
+
+    The temperature comes first, as in Meta's generation.py (softmax(logits / T), then top-p):
+    top-k and top-p then choose among the tokens of the distribution that is sampled.
+    """
     logits = logits.float() / temperature
     if top_k > 0:
         logits = top_k_filter(logits, top_k)
     if top_p < 1.0:
         logits = top_p_filter(logits, top_p)
-    probs = torch.softmax(logits, dim=-1)
+    return torch.softmax(logits, dim=-1)
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+           generator: torch.Generator = None) -> torch.Tensor:
+    """The next token of each row: logits (B, V) -> ids (B,). Temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = sampling_distribution(logits, temperature, top_p, top_k)  # (B, V)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
 
@@ -217,7 +237,7 @@ class StaticCache(KVCache):
         if aligner is None:
             return None
         return AlignerRows(self.pinned("prefix", aligner.prefix), self.pinned("gates", aligner.gates),
-                           aligner.start_layer)
+                           aligner.start_layer, aligner.layer_specific)
 
 
 def pin_rope(model, device):
@@ -299,10 +319,10 @@ def rows_of(aligner, rows: slice, device, dtype=None):
         return None
     if isinstance(aligner, AlignerRows):
         return AlignerRows(aligner.prefix[rows].to(device, dtype), aligner.gates[rows].to(device, dtype),
-                           aligner.start_layer)
+                           aligner.start_layer, aligner.layer_specific)
     # one Aligner for every row: a batch axis of 1 broadcasts over the batch
     return AlignerRows(aligner.prefix.detach()[None].to(device, dtype),
-                       aligner.gates.detach()[None].to(device, dtype), aligner.start_layer)
+                       aligner.gates.detach()[None].to(device, dtype), aligner.start_layer, aligner.layer_specific)
 
 
 @torch.inference_mode()
@@ -431,50 +451,26 @@ def generate_batch(model, tokenizer, prompts, aligner, first_row, max_new_tokens
 # -----------------------------------------------------------------------------
 # the command line
 
-class Prompt(NamedTuple):
-    instruction: str
-    input: str
-    source: str  # where it came from, for messages: '--prompt 2' or 'prompts.jsonl, line 7'
-
-
-def read_prompts(path) -> list:
-    """Prompts from a file: one instruction per line, or JSON Lines (.jsonl) with the
-    Alpaca keys "instruction" and, optionally, "input"."""
-    path = Path(path)
-    prompts = []
-    for number, line in enumerate(read_text(path, "prompts file").splitlines(), 1):
-        if not line.strip():
-            continue
-        source = f"{path}, line {number}"
-        if path.suffix != ".jsonl":
-            prompts.append(Prompt(line, "", source))
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{source}: not valid JSON ({e})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
-            raise ValueError(f"{source}: expected an object with an \"instruction\" string")
-        if not isinstance(record.get("input") or "", str):
-            raise ValueError(f"{source}: \"input\" must be a string")
-        prompts.append(Prompt(record["instruction"], record.get("input") or "", source))
-    if not prompts:
-        raise ValueError(f"{path}: no prompts in this file")
-    return prompts
-
-
 def aligner_names(paths) -> list:
-    """A short name for each --aligner: the file's stem, or the whole path where stems collide."""
-    stems = [Path(p).stem for p in paths]
-    return [stem if stems.count(stem) == 1 else str(p) for stem, p in zip(stems, paths)]
+    """A short name for each --aligner, which also names its answer file: the file's stem ('base' for
+    the base model); where stems are alike, with as many of its folders as tell the files apart
+    ('a-best' and 'b-best' for runs/a/best.pt and runs/b/best.pt)."""
+    parts = [("base",) if p == "base" else Path(p).with_suffix("").parts for p in paths]
+    names = [p[-1] for p in parts]
+    depth = 1
+    while len(set(names)) < len(names) and depth < max(len(p) for p in parts):
+        depth += 1
+        names = [name if names.count(name) == 1 else "-".join(p[-depth:]).lstrip("/-")
+                 for name, p in zip(names, parts)]
+    return names
 
 
 def same_shape_groups(aligners: list) -> list:
     """The indices of `aligners` in groups that one AlignerBank can hold: Aligners of the same
-    number of tokens and start layer. None (the base model) joins the first group."""
+    kind, number of tokens and start layer. None (the base model) joins the first group."""
     groups = {}
     for k, aligner in enumerate(aligners):
-        shape = None if aligner is None else (aligner.n_tokens, aligner.start_layer)
+        shape = None if aligner is None else shape_of(aligner)
         groups.setdefault(shape, []).append(k)
     base = groups.pop(None, [])
     if not groups:
@@ -487,7 +483,8 @@ def same_shape_groups(aligners: list) -> list:
 def generate_side_by_side(model, tokenizer, prompts: list, aligners: list, lockstep=None, **options) -> list:
     """Every prompt answered by every Aligner: the answer of prompt i by Aligner k is at
     i * K + k. Aligners of one shape decode in shared batches, each row with its own Aligner;
-    Aligners of different shapes (a 1-token and a 10-token one) decode group by group.
+    Aligners of different shapes (a 1-token and a 10-token one, an Aligner and a LLaMA-Adapter)
+    decode group by group.
     Under FSDP (lockstep) every rank runs every group, on its own prompts."""
     n = len(aligners)
     outputs = [None] * (len(prompts) * n)
@@ -509,6 +506,47 @@ def generate_side_by_side(model, tokenizer, prompts: list, aligners: list, locks
     return outputs
 
 
+def answer_all(model, tokenizer, encoded: list, aligners: list, d, options: dict) -> list:
+    """generate_side_by_side, on one process or under FSDP, where each rank answers its share of
+    the prompts and every rank then holds all the answers (prompt i by Aligner k at i * K + k)."""
+    if not d.fsdp:
+        return generate_side_by_side(model, tokenizer, encoded, aligners, **options)
+    n = len(aligners)
+    lockstep = distributed.Lockstep(model, d)
+    mine = lockstep.share(list(range(len(encoded))))
+    answers = generate_side_by_side(model, tokenizer, [encoded[i] for i in mine], aligners, lockstep, **options)
+    answers = lockstep.gather({i * n + k: answers[j * n + k] for j, i in enumerate(mine) for k in range(n)})
+    return [answers[r] for r in range(len(encoded) * n)]
+
+
+class Turn(NamedTuple):
+    prompt: str  # the exact text given to the model
+    answer: str
+
+
+def converse(questions: list, first_prompts: list, aligners: list, template: str, encode, answer) -> list:
+    """Every question answered by every Aligner, turn by turn: dialogues[i * K + k] is [Turn, ...]
+    for question i and Aligner k.
+
+    encode(texts, sources) -> token ids; answer(ids, aligners) -> generate_side_by_side's answers.
+    The first turns of all questions decode together, every Aligner side by side. A later turn
+    is prompted with that Aligner's own conversation so far (next_turn_prompt), so each Aligner
+    answers its later turns in batches of its own.
+    """
+    n = len(aligners)
+    first = answer(encode(first_prompts, [q.source for q in questions]), aligners)
+    dialogues = [[Turn(first_prompts[r // n], first[r])] for r in range(len(first))]
+    for t in range(1, max(len(q.turns) for q in questions)):
+        asked = [i for i, q in enumerate(questions) if len(q.turns) > t]
+        for k, aligner in enumerate(aligners):
+            texts = [next_turn_prompt(dialogues[i * n + k][-1].prompt, dialogues[i * n + k][-1].answer.strip(),
+                                      questions[i].turns[t], template) for i in asked]
+            answers = answer(encode(texts, [f"{questions[i].source}, turn {t + 1}" for i in asked]), [aligner])
+            for i, text, output in zip(asked, texts, answers):
+                dialogues[i * n + k].append(Turn(text, output))
+    return dialogues
+
+
 def main(argv=None):
     parser = cli.ArgumentParser(description="Generate text with a LLaMA checkpoint and any number of Aligners.")
     cli.add_checkpoint_flag(parser)
@@ -516,113 +554,172 @@ def main(argv=None):
                         help="an Aligner file; repeat to answer each prompt with several, side by side; "
                              "'base' stands for the base model; none given: the base model alone")
     parser.add_argument("--prompt", action="append", default=[], help="an instruction; repeatable")
-    parser.add_argument("--prompts-file", type=Path, default=None,
-                        help="one instruction per line, or .jsonl with \"instruction\" and optional \"input\"")
+    parser.add_argument("--prompts-file", type=cli.path, default=None,
+                        help="one instruction per line; or .jsonl/.json records, each kind told by its keys: "
+                             "Alpaca's instruction and input, FastChat's Vicuna and MT-bench questions, the "
+                             "Beaver safety prompts (questions.py)")
     parser.add_argument("--template", choices=list(TEMPLATES), default="alpaca",
                         help="the prompt format each instruction is put in (data.TEMPLATES): Stanford Alpaca's, "
                              "the authors' MetaMath or Beaver format, or none (the instruction as it is)")
     parser.add_argument("--max-new-tokens", type=cli.positive_int, default=256,
                         help="at most this many tokens per answer")
     parser.add_argument("--max-seq-len", type=cli.positive_int, default=2048,
-                        help="the model's context, prompt and answer together (2048; 4096 for LLaMA-2)")
-    parser.add_argument("--temperature", type=cli.non_negative_float, default=0.0, help="0: greedy; otherwise sample")
+                        help="the longest prompt and answer together (at most the checkpoint's context: "
+                             "see --beyond-context)")
+    parser.add_argument("--temperature", type=cli.non_negative_float, default=0.0,
+                        help="0: greedy; otherwise sample from softmax(logits / temperature)")
     parser.add_argument("--top-p", type=cli.probability, default=1.0,
                         help="nucleus sampling: keep this much probability")
     parser.add_argument("--top-k", type=cli.non_negative_int, default=0,
                         help="sample among the k most probable tokens; 0: all")
     parser.add_argument("--stop", action="append", default=[], help="end an answer before this string; repeatable")
-    parser.add_argument("--seed", type=cli.seed, default=None, help="seed for sampling, for reproducible output")
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--seed", type=cli.seed, default=None,
+                        help="seed for sampling, for reproducible output; none: a fresh one each run")
+    parser.add_argument("--out", type=cli.out_path, default=None,
                         help="also write JSON Lines: instruction, input, prompt (the exact text given to "
                              "the model), aligner, output")
-    parser.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
+    parser.add_argument("--answers-dir", type=Path, default=None,
+                        help="also write each model's answers to <dir>/<model id>.jsonl, as FastChat's judge "
+                             "reads them (llm_judge's data/<bench>/model_answer/; for the older eval's "
+                             "table/question.jsonl, the answers its eval_gpt_review.py reads)")
+    parser.add_argument("--model-id", action="append", default=[],
+                        help="the model id of each --aligner in turn, naming its answer file (default: the "
+                             "file's stem; 'base' for the base model)")
+    parser.add_argument("--questions-out", type=Path, default=None,
+                        help="also write the questions as FastChat's question.jsonl, with the answers' ids: "
+                             "the judge's question file for prompts that have none (the Beaver prompts)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the files of --out, --answers-dir and --questions-out if they exist")
     cli.add_common_flags(parser)
     parser.add_argument("--compile", action="store_true",
                         help="compile the decode step (torch.compile; CUDA graphs on a GPU): slow to "
                              "start, then less time per token")
     args = parser.parse_args(argv)
+    device, dtype = cli.place(args)
+    d = distributed.init_distributed(device, args.fsdp, args.compile)
+    distributed.check_ranks_agree(d, args, ("aligner", "prompts_file"))  # under torchrun, every rank the same run
 
     # --- check what can be checked before anything loads -----------------------
-    if args.out is not None:
-        check_writable(args.out, "--out", folder=False)
-        if not args.overwrite:
-            refuse_existing([args.out])
     for path in args.aligner:
         if path != "base":
             if not Path(path).is_file():
                 raise FileNotFoundError(f"--aligner {path}: no such file")
             Aligner.check_file(path)  # a damaged or unusable Aligner file stops here, before the model loads
-    prompts = [Prompt(p, "", f"--prompt {n}") for n, p in enumerate(args.prompt, 1)]
+    questions = [Question((p,), "", f"--prompt {n}", n) for n, p in enumerate(args.prompt, 1)]
     if args.prompts_file is not None:
-        prompts += read_prompts(args.prompts_file)
-    if not prompts and args.ckpt is not None:
+        questions += read_questions(args.prompts_file)
+    if not questions and args.ckpt is not None:
         parser.error("give --prompt or --prompts-file")
     ckpt = args.ckpt
     if ckpt is None:
         check_demo(DEMO_CKPT)
         ckpt = DEMO_CKPT
         print(f"using the built-in demo model {ckpt} (pass --ckpt for another)", file=sys.stderr)
-        prompts = prompts or [Prompt(DEMO_PROMPT, "", "the demo's prompt")]
-    device, dtype = cli.place(args)
-    d = distributed.init_distributed(device, args.fsdp, args.compile)
+        questions = questions or [Question((DEMO_PROMPT,), "", "the demo's prompt", 1)]
+    names = model_names(args)
+    check_outputs(args, questions, names)
+    check_context(ckpt, args.max_seq_len, args.beyond_context)
 
     # --- load -------------------------------------------------------------------
     model, tokenizer = (distributed.load_sharded if d.fsdp else load)(ckpt, device=device, dtype=dtype,
+                                                                      tokenizer_path=args.tokenizer,
                                                                       max_seq_len=args.max_seq_len)
-    names = aligner_names(args.aligner) if args.aligner else ["base"]
     aligners = [None if p == "base" else Aligner.read(p, model.args) for p in args.aligner] or [None]
 
     # --- prompts ----------------------------------------------------------------
-    texts = [format_prompt(p.instruction, p.input, args.template) for p in prompts]
-    encoded = [encode_prompt(tokenizer, text) for text in texts]
-    for prompt, ids in zip(prompts, encoded):
-        if len(ids) >= args.max_seq_len:
-            raise ValueError(f"{prompt.source}: the prompt is {len(ids)} tokens, and --max-seq-len "
-                             f"{args.max_seq_len} leaves no room for an answer")
+    texts = [format_prompt(q.instruction, q.input, args.template) for q in questions]
 
-    # --- generate: the answer of prompt i by Aligner k is outputs[i * K + k] ------
-    n_aligners = len(aligners)
-    stream = len(encoded) * n_aligners == 1 and sys.stdout.isatty() and d.world == 1
+    def encode(texts, sources):
+        encoded = [encode_prompt(tokenizer, text) for text in texts]
+        for source, ids in zip(sources, encoded):
+            if len(ids) >= args.max_seq_len:
+                raise ValueError(f"{source}: the prompt is {len(ids)} tokens, and --max-seq-len "
+                                 f"{args.max_seq_len} leaves no room for an answer")
+        return encoded
+
+    # --- generate: question i's turns answered by Aligner k are dialogues[i * K + k] --
+    stream = len(questions) * len(aligners) == 1 and len(questions[0].turns) == 1 and sys.stdout.isatty() \
+        and d.world == 1
     on_token = (lambda row, piece: print(piece, end="", flush=True)) if stream else None
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    top_k=args.top_k, stop=args.stop, seed=args.seed, on_token=on_token, compile=args.compile)
-    if d.fsdp:  # each rank answers its share of the prompts; rank 0 gathers the answers
-        lockstep = distributed.Lockstep(model, d)
-        mine = lockstep.share(list(range(len(encoded))))
-        answers = generate_side_by_side(model, tokenizer, [encoded[i] for i in mine], aligners, lockstep, **options)
-        answers = lockstep.gather({i * n_aligners + k: answers[j * n_aligners + k]
-                                   for j, i in enumerate(mine) for k in range(n_aligners)})
-        outputs = [answers[r] for r in range(len(encoded) * n_aligners)]
-    else:
-        outputs = generate_side_by_side(model, tokenizer, encoded, aligners, **options)
+    dialogues = converse(questions, texts, aligners, args.template, encode,
+                         lambda encoded, members: answer_all(model, tokenizer, encoded, members, d, options))
     if d.rank == 0:
-        show_and_save(args, prompts, names, texts, outputs, stream)
+        show_and_save(args, questions, names, dialogues, stream)
     distributed.exit_distributed()
 
 
-def show_and_save(args, prompts, names, texts, outputs, stream):
-    """Print the answers (each prompt's, Aligner by Aligner), and write --out."""
-    n_aligners = len(names)
+def model_names(args) -> list:
+    """The name of each model, in --aligner order: --model-id, or aligner_names' rule."""
+    paths = args.aligner or ["base"]
+    if not args.model_id:
+        return aligner_names(paths)
+    if len(args.model_id) != len(paths):
+        raise ValueError(f"--model-id: {len(args.model_id)} given for {len(paths)} model(s); give one per "
+                         "--aligner, in the same order (one for the base model when there is no --aligner)")
+    return list(args.model_id)
+
+
+def check_outputs(args, questions: list, names: list):
+    """Before the model loads: every output can be written, and none would replace a file unasked."""
+    outputs = {}  # flag -> the files it would write
+    if args.out is not None:
+        check_writable(args.out, "--out", folder=False)
+        outputs["--out"] = [args.out]
+    if args.answers_dir is not None or args.questions_out is not None:
+        check_unique_ids(questions)
+    if args.answers_dir is not None:
+        check_model_ids(names, "--model-id" if args.model_id else "--aligner")
+        check_writable(args.answers_dir, "--answers-dir", folder=True)
+        outputs["--answers-dir"] = [answers_path(args.answers_dir, name) for name in names]
+    if args.questions_out is not None:
+        check_writable(args.questions_out, "--questions-out", folder=False)
+        if args.answers_dir is not None and Path(args.questions_out).resolve().parent == args.answers_dir.resolve():
+            raise ValueError(f"--questions-out {args.questions_out}: inside --answers-dir, where the judge "
+                             "would read it as one more model's answers; put it beside that folder")
+        outputs["--questions-out"] = [args.questions_out]
+    if not args.overwrite:
+        for flag, paths in outputs.items():
+            refuse_existing(paths, flag)
+
+
+def show_and_save(args, questions: list, names: list, dialogues: list, stream: bool):
+    """Print the answers (each question's, turn by turn, model by model), and write --out,
+    --answers-dir and --questions-out."""
+    n = len(names)
     if stream:
         print()
-    elif len(outputs) == 1:
-        print(outputs[0])
+    elif len(dialogues) == 1 and len(dialogues[0]) == 1:
+        print(dialogues[0][0].answer)
     else:
-        for i, prompt in enumerate(prompts):
-            print(f"=== {prompt.instruction}" + (f"\n{prompt.input}" if prompt.input else "") + " ===")
-            for k, name in enumerate(names):
-                if n_aligners > 1:
-                    print(f"--- {name} ---")
-                print(outputs[i * n_aligners + k])
-            print()
+        for i, q in enumerate(questions):
+            for t, turn in enumerate(q.turns):
+                print(f"=== {turn}" + (f"\n{q.input}" if q.input and t == 0 else "") + " ===")
+                for k, name in enumerate(names):
+                    if n > 1:
+                        print(f"--- {name} ---")
+                    print(dialogues[i * n + k][t].answer)
+                print()
     if args.out is not None:
-        records = [{"instruction": prompt.instruction, "input": prompt.input, "prompt": texts[i], "aligner": name,
-                    "output": outputs[i * n_aligners + k]}
-                   for i, prompt in enumerate(prompts) for k, name in enumerate(names)]
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_text(args.out, text)
-        print(f"wrote {len(records)} answers to {args.out}", file=sys.stderr)
+        records = [{"instruction": q.turns[t], "input": q.input if t == 0 else "", "prompt": turn.prompt,
+                    "aligner": name, "output": turn.answer}
+                   for i, q in enumerate(questions) for t in range(len(q.turns))
+                   for k, name in enumerate(names) for turn in [dialogues[i * n + k][t]]]
+        write(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+              f"{len(records)} answers")
+    if args.answers_dir is not None:
+        answers = [[[turn.answer for turn in dialogues[i * n + k]] for i in range(len(questions))] for k in range(n)]
+        for path, text in answer_files(args.answers_dir, questions, names, answers).items():
+            write(path, text, f"{len(questions)} answers")
+    if args.questions_out is not None:
+        write(args.questions_out, question_file(questions), f"{len(questions)} questions")
+
+
+def write(path: Path, text: str, what: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_text(path, text)
+    print(f"wrote {what} to {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

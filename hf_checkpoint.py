@@ -153,6 +153,17 @@ def read_config(path: Path) -> dict:
     return params
 
 
+def max_positions(path: Path) -> tuple:
+    """(config.json's max_position_embeddings, where it comes from): the context the model was
+    trained for; LlamaConfig's default, 2048, where the key is absent."""
+    config = read_json(path, "config.json")
+    if not isinstance(config, dict):
+        raise FileError(f"{path}: not a JSON object")
+    if config.get("max_position_embeddings") is None:
+        return 2048, f"{path} has no max_position_embeddings; LlamaConfig's default"
+    return positive_int(config, "max_position_embeddings", path), f"{path}'s max_position_embeddings"
+
+
 # -----------------------------------------------------------------------------
 # Meta's keys and shapes, transformers' names for them
 
@@ -342,6 +353,7 @@ class HFCheckpoint:
         self._meta_key = {hf_name(key): key for key in self._shapes}  # transformers' name -> Meta's key
         self._loaded = {}  # .bin path -> its state dict, memory-mapped where the file allows
         self._held_whole = None  # the one old-format .bin file read whole, if any
+        self._warned = set()  # the old-format .bin files warned about
         files, weight_map, index = find_weight_files(self.folder)
         if files[0].suffix == ".safetensors":
             self._where = self._index_safetensors(files, weight_map, index)
@@ -349,15 +361,23 @@ class HFCheckpoint:
             self._where = self._index_bin(files, weight_map)
         missing = [key for key in self._shapes if hf_name(key) not in self._where]
         if missing:
-            raise FileError(f"{self.folder}: no weight file holds {hf_name(missing[0])} (Meta's {missing[0]}), "
-                            f"which config.json's model needs (missing: {len(missing)} of {len(self._shapes)} weights)")
+            name = hf_name(missing[0])
+            count = f"missing: {len(missing)} of {len(self._shapes)} weights"
+            if index is None:
+                raise FileError(f"{files[0]}: holds no {name} (Meta's {missing[0]}), which config.json's model "
+                                f"needs ({count})")
+            if name in weight_map:
+                raise FileError(f"{index}: places {name} in {weight_map[name]}, which does not hold it, nor does "
+                                f"any other file the index names ({count})")
+            raise FileError(f"{index}: names no file for {name} (Meta's {missing[0]}), which config.json's model "
+                            f"needs ({count})")
 
     @property
     def tokenizer_path(self) -> Path:
         path = self.folder / "tokenizer.model"
         if not path.is_file():
             raise FileError(f"{path}: missing; this model reads the SentencePiece tokenizer.model "
-                            "that LLaMA's Hugging Face folders hold beside config.json")
+                            "that LLaMA's Hugging Face folders hold beside config.json (or name it with --tokenizer)")
         return path
 
     layout = "Hugging Face layout"
@@ -435,7 +455,8 @@ class HFCheckpoint:
             return map_rows(where, first, count)
         state = self._state(where)
         if name not in state:
-            raise FileError(f"{where}: holds no {name}, which pytorch_model.bin.index.json places there")
+            raise FileError(f"{where}: holds no {name}, which {where.parent / 'pytorch_model.bin.index.json'} "
+                            "places there")
         return state[name][first:first + count]
 
     def _state(self, path: Path) -> dict:
@@ -449,7 +470,9 @@ class HFCheckpoint:
         if zip_format:
             state = load_pt(path, "weight file", mmap=True)
         else:
-            warnings.warn(f"{path}: torch's old (non-zip) format cannot be memory-mapped; reading it whole")
+            if path not in self._warned:  # once per file, though it may be read whole again
+                warnings.warn(f"{path}: torch's old (non-zip) format cannot be memory-mapped; reading it whole")
+                self._warned.add(path)
             self._loaded.pop(self._held_whole, None)  # at most one file held whole in memory
             self._held_whole = path
             state = load_pt(path, "weight file")

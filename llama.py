@@ -5,10 +5,12 @@ written into its attention.
 References:
 - LLaMA / LLaMA-2 (Touvron et al. 2023): the architecture and Meta's
   checkpoint layout, whose key names the modules below use unchanged.
-- Aligner (Zhou, Wu, Zhu, Terzopoulos, arXiv 2312.05503), Eq. 5-7: every
+- Aligner (Zhou, Wu, Zhu, Terzopoulos, arXiv 2312.05503), Eq. 4-7: every
   layer from `start_layer` on also attends, with a separate softmax and a
   per-head gate, to one shared set of prefix tokens. All of it stands in one
-  section below, "The Aligner (Eq. 5-7)"; `Attention.forward` calls it.
+  section below, "The attention of an adapted layer (Eq. 4-7)"; `Attention.forward`
+  calls it. The paper's baseline, LLaMA-Adapter V1, runs through the same code
+  with a prefix per layer.
 
 Departures from Meta's model.py: no model parallelism (sharded checkpoints are
 merged on load, or split again by FSDP); the KV cache is an object passed to
@@ -120,8 +122,22 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
         bsz, n_kv_heads * n_rep, seqlen, head_dim)
 
 
+# -----------------------------------------------------------------------------
+# The attention of an adapted layer (Eq. 4-7): all that the method adds to LLaMA.
+#
+# One shared prefix P (N, dim) is read by every layer l >= start_layer (the paper's Appendix A):
+#   Eq. 4   Â = softmax(Q K^T / sqrt(d) + mask) V    the layer's ordinary causal attention
+#   Eq. 5   K_p = P W_k^l,  V_p = P W_v^l            the layer's own frozen weights; no RoPE, no RMSNorm
+#   Eq. 6   Ã = softmax(Q K_p^T / sqrt(d)) V_p       its own softmax over the N prefix keys, no mask
+#   Eq. 7   A = Â + beta_l Ã
+# beta_l starts at zero and is used raw (no tanh): a fresh Aligner leaves the base model exactly
+# as it was. The paper writes one gate per layer; the authors' code (lit_llama/aligner.py,
+# gating_factor) and Table 1's counts have one per head, as here. LLaMA-Adapter V1, the
+# paper's baseline, differs in one place: a prefix P^l of each layer's own instead of P
+# (Transformer.aligner_layers hands each layer its prefix).
+
 def sequence_attention(q, k, v, mask=None, is_causal=False):
-    """Eq. 6, first term, written out: softmax(Q K^T / sqrt(d) + mask) V.
+    """Eq. 4, written out: Â = softmax(Q K^T / sqrt(d) + mask) V.
 
     q: (B, H, T, hd); k, v: (B, H, S, hd); mask: bool (B or 1, 1, T, S), True
     where a query may look; or no mask and is_causal, for a sequence that starts
@@ -136,16 +152,6 @@ def sequence_attention(q, k, v, mask=None, is_causal=False):
         scores = scores.masked_fill(~mask, float("-inf"))
     return torch.softmax(scores, dim=-1).type_as(q) @ v  # (B, H, T, hd)
 
-
-# -----------------------------------------------------------------------------
-# The Aligner (Eq. 5-7): all that the method adds to LLaMA's attention.
-#
-# One shared prefix P (N, dim) is read by every layer l >= start_layer:
-#   Eq. 5   K_p = P W_k^l,  V_p = P W_v^l      the layer's own frozen weights; no RoPE, no RMSNorm
-#   Eq. 6   A = softmax(Q K^T / sqrt(d) + mask) V  +  beta_l * softmax(Q K_p^T / sqrt(d)) V_p
-#   Eq. 7   the second term: its own softmax over the N prefix keys, with no mask
-# beta_l, one gate per head, starts at zero and is used raw (no tanh): a fresh
-# Aligner leaves the base model exactly as it was.
 
 class AlignerLayer(NamedTuple):
     """What one adapted layer reads of the Aligner."""
@@ -167,7 +173,7 @@ def prefix_keys_values(prefix: torch.Tensor, wk: nn.Linear, wv: nn.Linear, n_hea
 
 
 def prefix_attention(q, k_p, v_p, gate):
-    """Eq. 7, the second term of Eq. 6: beta_l * softmax(Q K_p^T / sqrt(d)) V_p.
+    """Eq. 6 with its gate, the second term of Eq. 7: beta_l Ã = beta_l * softmax(Q K_p^T / sqrt(d)) V_p.
 
     The prefix has its own softmax and no mask: every position sees all N
     prefix tokens. q: (B, H, T, hd); k_p, v_p: (b, H, N, hd); gate: (b, H, 1, 1),
@@ -186,8 +192,8 @@ def prefix_attention(q, k_p, v_p, gate):
 
 
 def attention(q, k, v, mask, is_causal, prefix=None):
-    """Eq. 6: causal attention over the sequence (the fused kernel computes
-    sequence_attention), plus, in an adapted layer, the gated prefix term.
+    """Eq. 7: A = Â + beta_l Ã. Â is the causal attention over the sequence (Eq. 4: the fused
+    kernel computes sequence_attention); in an adapted layer the gated prefix term is added.
 
     k, v: (B, H_kv, S, hd), read by H / H_kv query heads each; prefix: None
     or (k_p, v_p, gate) for prefix_attention. Returns (B, H, T, hd).
@@ -279,7 +285,7 @@ class Attention(nn.Module):
                 k_p, v_p = cache.prefix[self.layer_id]
             prefix = (k_p, v_p, aligner.gate[:, :, None, None])  # gate (b, H, 1, 1)
 
-        out = attention(q, k, v, span.mask, span.is_causal, prefix)  # Eq. 6: (B, H, T, hd)
+        out = attention(q, k, v, span.mask, span.is_causal, prefix)  # Eq. 7: (B, H, T, hd)
         out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (B, T, dim)
         return self.wo(out)
 
@@ -323,24 +329,29 @@ class Transformer(nn.Module):
         self.grad_checkpointing = False  # recompute each layer's activations in backward
 
     def aligner_layers(self, aligner) -> list:
-        """Each layer's AlignerLayer: the shared prefix and that layer's gates; None below start_layer.
+        """Each layer's AlignerLayer: its prefix and its gates; None below start_layer.
 
-        `aligner` carries `prefix` (N, dim), `gates` (n_layers - start_layer, H)
-        and `start_layer`; a leading batch axis on both gives each row its own.
+        `aligner` carries `prefix`, `gates` (n_layers - start_layer, H), `start_layer` and
+        `layer_specific`; the prefix is P (N, dim), shared by every adapted layer, or for a
+        LLaMA-Adapter one P^l per layer, (n_layers - start_layer, N, dim). A leading batch
+        axis on both tensors gives each row its own.
         """
         if aligner is None:
             return [None] * self.args.n_layers
         prefix, gates = aligner.prefix, aligner.gates
-        if prefix.dim() == 2:
+        if gates.dim() == 2:
             prefix, gates = prefix[None], gates[None]  # one Aligner for every row
         n_adapted = self.args.n_layers - aligner.start_layer
-        if prefix.shape[-1] != self.args.dim or gates.shape[1:] != (n_adapted, self.args.n_heads):
-            raise ValueError(f"the Aligner (prefix {tuple(prefix.shape[1:])}, gates {tuple(gates.shape[1:])}) "
-                             f"does not fit this model: dim {self.args.dim}, {n_adapted} adapted layers "
-                             f"of {self.args.n_heads} heads")
+        per_layer = (n_adapted,) if aligner.layer_specific else ()
+        if prefix.shape[1:-2] != per_layer or prefix.shape[-1] != self.args.dim or \
+                gates.shape[1:] != (n_adapted, self.args.n_heads):
+            raise ValueError(f"the {'LLaMA-Adapter' if aligner.layer_specific else 'Aligner'} (prefix "
+                             f"{tuple(prefix.shape[1:])}, gates {tuple(gates.shape[1:])}) does not fit this model: "
+                             f"dim {self.args.dim}, {n_adapted} adapted layers of {self.args.n_heads} heads")
         dtype = self.tok_embeddings.weight.dtype
-        prefix, gates = prefix.to(dtype), gates.to(dtype)  # (b, N, dim), (b, n_adapted, H)
-        return [None] * aligner.start_layer + [AlignerLayer(prefix, gates[:, i]) for i in range(n_adapted)]
+        prefix, gates = prefix.to(dtype), gates.to(dtype)  # (b, [n_adapted,] N, dim), (b, n_adapted, H)
+        layers = [AlignerLayer(prefix[:, i] if aligner.layer_specific else prefix, gates[:, i]) for i in range(n_adapted)]
+        return [None] * aligner.start_layer + layers
 
     def span(self, seqlen: int, device, cache: Optional[KVCache], positions: Optional[torch.Tensor]) -> Span:
         """Where this forward's tokens sit, and the mask they need, if any."""
@@ -428,13 +439,18 @@ class Tokenizer:
 
 
 def find_tokenizer(ckpt_dir) -> Path:
-    """tokenizer.model in the checkpoint folder, or beside it as in Meta's download."""
+    """tokenizer.model in the checkpoint folder, or beside it as in Meta's download; where the
+    folder is a symbolic link (or lies under one), also beside the folder it points to."""
     ckpt_dir = Path(ckpt_dir)
-    for path in (ckpt_dir / "tokenizer.model", ckpt_dir.parent / "tokenizer.model"):
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"no tokenizer.model in {ckpt_dir} or in {ckpt_dir.parent}; "
-                            "pass the tokenizer's path explicitly")
+    places = [ckpt_dir, ckpt_dir.parent]
+    target = ckpt_dir.resolve()
+    if target != ckpt_dir.absolute():
+        places.append(target.parent)
+    for place in places:
+        if (place / "tokenizer.model").is_file():
+            return place / "tokenizer.model"
+    where = ", in ".join(str(p) for p in places[:-1]) + f" or in {places[-1]}"
+    raise FileNotFoundError(f"no tokenizer.model in {where}; name it with --tokenizer")
 
 
 # -----------------------------------------------------------------------------
@@ -632,12 +648,65 @@ def open_checkpoint(ckpt_dir):
     return MetaCheckpoint(ckpt_dir)
 
 
+# The context of a checkpoint in Meta's layout, whose params.json records none: LLaMA-2's
+# (Touvron et al. 2023, "Llama 2", Table 1: 4k). LLaMA-1 was trained at 2048.
+META_CONTEXT = 4096
+
+
+def context_length(ckpt_dir) -> tuple:
+    """(the longest sequence the checkpoint was trained on, where that number comes from):
+    config.json's max_position_embeddings (2048, LlamaConfig's default, where it is absent),
+    or META_CONTEXT for Meta's layout. Reads only the settings file."""
+    if not Path(ckpt_dir).is_dir():
+        raise FileNotFoundError(f"{ckpt_dir}: no checkpoint folder here")
+    if hf_checkpoint.is_hf_folder(ckpt_dir):
+        return hf_checkpoint.max_positions(Path(ckpt_dir) / "config.json")
+    read_params(ckpt_dir)
+    return META_CONTEXT, f"LLaMA-2's context; {Path(ckpt_dir) / 'params.json'} records none"
+
+
+def check_context(ckpt_dir, max_seq_len: int, beyond: bool = False):
+    """Refuse, before any weight loads, a --max-seq-len past the checkpoint's context: RoPE
+    positions it never saw, and a RoPE table and KV cache sized by it. --beyond-context allows it."""
+    context, source = context_length(ckpt_dir)
+    if max_seq_len > context and not beyond:
+        raise ValueError(f"--max-seq-len {max_seq_len} is past {ckpt_dir}'s context of {context} tokens "
+                         f"({source}); pass --beyond-context to go past it")
+
+
+def finite_weight(ckpt, key: str, weight: torch.Tensor) -> torch.Tensor:
+    """The weight, refused with a line naming its file and key where it holds NaN or an
+    infinite value (damaged, or too large for the dtype it was cast to). Checked one weight at
+    a time as it loads: a fused attention kernel can turn NaN scores into zeros, hiding from
+    the logits a NaN in wq or wk."""
+    if not torch.isfinite(weight).all():
+        what = "NaN" if torch.isnan(weight).any() else f"an infinite value in {weight.dtype}"
+        raise FileError(f"{ckpt.where(key)}: {key} holds {what}; the checkpoint is damaged"
+                        + ("" if what == "NaN" else " or too large for this dtype"))
+    return weight
+
+
+def check_finite(model, tokenizer, ckpt_dir):
+    """Stop where the base model's first forward is not finite, naming the checkpoint, rather
+    than let it generate nonsense or train on NaN: weights each finite can still overflow in a
+    narrow dtype. A forward of BOS and the first few pieces."""
+    ids = [tokenizer.bos_id] + list(range(min(8, model.args.vocab_size)))
+    probe = torch.tensor([ids[:model.args.max_seq_len]], device=model.tok_embeddings.weight.device)  # (1, T)
+    with torch.no_grad():
+        logits = model(probe)  # (1, T, V)
+    if not torch.isfinite(logits).all():
+        raise FileError(f"{ckpt_dir}: the base model's first forward gives NaN or infinite logits in "
+                        f"{model.tok_embeddings.weight.dtype}; its values are too large for this dtype")
+
+
 def load(ckpt_dir, device="cpu", dtype=torch.float32, tokenizer_path=None,
          max_seq_len: int = 2048, max_batch_size: int = 32):
     """A frozen Transformer and its Tokenizer from a checkpoint folder.
 
     The weights are read one at a time, memory-mapped, into a model built on
-    the meta device, so at most one full copy of them is ever held.
+    the meta device, so at most one full copy of them is ever held. A weight
+    holding NaN or an infinite value, or a model whose first forward is not
+    finite, is refused (finite_weight, check_finite).
     """
     ckpt = open_checkpoint(ckpt_dir)
     tokenizer = Tokenizer(tokenizer_path or ckpt.tokenizer_path)
@@ -646,7 +715,10 @@ def load(ckpt_dir, device="cpu", dtype=torch.float32, tokenizer_path=None,
         model = Transformer(args)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_keys(ckpt, expected)
-    state = {key: checked_weight(ckpt, key, shape).to(device=device, dtype=dtype) for key, shape in expected.items()}
+    state = {key: finite_weight(ckpt, key, checked_weight(ckpt, key, shape).to(device=device, dtype=dtype))
+             for key, shape in expected.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.freqs_cis = precompute_freqs_cis(args.head_dim, args.max_seq_len, args.rope_theta).to(device)
-    return model.requires_grad_(False).eval(), tokenizer
+    model = model.requires_grad_(False).eval()
+    check_finite(model, tokenizer, ckpt_dir)
+    return model, tokenizer

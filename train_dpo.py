@@ -2,14 +2,25 @@
 Train an Aligner by Direct Preference Optimization: the paper's Experiment 2
 (DPO on PKU-SafeRLHF, one token, starting from an SFT Aligner).
 
-Aligner (Zhou, Wu, Zhu, Terzopoulos, arXiv 2312.05503), Experiment 2 and Eq. 10:
+Aligner (Zhou, Wu, Zhu, Terzopoulos, arXiv 2312.05503), Section 4.2, Appendix C and Eq. 10:
     L = -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])
-with log-probabilities summed over the response tokens, beta = 0.1, N = 1,
-lr 1e-4, global batch 64, weight decay 0.02, examples up to 1024 tokens. The
-policy is the frozen base plus the trained Aligner; the reference is the same
-base (the same weights in memory, never a second copy) with a frozen reference
-Aligner: by default the initial one, or none (--reference base). As in the
-paper, PKU pairs whose chosen response is not itself safe are dropped.
+with log-probabilities summed over the response tokens. The policy is the
+frozen base plus the trained Aligner; the reference is the same base (the same
+weights in memory, never a second copy) with a frozen reference Aligner: by
+default the initial one, or none (--reference base). `--llama-adapter` trains
+the paper's baseline, LLaMA-Adapter V1, instead.
+
+Where each default comes from:
+- the paper: N = 1 (Section 4.2, Figs. 3-4), a PKU pair kept only where its chosen
+  response is itself safe (Appendix C), the start from an SFT Aligner
+  (--init-aligner; the authors released theirs, trained on the safe responses);
+- the authors' finetune/alignerDPO.py: beta 0.1, lr 1e-4, AdamW's weight decay
+  0.02, examples up to 1024 tokens, a batch of 64 (theirs counts sequences, so
+  32 pairs a step; here --batch-size counts pairs);
+- ours: one epoch (each pair once; theirs draws 80,000 pairs with replacement
+  per "epoch" and ran 3), a warmup of a tenth of it then cosine decay (theirs:
+  --schedule constant --warmup-epochs 16), 5% held out (theirs validates on
+  PKU-SafeRLHF's test split).
 
 Also offered, in the same loss function: conservative DPO (label smoothing,
 Mitchell 2023, "A note on DPO with noisy preferences and relationship to IPO")
@@ -41,6 +52,7 @@ import data
 import distributed
 import trainer
 from aligner import Aligner
+from llama import check_context
 
 
 # -----------------------------------------------------------------------------
@@ -90,7 +102,7 @@ def pair_logps(model, aligner, pairs):
     return logps[:len(pairs)], logps[len(pairs):]
 
 
-# The demo's preference set has 200 pairs, 3 optimizer steps per epoch at the paper's settings, so
+# The demo's preference set has 200 pairs, 3 optimizer steps per epoch at a batch of 64, so
 # its DPO takes smaller batches, a larger step and 5 epochs. Not more: the pairs whose rejected answer
 # runs on stay far from saturating the loss at beta 0.1 long after that answer has stopped, and
 # pushed on they undo the answers SFT taught (the README has the figures).
@@ -101,13 +113,31 @@ DEMO_INIT = "runs/pku-sft/best.pt"
 DEMO_SFT = "python train_sft.py --data demo/data/pku_saferlhf.jsonl --n-tokens 1 --out runs/pku-sft"
 
 
+def aligner_shape(args, init) -> tuple:
+    """(N, start layer, layer-specific?) of the Aligner that trains: the initial Aligner file's
+    (`init`, from Aligner.check_file), which --n-tokens, --start-layer and --llama-adapter may
+    only repeat; with no file, the flags or the paper's DPO setting, one token from layer 2."""
+    if init is None:
+        return (1 if args.n_tokens is None else args.n_tokens, 2 if args.start_layer is None else args.start_layer,
+                args.llama_adapter)
+    for flag, given, held in (("--n-tokens", args.n_tokens, init.n_tokens),
+                              ("--start-layer", args.start_layer, init.start_layer)):
+        if given is not None and held is not None and given != held:
+            raise ValueError(f"{flag} {given} contradicts the initial Aligner {args.init_aligner} (--init-aligner), "
+                             f"which holds {held}; leave {flag} out to take the file's")
+    if args.llama_adapter and not init.layer_specific:
+        raise ValueError(f"--llama-adapter contradicts the initial Aligner {args.init_aligner} (--init-aligner), "
+                         "which has one shared prefix, not a LLaMA-Adapter's prefix per layer")
+    return init.n_tokens, init.start_layer, init.layer_specific
+
+
 def main(argv=None):
     parser = trainer.make_parser("Train an Aligner on preference pairs (DPO, Eq. 10).", DEMO_DEFAULTS,
                                  "PKU-SafeRLHF rows or prompt/chosen/rejected, JSON Lines")
-    parser.add_argument("--init-aligner", type=str, default=None,
+    parser.add_argument("--init-aligner", type=cli.path, default=None,
                         help="start from this (SFT) Aligner file, which also sets N and the start layer; "
                              f"none: a fresh Aligner (for the demo: {DEMO_INIT} if present)")
-    parser.add_argument("--reference", type=str, default="init",
+    parser.add_argument("--reference", type=cli.path, default="init",
                         help="the frozen reference: 'init' (the initial Aligner), 'base' (no Aligner) "
                              "or an Aligner file")
     parser.add_argument("--precompute-ref", action="store_true",
@@ -123,21 +153,24 @@ def main(argv=None):
     parser.add_argument("--keep-unsafe", action="store_true",
                         help="for PKU-SafeRLHF rows: keep pairs whose chosen response is itself unsafe")
     trainer.add_arguments(parser, n_tokens=1, lr=1e-4, batch_size=64, epochs=1, warmup_epochs=0.1,
-                          max_seq_len=1024, out="runs/dpo")
+                          max_seq_len=1024, out="runs/dpo", shape_from="--init-aligner")
     args = trainer.parse_args(parser, argv, demo_defaults=DEMO_DEFAULTS, demo_data="pku_saferlhf.jsonl")
     demo = args.ckpt == str(data.DEMO_CKPT)
     if demo and args.init_aligner is None and Path(DEMO_INIT).is_file():
         args.init_aligner = DEMO_INIT
-    for path in (args.init_aligner, None if args.reference in ("init", "base") else args.reference):
-        if path is not None:
-            Aligner.check_file(path)  # an unreadable or unusable Aligner file stops here, before the base loads
-    trainer.open_run(args)  # a finished run in --out is refused, and --resume checked, before anything loads
 
-    # --- processes and devices; on the demo, start from its SFT run
+    # --- processes and devices; every rank given the same run, the files checked, before anything loads
     d = distributed.init_distributed(torch.device(args.device), args.fsdp)
+    distributed.check_ranks_agree(d, args, trainer.INPUTS)
+    if args.reference not in ("init", "base"):
+        Aligner.check_file(args.reference)  # an unreadable or unusable Aligner file stops here, before the base loads
+    init = Aligner.check_file(args.init_aligner) if args.init_aligner else None
+    args.n_tokens, args.start_layer, args.llama_adapter = aligner_shape(args, init)  # what trains, as recorded
+    trainer.open_run(args)  # a finished run in --out is refused, and --resume checked
+    check_context(args.ckpt, args.max_seq_len, args.beyond_context)
     say = print if d.rank == 0 else (lambda *a, **k: None)
     if demo:
-        say(f"Training on the built-in demo ({args.ckpt}, {args.data}), "
+        say(f"{trainer.demo_line(args.ckpt, args.data, 'pku_saferlhf.jsonl')}, "
             f"from {args.init_aligner or f'a fresh Aligner (no {DEMO_INIT} yet: run `{DEMO_SFT}` first)'}.")
     args.micro_batch_size = trainer.micro_batch_size(args, d)
 
@@ -170,7 +203,8 @@ def main(argv=None):
     if args.init_aligner:
         aligner = Aligner.read(args.init_aligner, model.args)
     else:
-        aligner = Aligner(model.args, n_tokens=args.n_tokens, start_layer=args.start_layer)
+        aligner = Aligner(model.args, n_tokens=args.n_tokens, start_layer=args.start_layer,
+                          layer_specific=args.llama_adapter)
     aligner = aligner.to(d.device)
     if args.reference == "init":
         reference = copy.deepcopy(aligner).requires_grad_(False)
@@ -178,8 +212,7 @@ def main(argv=None):
         reference = None
     else:
         reference = Aligner.read(args.reference, model.args).to(d.device).requires_grad_(False)
-    say(f"Aligner: {aligner.n_tokens} token{'s' * (aligner.n_tokens != 1)} from layer {aligner.start_layer}, "
-        f"{aligner.num_params():,} parameters; reference: {args.reference}")
+    say(f"{aligner.describe()}; reference: {args.reference}")
 
     ref_logps = None
     if args.precompute_ref:

@@ -1,29 +1,40 @@
 """
-Train an Aligner by supervised fine-tuning: the paper's Experiment 1 (Alpaca).
+Train an Aligner by supervised fine-tuning: the paper's Experiment 1 (Alpaca),
+the SFT of its Experiment 3 (MetaMathQA), and the SFT that starts Experiment 2
+(PKU-SafeRLHF's safe responses).
 
-Aligner (Zhou, Wu, Zhu, Terzopoulos, arXiv 2312.05503), Experiment 1: N learnable
-tokens (N = 10, or 1 for the one-token headline) attended by every layer from
-layer 2 on, trained on Alpaca with AdamW (lr 9e-3, weight decay 0.02), global
-batch 64, linear warmup for one epoch then cosine decay, 8 epochs, examples cut
-to 512 tokens. Only the Aligner trains; the base model is frozen (bf16 on a
-GPU, fp32 on CPU), the Aligner's own parameters stay in fp32.
+Aligner (Zhou, Wu, Zhu, Terzopoulos, arXiv 2312.05503): N learnable tokens
+attended by every layer from layer 2 on. Only the Aligner trains; the base
+model is frozen (bf16 on a GPU, fp32 on CPU), the Aligner's own parameters stay
+in fp32. `--llama-adapter` trains the paper's baseline, LLaMA-Adapter V1,
+instead: a prefix of N tokens in each adapted layer.
 
-Departure: the loss covers the response tokens only by default, as Stanford
-Alpaca's train.py does; the authors' preparation script (prepare_alpaca.py,
-mask_inputs=False) trains on the whole sequence (--train-on-prompt). Their
-finetune script's learning rate rises linearly from zero and never decays
-(--schedule constant); the README's "Reproducing the paper" has their run.
+Where each default comes from:
+- the paper: start layer 2 (Appendix A), lr 9e-3 and one warmup epoch
+  (Appendix C, LLaMA-Adapter's settings, which the Aligner adopted), 8 epochs
+  (Section 4.1, Alpaca);
+- the authors' finetune/aligner.py: N = 10 (aligner_length), AdamW's weight
+  decay 0.02, a global batch of 64, examples cut to 512 tokens;
+- ours: cosine decay after the warmup (the paper states no schedule after it;
+  the authors' script holds the peak: --schedule constant), 5% held out for
+  validation (the authors hold out 2,000 records: --val 2000), the loss on the
+  response only, as Stanford Alpaca's train.py does (the authors' preparation
+  scripts put it on every token: --train-on-prompt).
+The README's "Reproducing the paper" has every departure and the authors' run.
 
 Commands:
     python train_sft.py                          # the built-in demo (build it with python build_demo.py)
     python train_sft.py --ckpt llama-2-7b --data alpaca_data.json --n-tokens 1
+    python train_sft.py --ckpt llama-2-7b --data alpaca_data.json --llama-adapter   # the baseline
+    python train_sft.py --ckpt llama-2-7b --data MetaMathQA-395K.json --template metamath --epochs 3
     torchrun --nproc_per_node 8 train_sft.py --ckpt llama-2-7b --data alpaca_data.json
     python train_sft.py --ckpt llama-2-7b --data alpaca_data.json --resume   # continue a stopped run
 
---data reads Alpaca's JSON list of {"instruction", "input", "output"} (put in
---template, Stanford Alpaca's by default), the same records as JSON Lines, or
-JSON Lines of already formatted {"prompt", "response"}, used as they are.
-The Aligner files land in --out (runs/sft): best.pt, epoch-E.pt.
+--data reads Alpaca's {"instruction", "input", "output"}, MetaMathQA's
+{"query", "response", ...} and PKU-SafeRLHF's rows (each put in --template,
+Stanford Alpaca's by default), or already formatted {"prompt", "response"},
+used as they are; a JSON list or JSON Lines (data.read_sft). The Aligner files
+land in --out (runs/sft): best.pt, epoch-E.pt.
 """
 
 import torch
@@ -34,9 +45,10 @@ import data
 import distributed
 import trainer
 from aligner import Aligner
+from llama import check_context
 
 
-# The demo's SFT set is small (1,715 examples): the paper's batch of 64 would give only about 200
+# The demo's SFT set is small (1,715 examples): the authors' batch of 64 would give only about 200
 # optimizer steps in 8 epochs. AdamW moves each parameter by about lr per step, and 200 steps are
 # too few for a one-token Aligner's gates to grow from zero (the README has the figures).
 DEMO_DEFAULTS = dict(batch_size=16)
@@ -46,19 +58,22 @@ def main(argv=None):
     parser = trainer.make_parser("Train an Aligner on instruction data (SFT).", DEMO_DEFAULTS,
                                  "Alpaca JSON, Alpaca JSON Lines, or prompt/response JSON Lines")
     parser.add_argument("--train-on-prompt", action="store_true",
-                        help="put the loss on the whole sequence, as the paper's code did, not the response only")
+                        help="put the loss on the whole sequence, as the authors' preparation scripts do "
+                             "(mask_inputs=False), not on the response only")
     parser.add_argument("--template", choices=list(data.TEMPLATES), default="alpaca",
                         help="the prompt format of instruction/input/output records (data.TEMPLATES)")
     trainer.add_arguments(parser, n_tokens=10, lr=9e-3, batch_size=64, epochs=8, warmup_epochs=1.0,
                           max_seq_len=512, out="runs/sft")
     args = trainer.parse_args(parser, argv, demo_defaults=DEMO_DEFAULTS, demo_data="alpaca.json")
-    trainer.open_run(args)  # a finished run in --out is refused, and --resume checked, before anything loads
 
-    # --- processes and devices
+    # --- processes and devices; every rank given the same run, --out checked, before anything loads
     d = distributed.init_distributed(torch.device(args.device), args.fsdp)
+    distributed.check_ranks_agree(d, args, trainer.INPUTS)
+    trainer.open_run(args)  # a finished run in --out is refused, and --resume checked
+    check_context(args.ckpt, args.max_seq_len, args.beyond_context)
     say = print if d.rank == 0 else (lambda *a, **k: None)
     if args.ckpt == str(data.DEMO_CKPT):
-        say(f"Training on the built-in demo ({args.ckpt}, {args.data}).")
+        say(trainer.demo_line(args.ckpt, args.data, "alpaca.json") + ".")
     args.micro_batch_size = trainer.micro_batch_size(args, d)
 
     # --- load the frozen base model
@@ -87,9 +102,9 @@ def main(argv=None):
 
     # --- the Aligner: the only trained parameters, fp32
     torch.manual_seed(args.seed)
-    aligner = Aligner(model.args, n_tokens=args.n_tokens, start_layer=args.start_layer).to(d.device)
-    say(f"Aligner: {args.n_tokens} token{'s' * (args.n_tokens != 1)} from layer {args.start_layer}, "
-        f"{aligner.num_params():,} parameters")
+    aligner = Aligner(model.args, n_tokens=args.n_tokens, start_layer=args.start_layer,
+                      layer_specific=args.llama_adapter).to(d.device)
+    say(aligner.describe())
 
     def batch_loss(indices):
         """Cross-entropy summed over the response tokens of these examples (float32 logits)."""

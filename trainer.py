@@ -2,10 +2,11 @@
 The training loop that train_sft.py and train_dpo.py share: only the Aligner's
 few thousand parameters train, the base model stays frozen.
 
-What it does, in the setting of the paper's experiments (Aligner, arXiv 2312.05503):
-AdamW with weight decay, a global batch reached by gradient accumulation over
-micro-batches, linear warmup then cosine decay, validation before training and
-after every epoch, an Aligner file per epoch plus the best by validation loss.
+What it does (Aligner, arXiv 2312.05503; each script's docstring says where its
+defaults come from): AdamW with weight decay, a global batch reached by gradient
+accumulation over micro-batches, linear warmup then cosine decay (ours) or the
+authors' constant schedule, validation before training and after every epoch,
+an Aligner file per epoch plus the best by validation loss.
 
 What a run leaves in --out: settings.json, metrics.jsonl (one line per
 optimizer step and per validation), epoch-E.pt and best.pt (Aligner files),
@@ -20,9 +21,18 @@ whole and can cut only the metrics line being written, which --resume drops.
 A run is never destroyed unasked: into an --out that already holds one, a
 script refuses unless --resume (continue it) or --overwrite (replace it). The
 resumed run must be the same run: the same settings, and inputs (checkpoint,
-data, initial Aligner) with the same content, wherever they now live. A step
-whose loss or gradients are not finite, or whose update leaves a parameter
-NaN, infinite or exploded, stops the run before it is saved.
+data, initial Aligner) with the same content, wherever they now live
+(files.fingerprint). --resume is the one way on from any stop: a run that
+stopped before its first state.pt starts again from the beginning.
+
+When a run stops, state.pt holds the last step it logged, and its last line
+says which step that is: --max-steps saves where it stops; SIGINT (Ctrl-C) or
+SIGTERM lets the step under way end and saves it; an error before a step's
+update (a lost device or peer, a loss or gradient that is not finite) saves the
+steps before it, and an update that leaves a parameter NaN, infinite or
+exploded is undone first. Only SIGKILL, a second signal (which stops at once)
+or an error while validating or writing files can leave state.pt behind the
+log; --resume then drops the log's later lines.
 
 Several processes (torchrun): each rank takes its share of every global batch;
 the Aligner's gradients are all-reduced by hand after backward. (DDP would hook
@@ -32,11 +42,14 @@ its total count of loss units (response tokens for SFT, pairs for DPO) before
 backward, so summing the ranks' gradients gives the one-process gradient.
 """
 
-import argparse
+import copy
 import json
 import math
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -47,18 +60,30 @@ from tqdm import tqdm
 import cli
 from data import DEMO_CKPT, DEMO_DATA, check_demo
 from files import (FileError, append_line, atomic_save, atomic_text, bad_value, check_values,
-                   check_writable, load_pt, read_text, sha256)
-from distributed import Dist, all_reduce_sum, load_sharded
-from llama import find_tokenizer, load
+                   check_writable, fingerprint, load_pt, read_text)
+from distributed import Dist, all_reduce_max, all_reduce_sum, load_sharded
+from llama import load
 
 
 # -----------------------------------------------------------------------------
-# flags both scripts take; each script sets the paper's defaults for its run
+# flags both scripts take; each script sets its run's defaults (its docstring says where each comes from)
 
-def add_arguments(parser, *, n_tokens, lr, batch_size, epochs, warmup_epochs, max_seq_len, out):
+def add_arguments(parser, *, n_tokens, lr, batch_size, epochs, warmup_epochs, max_seq_len, out, shape_from=None):
+    """The flags both scripts take. shape_from: a flag naming an Aligner file that also sets
+    --n-tokens and --start-layer; those two then default to None (take the file's, or n_tokens and
+    2 without one), and the script resolves them."""
     a = parser.add_argument
-    a("--n-tokens", type=cli.positive_int, default=n_tokens, help="N, the number of Aligner tokens")
-    a("--start-layer", type=cli.non_negative_int, default=2, help="the first layer that attends to the Aligner")
+    if shape_from is None:
+        a("--n-tokens", type=cli.positive_int, default=n_tokens, help="N, the number of Aligner tokens")
+        a("--start-layer", type=cli.non_negative_int, default=2, help="the first layer that attends to the Aligner")
+    else:
+        a("--n-tokens", type=cli.positive_int, default=None,
+          help=f"N, the number of Aligner tokens (default: {shape_from}'s, else {n_tokens})")
+        a("--start-layer", type=cli.non_negative_int, default=None,
+          help=f"the first layer that attends to the Aligner (default: {shape_from}'s, else 2)")
+    a("--llama-adapter", action="store_true",
+      help="train the paper's baseline, LLaMA-Adapter V1: a prefix of --n-tokens tokens in each adapted layer "
+           "(lit-llama's adapter.py) instead of the Aligner's one shared prefix")
     a("--lr", type=cli.positive_float, default=lr, help="peak learning rate of AdamW")
     a("--weight-decay", type=cli.non_negative_float, default=0.02, help="AdamW's weight decay")
     a("--batch-size", type=cli.positive_int, default=batch_size,
@@ -72,13 +97,15 @@ def add_arguments(parser, *, n_tokens, lr, batch_size, epochs, warmup_epochs, ma
       help="after the warmup: cosine decay towards zero, or constant: the authors' finetune script, "
            "whose warmup starts from zero")
     a("--max-seq-len", type=cli.positive_int, default=max_seq_len,
-      help="longer examples are cut to this many tokens (and counted)")
+      help="longer examples are cut to this many tokens (and counted); at most the checkpoint's context "
+           "(see --beyond-context)")
     a("--val", type=cli.split_size, default="0.05",
       help="held-out validation split: a fraction (0.05) or a count (500)")
     a("--seed", type=cli.seed, default=0, help="seeds the Aligner's initialisation, the split and the data order")
     a("--grad-checkpointing", action="store_true",
       help="recompute activations in backward: less memory for long sequences")
-    a("--out", type=Path, default=Path(out), help="folder for Aligner files, metrics.jsonl, settings.json and state.pt")
+    a("--out", type=cli.out_path, default=Path(out),
+      help="folder for Aligner files, metrics.jsonl, settings.json and state.pt")
     a("--save-every", type=cli.positive_int, default=100,
       help="also save the resumable state every this many optimizer steps")
     again = parser.add_mutually_exclusive_group()
@@ -87,17 +114,16 @@ def add_arguments(parser, *, n_tokens, lr, batch_size, epochs, warmup_epochs, ma
                        help="replace the run already in --out (its settings.json, metrics.jsonl, state.pt, "
                             "best.pt and epoch-*.pt; nothing else there)")
     a("--max-steps", type=cli.positive_int, default=None,
-      help="stop (resumably) after this many optimizer steps in all; for tests")
+      help="stop (resumably) after this many optimizer steps in all, for tests; none: run every epoch")
     cli.add_common_flags(parser)
 
 
 def make_parser(description: str, demo_defaults: dict, data_help: str):
     """The parser both training scripts begin with: --ckpt and --data, and a --help that says
     which defaults the built-in demo changes."""
-    parser = cli.ArgumentParser(description=description, epilog=demo_note(demo_defaults),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.ArgumentParser(description=description, epilog=demo_note(demo_defaults))
     cli.add_checkpoint_flag(parser)
-    parser.add_argument("--data", type=str, default=None, help=data_help + "; none: the demo's")
+    parser.add_argument("--data", type=cli.path, default=None, help=data_help + "; none: the demo's")
     return parser
 
 
@@ -126,11 +152,19 @@ def parse_args(parser, argv, demo_defaults: dict, demo_data: str):
     return args
 
 
+def demo_line(ckpt, data, demo_data: str) -> str:
+    """What a run on the built-in demo's model says it trains on: the demo, where the data is the
+    demo's file `demo_data`; else the user's data on the demo's model."""
+    if Path(data).resolve() == (DEMO_DATA / demo_data).resolve():
+        return f"Training on the built-in demo ({ckpt}, {data})"
+    return f"Training on {data}, with the built-in demo's model {ckpt} as the base (no --ckpt given)"
+
+
 def load_base(args, d: "Dist"):
     """The frozen base model and its tokenizer, on the device and in the dtype cli.place chose."""
     loader = load_sharded if d.fsdp else load
     model, tokenizer = loader(args.ckpt, device=d.device, dtype=getattr(torch, args.dtype),
-                              max_seq_len=args.max_seq_len)
+                              tokenizer_path=args.tokenizer, max_seq_len=args.max_seq_len)
     if args.start_layer >= model.args.n_layers:
         raise ValueError(f"--start-layer {args.start_layer}: the model has {model.args.n_layers} layers, "
                          f"numbered 0 to {model.args.n_layers - 1}")
@@ -160,7 +194,7 @@ NOT_SETTINGS = ("resume", "overwrite", "max_steps", "debug")
 FREE = ("out", "device", "micro_batch_size", "save_every", "grad_checkpointing", "fsdp")
 # Files and folders the run reads: compared on resume by their content (settings["inputs"]), not by path,
 # so that a run whose folder or inputs moved still resumes.
-INPUTS = ("ckpt", "data", "init_aligner", "reference")
+INPUTS = ("ckpt", "tokenizer", "data", "init_aligner", "reference")
 
 
 def run_files(out: Path) -> list:
@@ -169,27 +203,6 @@ def run_files(out: Path) -> list:
         return []
     names = ("settings.json", "metrics.jsonl", "state.pt", "best.pt")
     return sorted([out / n for n in names if (out / n).exists()] + list(out.glob("epoch-*.pt")))
-
-
-WEIGHT_FILES = (".pth", ".safetensors", ".bin")  # Meta's shards, Hugging Face's weight files
-
-
-def fingerprint(value):
-    """What an input holds, cheaply enough for a 13 GB checkpoint. A file: its size and sha256.
-    A checkpoint folder: the sha256 of its params.json or config.json and of its tokenizer, and
-    the name and size of each weight file. Anything else (None, 'init', 'base'): itself."""
-    path = Path(value) if isinstance(value, (str, Path)) else None
-    if path is not None and path.is_file():
-        return {"bytes": path.stat().st_size, "sha256": sha256(path)}
-    if path is not None and path.is_dir():
-        try:
-            tokenizer = sha256(find_tokenizer(path))
-        except FileNotFoundError:
-            tokenizer = None
-        return {"settings": {n: sha256(path / n) for n in ("params.json", "config.json") if (path / n).is_file()},
-                "weights": {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.name.endswith(WEIGHT_FILES)},
-                "tokenizer.model": tokenizer}
-    return None if value is None else str(value)
 
 
 def run_settings(args) -> dict:
@@ -225,10 +238,14 @@ def read_state(path: Path) -> dict:
 
 def open_run(args, settings: dict = None):
     """Check --data and --out before anything loads or is written; returns state.pt's contents
-    under --resume.
+    under --resume, or None where the run starts from the beginning.
 
-    A folder that already holds a run is refused unless --resume (whose state.pt must then
-    match these settings and inputs) or --overwrite (whose old files train() removes first).
+    A folder that already holds a run is refused unless --resume or --overwrite (whose old
+    files start() removes first). --resume continues from state.pt, whose settings and inputs
+    must match these. A run that stopped before its first save (a kill, Ctrl-C or an error
+    during its first validation: settings.json and metrics.jsonl, no state.pt) has nothing to
+    continue from, so --resume starts it again from the beginning, with the settings and
+    inputs that settings.json records: --resume is the one way on from any stop.
     """
     data = getattr(args, "data", None)
     if data is not None and not Path(data).is_file():
@@ -237,18 +254,36 @@ def open_run(args, settings: dict = None):
     out = Path(args.out)
     check_writable(out, "--out")
     settings = settings or run_settings(args)
+    existing = run_files(out)
     if args.resume:
         path = out / "state.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: nothing to resume (run without --resume to start)")
-        state = read_state(path)
-        check_same_run(path, state["settings"], settings)
-        return state
-    existing = run_files(out)
+        if path.is_file():
+            state = read_state(path)
+            check_same_run(path, state["settings"], settings)
+            return state
+        if not existing:
+            raise FileNotFoundError(f"{path}: nothing to resume, no run was started in {out} "
+                                    "(run without --resume to start one)")
+        if (out / "settings.json").is_file():
+            check_same_run(out / "settings.json", read_settings(out / "settings.json"), settings)
+        return None
     if existing and not getattr(args, "overwrite", False):
-        raise FileError(f"--out {out} already holds a run ({', '.join(p.name for p in existing)}); "
-                        "continue it with --resume, or replace it with --overwrite")
+        saved = "" if (out / "state.pt").is_file() else " that stopped before its first save"
+        raise FileError(f"--out {out} already holds a run{saved} ({', '.join(p.name for p in existing)}); "
+                        f"continue it with --resume{', which starts it from the beginning' if saved else ''}, "
+                        "or replace it with --overwrite")
     return None
+
+
+def read_settings(path: Path) -> dict:
+    """settings.json of a run, as run_settings wrote it."""
+    try:
+        settings = json.loads(read_text(path, "run's settings"))
+    except json.JSONDecodeError as e:
+        raise FileError(f"{path}: not JSON ({e.msg}, line {e.lineno}); replace the run with --overwrite") from None
+    if not isinstance(settings, dict):
+        raise FileError(f"{path}: not a run's settings (a JSON object)")
+    return settings
 
 
 def trim_metrics(path: Path, step: int):
@@ -417,6 +452,8 @@ def start(run: Run) -> Progress:
             print(f"resuming {out} at step {progress.step} of {run.schedule.total_steps}")
         return progress
     if d.rank == 0:
+        if run.args.resume:
+            print(f"{out}: the run stopped before its first save; starting it again from the beginning")
         for path in run_files(out):  # --overwrite: the old run's files, and nothing else in the folder
             path.unlink()
         out.mkdir(parents=True, exist_ok=True)
@@ -433,8 +470,9 @@ def log(run: Run, record: dict):
 def optimizer_step(run: Run, progress: Progress) -> dict:
     """One optimizer step over the global batch at progress.step; returns its metrics record.
 
-    Stops with FloatingPointError, before anything is saved, where the loss or a gradient is
-    not finite, or where the update leaves a parameter NaN, infinite or exploded (files.EXPLODED).
+    Whatever it raises, the Aligner and its optimizer are still those of progress.step: a
+    FloatingPointError where the loss or a gradient is not finite stops before the update, and
+    one where the update leaves a parameter NaN, infinite or exploded (files.EXPLODED) undoes it.
     """
     args, d, schedule, step = run.args, run.d, run.schedule, progress.step
     epoch, i = divmod(step, schedule.steps_per_epoch)
@@ -458,14 +496,16 @@ def optimizer_step(run: Run, progress: Progress) -> dict:
         all_reduce_sum(p.grad, d.world)
     sums = all_reduce_sum(sums.to(d.device), d.world).cpu()
     loss = sums[0].item() / batch_units
-    last_good = f"The last good checkpoint is {run.out / 'state.pt'} (step {progress.last_saved})"
     if not math.isfinite(loss) or not all(torch.isfinite(p.grad).all() for p in run.params):
-        raise FloatingPointError(f"step {step + 1}: the loss is {loss}; stopping. {last_good}")
+        raise FloatingPointError(f"step {step + 1}: the loss is {loss}")
+    before = copy.deepcopy((run.aligner.state_dict(), run.optimizer.state_dict()))  # a few KiB to MiB
     run.optimizer.step()
     problem = bad_value({name: p for name, p in run.aligner.named_parameters() if p.requires_grad})
     if problem is not None:
-        raise FloatingPointError(f"step {step + 1}: after the update the Aligner's {problem}; stopping "
-                                 f"(a smaller --lr may help). {last_good}")
+        run.aligner.load_state_dict(before[0])  # undone: the Aligner is again the one of the last good step
+        run.optimizer.load_state_dict(before[1])
+        raise FloatingPointError(f"step {step + 1}: after the update the Aligner's {problem} (a smaller --lr "
+                                 "may help)")
     tokens_per_s = sums[1].item() / (time.perf_counter() - t0)
     return {"step": step + 1, "epoch": round((step + 1) / schedule.steps_per_epoch, 4), "loss": loss,
             "lr": run.optimizer.param_groups[0]["lr"], "tokens_per_s": round(tokens_per_s, 1),
@@ -500,9 +540,85 @@ def save_state(run: Run, progress: Progress) -> Progress:
 
 
 def show(bar, record: dict, stat_names):
-    bar.update(1)
     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
                     **{k.split("/")[-1]: f"{record[k]:.3f}" for k in stat_names})
+    bar.update(1)
+
+
+# -----------------------------------------------------------------------------
+# stopping: every step that a run reports as done is in state.pt when it stops
+
+@contextmanager
+def stop_requests(speak: bool):
+    """While a run trains, SIGINT (Ctrl-C; torchrun passes it on to every rank) and SIGTERM
+    (torchrun's, a scheduler's) ask it to stop after the step under way, once state.pt holds
+    that step; a second signal stops it at once (KeyboardInterrupt). Yields the list of the
+    signals received. `speak`: say so on stderr (rank 0)."""
+    asked = []
+
+    def ask(signum, frame):
+        if asked:
+            raise KeyboardInterrupt
+        asked.append(signum)
+        if speak:  # one write; print() could re-enter the output that the signal interrupted
+            os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step, once it is saved "
+                        "(again to stop at once)\n".encode())
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread takes signals
+        yield asked
+        return
+    previous = {s: signal.signal(s, ask) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield asked
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+def stop_reason(run: Run, progress: Progress, asked: list):
+    """Why the run stops before step progress.step + 1, or None: --max-steps reached, or a signal
+    to any rank, which every rank learns here (one small all-reduce), so that all stop together."""
+    if run.args.max_steps is not None and progress.step >= run.args.max_steps:
+        return f"--max-steps {run.args.max_steps}"
+    received = all_reduce_max(torch.tensor([max(asked, default=0)], device=run.d.device), run.d.world).item()
+    return signal.Signals(received).name if received else None
+
+
+def keep_steps_done(run: Run, progress: Progress, error: Exception) -> Exception:
+    """After an error that came before step progress.step + 1 changed anything (optimizer_step's
+    promise): bring state.pt to progress.step, so that every step the run logged is kept, and
+    return the error to raise, ours saying which step state.pt holds."""
+    held = progress.last_saved
+    if progress.step != held:
+        try:
+            held = save_state(run, progress).last_saved
+        except Exception:  # a full disk, say: state.pt stays as it was, and the first error is the one to report
+            pass
+    if isinstance(error, FloatingPointError):
+        return FloatingPointError(f"{error}; stopping. The last good checkpoint is {run.out / 'state.pt'} "
+                                  f"(step {held})")
+    return error
+
+
+def interrupted(run: Run, progress: Progress) -> str:
+    """Where a run stopped at once (a second signal) stands."""
+    if progress.last_saved is None:
+        return "stopped before the run's first save; --resume starts it from the beginning"
+    return (f"stopped during step {progress.step + 1}; {run.out / 'state.pt'} holds step {progress.last_saved}: "
+            "continue with --resume")
+
+
+def after_step(run: Run, progress: Progress, record: dict, bar) -> Progress:
+    """Log a step, validate where it ends an epoch, save every --save-every steps and at each epoch."""
+    progress = replace(progress, step=record["step"])
+    log(run, record)
+    show(bar, record, run.stat_names)
+    epoch_done = progress.step % run.schedule.steps_per_epoch == 0
+    if epoch_done:
+        progress = validate(run, progress, epoch=progress.step // run.schedule.steps_per_epoch)
+    if epoch_done or progress.step % run.args.save_every == 0:
+        progress = save_state(run, progress)
+    return progress
 
 
 def train(args, aligner, batch_loss, train_idx: list, val_idx: list, lengths: list, units: list,
@@ -512,6 +628,9 @@ def train(args, aligner, batch_loss, train_idx: list, val_idx: list, lengths: li
     batch_loss(indices) -> (loss summed over the examples' units, {name: sum}):
     the task's whole forward. lengths[i] (tokens) groups micro-batches;
     units[i] (loss tokens or pairs) normalises a global batch's loss.
+
+    However it stops (--max-steps, a signal, an error), the run says which step state.pt
+    holds, and that is the last step it logged, except where a second signal stopped it at once.
     """
     params = [p for p in aligner.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -521,30 +640,34 @@ def train(args, aligner, batch_loss, train_idx: list, val_idx: list, lengths: li
               tuple(stat_names), d, schedule)
 
     progress = start(run)
-    bar = tqdm(total=schedule.total_steps, initial=progress.step, disable=d.rank != 0, dynamic_ncols=True,
-               desc="train")
-    try:
-        if progress.last_saved is None:  # a new run: the initial Aligner, validated and saved
-            progress = save_state(run, validate(run, progress, epoch=0))
-        while progress.step < schedule.total_steps:
-            record = optimizer_step(run, progress)
-            progress = replace(progress, step=record["step"])
-            log(run, record)
-            show(bar, record, run.stat_names)
-            epoch_done = progress.step % steps_per_epoch == 0
-            if epoch_done:
-                progress = validate(run, progress, epoch=progress.step // steps_per_epoch)
-            if epoch_done or progress.step % args.save_every == 0 or progress.step == args.max_steps:
-                progress = save_state(run, progress)
-            if args.max_steps is not None and schedule.total_steps > progress.step >= args.max_steps:
-                if d.rank == 0:
-                    tqdm.write(f"stopped at step {progress.step} (--max-steps); continue with --resume")
-                break
-    except KeyboardInterrupt:
-        if progress.last_saved is None:
-            raise KeyboardInterrupt("stopped before the run's first save: nothing to resume") from None
-        raise KeyboardInterrupt(f"stopped at step {progress.step}; {run.out / 'state.pt'} holds step "
-                                f"{progress.last_saved}: continue with --resume") from None
-    finally:
-        bar.close()
+    bar = cli.progress(schedule.total_steps, "train", initial=progress.step, disable=d.rank != 0)
+    reason = None
+    with stop_requests(speak=d.rank == 0) as asked:
+        try:
+            if progress.last_saved is None:  # a new run: the initial Aligner, validated and saved
+                progress = save_state(run, validate(run, progress, epoch=0))
+            while progress.step < schedule.total_steps:
+                try:
+                    reason = stop_reason(run, progress, asked)
+                    record = None if reason else optimizer_step(run, progress)
+                except Exception as e:
+                    error = keep_steps_done(run, progress, e)
+                    if error is e:
+                        raise
+                    raise error from None
+                if reason is not None:
+                    if progress.last_saved != progress.step:
+                        progress = save_state(run, progress)
+                    break
+                progress = after_step(run, progress, record, bar)
+        except KeyboardInterrupt:  # a second signal: at once, wherever the run was
+            raise KeyboardInterrupt(interrupted(run, progress)) from None
+        finally:
+            bar.close()
+    if reason is not None:
+        where = f"stopped at step {progress.step} ({reason}); {run.out / 'state.pt'} holds it: continue with --resume"
+        if not reason.startswith("--max-steps"):
+            raise KeyboardInterrupt(where)
+        if d.rank == 0:
+            tqdm.write(where)
     return progress.last_val

@@ -56,7 +56,7 @@ from llama import ModelArgs, Transformer, save  # noqa: E402
 # the CPU configuration: a small LLaMA that trains a step in about a second on 2 cores
 CPU_MODEL = dict(dim=512, n_layers=8, n_heads=8, vocab_size=4096, multiple_of=256)
 START_LAYER = 2  # the Aligner's default; PEFT's adapters go on the same layers
-LR, WEIGHT_DECAY = 9e-3, 0.02  # the paper's SFT settings
+LR, WEIGHT_DECAY = 9e-3, 0.02  # SFT: the paper's lr (Appendix C), the authors' finetune/aligner.py weight decay
 DECODE_PROMPT, DECODE_NEW = 32, 64  # decode rows: prompt length, tokens generated
 
 # -----------------------------------------------------------------------------

@@ -65,6 +65,26 @@ def authors_aligner_state(args, n_tokens=1, start_layer=2, seed=0) -> dict:
     return state
 
 
+def lit_llama_adapter_state(args, n_tokens=2, start_layer=2, seed=0) -> dict:
+    """A LLaMA-Adapter V1 file as lit-llama's finetune/adapter.py saves one (adapter_state_from_state_dict):
+    per adapted layer its own adapter_wte (N, dim) and its gating_factor (1, H, 1, 1), in bf16."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for i in range(start_layer, args.n_layers):
+        state[f"transformer.h.{i}.attn.adapter_wte.weight"] = torch.randn(n_tokens, args.dim, generator=g).bfloat16()
+        state[f"transformer.h.{i}.attn.gating_factor"] = torch.randn(1, args.n_heads, 1, 1, generator=g).bfloat16()
+    return state
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices gain nothing from threads, and lose much to them on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """Path of a tiny random checkpoint folder (params.json, consolidated.00.pth; tokenizer.model beside it)."""

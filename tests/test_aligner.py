@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from aligner import Aligner, AlignerBank
-from conftest import authors_aligner_state
+from conftest import authors_aligner_state, lit_llama_adapter_state
 from files import FileError
 from llama import ModelArgs, Transformer, prefix_attention
 
@@ -22,14 +22,14 @@ def configurations(draw):
 
 @settings(max_examples=40, deadline=None)
 @given(config=configurations(), seqlen=st.integers(1, 12), bsz=st.integers(1, 3),
-       prefix_scale=st.floats(1e-3, 1e3), seed=st.integers(0, 2**16))
-def test_gates_at_zero_give_exactly_the_base_model(config, seqlen, bsz, prefix_scale, seed):
+       prefix_scale=st.floats(1e-3, 1e3), layer_specific=st.booleans(), seed=st.integers(0, 2**16))
+def test_gates_at_zero_give_exactly_the_base_model(config, seqlen, bsz, prefix_scale, layer_specific, seed):
     """Bit-for-bit, not merely close: the sequence attention is the same computation with or
-    without an Aligner, and the Aligner's term is 0 * (finite value) = 0, and x + 0 = x."""
+    without an Aligner (or a LLaMA-Adapter), and the added term is 0 * (finite value) = 0, and x + 0 = x."""
     args, n_tokens, start_layer = config
     torch.manual_seed(seed)
     model = Transformer(args).eval()
-    aligner = Aligner(args, n_tokens=n_tokens, start_layer=start_layer)
+    aligner = Aligner(args, n_tokens=n_tokens, start_layer=start_layer, layer_specific=layer_specific)
     with torch.no_grad():
         aligner.prefix.mul_(prefix_scale)
         tokens = torch.randint(0, args.vocab_size, (bsz, seqlen))
@@ -120,10 +120,12 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 LLAMA_2_7B = ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000)
 
 
-@pytest.mark.parametrize("n_tokens, expected", [(1, 5_056), (10, 41_920)])
-def test_trainable_parameter_count_for_llama_2_7b(n_tokens, expected):
-    """N * dim + (n_layers - start_layer) * n_heads."""
-    assert Aligner(LLAMA_2_7B, n_tokens=n_tokens).num_params() == expected
+@pytest.mark.parametrize("n_tokens, layer_specific, expected", [(1, False, 5_056), (10, False, 41_920),
+                                                                  (10, True, 1_229_760)])
+def test_trainable_parameter_count_for_llama_2_7b(n_tokens, layer_specific, expected):
+    """N * dim + (n_layers - start_layer) * n_heads; for LLaMA-Adapter the N * dim prefix in each of the 30
+    adapted layers: Table 1's 5.06K and 1.23M (its 4.19K for Aligner 10 is 41,920, Section 4.1's "42K")."""
+    assert Aligner(LLAMA_2_7B, n_tokens=n_tokens, layer_specific=layer_specific).num_params() == expected
 
 
 def test_a_fresh_prefix_is_standard_normal_and_the_gates_zero():
@@ -155,8 +157,9 @@ def test_the_model_refuses_an_aligner_of_another_shape(other):
         model(torch.randint(0, 50, (1, 5)), aligner=wrong)
 
 
-@pytest.mark.parametrize("other", [dict(n_kv_heads=2), dict(n_tokens=3), dict(start_layer=1)],
-                         ids=["another base", "more tokens", "another start layer"])
+@pytest.mark.parametrize("other", [dict(n_kv_heads=2), dict(n_tokens=3), dict(start_layer=1),
+                                   dict(layer_specific=True)],
+                         ids=["another base", "more tokens", "another start layer", "a LLaMA-Adapter"])
 def test_a_bank_refuses_aligners_that_differ_in_shape(other):
     """A bank holds Aligners of one n_tokens, start_layer and base shape; one made for a base with
     other key/value heads has tensors of the same shape, and is refused all the same."""
@@ -164,7 +167,7 @@ def test_a_bank_refuses_aligners_that_differ_in_shape(other):
     first = Aligner(ModelArgs(**base), n_tokens=2, start_layer=2)
     second = Aligner(ModelArgs(**base, **{k: v for k, v in other.items() if k == "n_kv_heads"}),
                      **{"n_tokens": 2, "start_layer": 2, **{k: v for k, v in other.items() if k != "n_kv_heads"}})
-    with pytest.raises(ValueError, match="must share n_tokens, start_layer and base shape"):
+    with pytest.raises(ValueError, match="must share their kind, n_tokens, start_layer and base shape"):
         AlignerBank([first, None, second])
 
 
@@ -278,12 +281,19 @@ def ours(args, **change) -> dict:
      r"'base' must hold \['dim', 'n_layers', 'n_heads', 'n_kv_heads'\]"),
     (lambda args: ours(args, prefix=torch.zeros(2, 32)), "read",
      r"prefix has shape \(2, 32\), its settings imply \(1, 32\)"),
-    (lambda args: ours(args), "from_lit_llama", r"no 'global_value_embedding\.weight'; not an Aligner in lit-llama"),
+    (lambda args: ours(args), "from_lit_llama", r"neither 'global_value_embedding\.weight' nor 'adapter_wte' keys"),
     (lambda args: {"global_value_embedding.weight": torch.zeros(1, 32)}, "read",
      r"no 'transformer\.h\.N\.attn\.gating_factor'"),
-    (lambda args: authors_aligner_state(args), "read without args", r"records no model shape"),
+    (lambda args: {**authors_aligner_state(args), "transformer.h.2.attn.gating_factor": torch.zeros(())},
+     "read without args", r"holds one value for all heads, so the file does not say how many heads"),
+    (lambda args: ours(args, layer_specific=1), "read", r"'layer_specific' must be true or false, not 1"),
+    (lambda args: {k: v for k, v in lit_llama_adapter_state(args).items() if k != "transformer.h.3.attn.adapter_wte.weight"},
+     "read", r"adapter_wte for layers \[2\] but gating_factor for layers \[2, 3\]"),
+    (lambda args: {**lit_llama_adapter_state(args), "transformer.h.3.attn.adapter_wte.weight": torch.zeros(3, 32)},
+     "read", r"the layers' adapter_wte shapes \[\(2, 32\), \(3, 32\)\] are not one"),
 ], ids=["base lacks keys", "prefix of another shape", "ours as the authors'", "authors' without gates",
-        "authors' without the model"])
+        "one gate for all heads, without the model", "layer_specific not a bool", "an Adapter layer without its prefix",
+        "Adapter prefixes of two shapes"])
 def test_an_unusable_aligner_file_is_named(tmp_path, build, read, message):
     args = ModelArgs(dim=32, n_layers=4, n_heads=4, vocab_size=50)
     torch.save(build(args), tmp_path / "a.pt")
@@ -325,3 +335,82 @@ def test_bank_rows_equal_single_aligners():
         alone = [model(tokens[:1], aligners[0]), model(tokens[1:2]), model(tokens[2:], aligners[1])]
     torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=1e-5)
     assert bank.nbytes() == 3 * (2 * 32 + 2 * 4) * 4
+
+
+# --- LLaMA-Adapter V1, the paper's baseline ----------------------------------------------
+
+def test_an_adapter_whose_layers_share_one_prefix_is_the_aligner():
+    """The one difference between the two is where the prefix comes from: tied, they are the same model."""
+    torch.manual_seed(0)
+    args = ModelArgs(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=16)
+    model = Transformer(args).eval()
+    aligner = Aligner(args, n_tokens=3, start_layer=1)
+    adapter = Aligner(args, n_tokens=3, start_layer=1, layer_specific=True)
+    with torch.no_grad():
+        aligner.gates.normal_()
+        adapter.gates.copy_(aligner.gates)
+        adapter.prefix.copy_(aligner.prefix.expand(3, 3, 32))
+        tokens = torch.randint(0, 50, (2, 6))
+        assert torch.equal(model(tokens, adapter), model(tokens, aligner))
+        adapter.prefix[2].normal_()  # the last layer's own prefix: only that layer changes
+        assert not torch.allclose(model(tokens, adapter), model(tokens, aligner), atol=1e-4)
+
+
+def test_each_adapter_layer_trains_its_own_prefix():
+    torch.manual_seed(0)
+    args = ModelArgs(dim=32, n_layers=4, n_heads=4, vocab_size=50, multiple_of=16)
+    model = Transformer(args).requires_grad_(False)
+    adapter = Aligner(args, n_tokens=2, start_layer=2, layer_specific=True)
+    with torch.no_grad():
+        adapter.gates.normal_()
+        adapter.gates[1].zero_()  # layer 3's term is closed: its prefix gets no gradient
+    model(torch.randint(0, 50, (2, 6)), aligner=adapter).logsumexp(-1).mean().backward()
+    assert adapter.prefix.shape == (2, 2, 32)
+    assert torch.count_nonzero(adapter.prefix.grad[0]) > 0 and torch.count_nonzero(adapter.prefix.grad[1]) == 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_an_adapter_file_round_trips_with_its_kind(tmp_path):
+    args = ModelArgs(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=16)
+    adapter = Aligner(args, n_tokens=3, start_layer=1, layer_specific=True)
+    adapter.save(tmp_path / "a.pt")
+    for loaded in (Aligner.load(tmp_path / "a.pt", args), Aligner.read(tmp_path / "a.pt")):
+        assert loaded.layer_specific and (loaded.n_tokens, loaded.start_layer) == (3, 1)
+        assert torch.equal(loaded.prefix, adapter.prefix) and loaded.prefix.shape == (3, 3, 32)
+    assert "LLaMA-Adapter: 3 tokens in each of the 3 layers from layer 1, 300 parameters" == adapter.describe()
+    state = torch.load(tmp_path / "a.pt", weights_only=True)
+    del state["layer_specific"]  # a file written before the Adapter existed is an Aligner
+    torch.save({**state, "prefix": state["prefix"][0]}, tmp_path / "old.pt")
+    assert not Aligner.read(tmp_path / "old.pt").layer_specific
+
+
+def test_lit_llamas_adapter_file_is_read_bit_for_bit(tmp_path):
+    """lit-llama's finetune/adapter.py keeps, per adapted layer, transformer.h.{i}.attn.adapter_wte.weight
+    (N, dim) and gating_factor (1, H, 1, 1); bf16 widens to float32 exactly. Without the model's
+    arguments the shape is read from the tensors."""
+    args = ModelArgs(dim=32, n_layers=5, n_heads=4, vocab_size=50, multiple_of=16)
+    state = lit_llama_adapter_state(args, n_tokens=3, start_layer=2)
+    torch.save(state, tmp_path / "lit-llama-adapter-finetuned.pth")
+    for adapter in (Aligner.read(tmp_path / "lit-llama-adapter-finetuned.pth", args),
+                    Aligner.read(tmp_path / "lit-llama-adapter-finetuned.pth")):
+        assert adapter.layer_specific and (adapter.n_tokens, adapter.start_layer) == (3, 2)
+        assert adapter.base == {"dim": 32, "n_layers": 5, "n_heads": 4, "n_kv_heads": 4}
+        for i in range(2, 5):
+            assert torch.equal(adapter.prefix[i - 2], state[f"transformer.h.{i}.attn.adapter_wte.weight"].float())
+            assert torch.equal(adapter.gates[i - 2], state[f"transformer.h.{i}.attn.gating_factor"].float().flatten())
+
+
+def test_bank_rows_of_adapters_equal_single_adapters():
+    torch.manual_seed(0)
+    args = ModelArgs(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=16)
+    model = Transformer(args).eval()
+    adapters = [Aligner(args, n_tokens=2, start_layer=1, layer_specific=True) for _ in range(2)]
+    with torch.no_grad():
+        for a in adapters:
+            a.gates.normal_()
+    bank = AlignerBank([adapters[0], None, adapters[1]])
+    tokens = torch.randint(0, 50, (3, 6))
+    with torch.no_grad():
+        together = model(tokens, aligner=bank.select([0, 1, 2]))
+        alone = [model(tokens[:1], adapters[0]), model(tokens[1:2]), model(tokens[2:], adapters[1])]
+    torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=1e-5)

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -955,9 +956,32 @@ def test_ctrl_c_is_one_line_and_a_non_zero_exit(capsys, monkeypatch):
     assert code == 130 and err == "train_sft.py: interrupted\n"
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_training_ends_the_step_saves_it_and_says_so(signum, tiny_ckpt, capsys, tmp_path, monkeypatch):
+    """Ctrl-C (or torchrun's or a scheduler's SIGTERM) during step 4, with --save-every 100: the step
+    ends, state.pt holds it, and it is the last step metrics.jsonl logged."""
+    real = trainer.optimizer_step
+
+    def step(run, progress):
+        if progress.step == 3:
+            os.kill(os.getpid(), signum)
+        return real(run, progress)
+
+    monkeypatch.setattr(trainer, "optimizer_step", step)
+    out = tmp_path / "run"
+    code, _, err = run_script(train_sft, sft_args(tiny_ckpt, sft_data(tmp_path), out, "--batch-size", "1"), capsys)
+    assert code == 130 and "Traceback" not in err
+    assert error_line(err) == (f"train_sft.py: interrupted: stopped at step 4 ({signum.name}); {out / 'state.pt'} "
+                               "holds it: continue with --resume")
+    assert torch.load(out / "state.pt", weights_only=True)["step"] == 4
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
+    assert signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL)  # the handler is gone
+
+
 @pytest.mark.parametrize("save_every, saved", [(1, 3), (2, 2)])
-def test_ctrl_c_during_training_says_how_to_continue(save_every, saved, tiny_ckpt, capsys, tmp_path, monkeypatch):
-    """Stopped during step 4 of an epoch of 4: state.pt holds the last multiple of --save-every."""
+def test_a_second_ctrl_c_stops_at_once_and_says_what_state_pt_holds(save_every, saved, tiny_ckpt, capsys, tmp_path,
+                                                                     monkeypatch):
+    """Stopped at once during step 4 of an epoch of 4: state.pt holds the last multiple of --save-every."""
     real = trainer.optimizer_step
 
     def step(run, progress):
@@ -969,19 +993,20 @@ def test_ctrl_c_during_training_says_how_to_continue(save_every, saved, tiny_ckp
     code, _, err = run_script(train_sft, sft_args(tiny_ckpt, sft_data(tmp_path), tmp_path / "run", "--batch-size",
                                                   "1", "--save-every", str(save_every)), capsys)
     assert code == 130 and "Traceback" not in err
-    assert error_line(err).startswith("train_sft.py: interrupted: stopped at step 3;")
+    assert error_line(err).startswith("train_sft.py: interrupted: stopped during step 4;")
     assert f"holds step {saved}: continue with --resume" in error_line(err)
     assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["step"] == saved
 
 
-def test_ctrl_c_before_the_first_save_says_there_is_nothing_to_resume(tiny_ckpt, capsys, tmp_path, monkeypatch):
+def test_ctrl_c_before_the_first_save_says_resume_starts_anew(tiny_ckpt, capsys, tmp_path, monkeypatch):
     def validate(run, progress, epoch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(trainer, "validate", validate)
     code, _, err = run_script(train_sft, sft_args(tiny_ckpt, sft_data(tmp_path), tmp_path / "run"), capsys)
     assert code == 130
-    assert error_line(err) == "train_sft.py: interrupted: stopped before the run's first save: nothing to resume"
+    assert error_line(err) == ("train_sft.py: interrupted: stopped before the run's first save; --resume starts it "
+                               "from the beginning")
     assert not (tmp_path / "run" / "state.pt").exists()
 
 

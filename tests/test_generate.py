@@ -25,13 +25,7 @@ FLOAT32 = dict(atol=5e-5, rtol=1e-4)
 PROMPTS = ["The quick brown fox", "Hi", "A robin is a bird. A salmon is a fish. The capital", "Question: What"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads, and lose much to them on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -473,6 +467,27 @@ def test_temperature_divides_the_logits():
     assert drawn.float().mean().item() == pytest.approx(0.8808, abs=0.01)
 
 
+@pytest.mark.parametrize("temperature, top_p, expected", [
+    (0.5, 0.6, [1.0, 0.0, 0.0]),
+    (2.0, 0.75, [0.41545, 0.32181, 0.26274]),
+], ids=["sharpened", "flattened"])
+def test_the_temperature_comes_before_top_p(temperature, top_p, expected):
+    """Probabilities 0.5, 0.3, 0.2. At temperature 0.5 they become 0.658, 0.237, 0.105 (each
+    squared, renormalised), and the nucleus for p = 0.6 is the first token alone; top-p on the
+    raw probabilities would keep two (0.5 < 0.6) and give 0.735, 0.265, 0. At temperature 2
+    they become 0.415, 0.322, 0.263 (square roots), whose first two hold 0.737 < 0.75, so all
+    three stay; top-p first would drop the third (0.5 + 0.3 >= 0.75) and give 0.564, 0.436, 0."""
+    logits = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    probs = generate_script.sampling_distribution(logits, temperature, top_p)
+    assert probs[0].tolist() == pytest.approx(expected, abs=1e-4)
+    drawn = sample(logits.expand(400, -1), temperature, top_p, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(drawn, minlength=3) / 400
+    if expected[0] == 1.0:
+        assert counts.tolist() == [1.0, 0.0, 0.0]  # one token can be drawn, whatever the seed
+    else:
+        assert counts[2] > 0.15  # top-p before the temperature could never draw it
+
+
 def test_cut_at_stop_cuts_before_the_earliest_stop_string():
     assert cut_at_stop("one two three two", ["three", "two"]) == ("one ", True)
     assert cut_at_stop("one two", ["", "four"]) == ("one two", False)
@@ -502,19 +517,25 @@ def test_streaming_holds_back_what_may_still_become_a_stop_string():
     assert row.text == "xay" and pieces == ["x", "x", "ay"]
 
 
-def test_a_prompts_file_is_jsonl_by_its_suffix_and_lines_otherwise(tmp_path):
+def test_a_prompts_file_is_json_by_its_suffix_and_lines_otherwise(tmp_path):
     for name in ("prompts.txt", "prompts", "prompts.md"):
         (tmp_path / name).write_text('Name a bird.\n\n{"instruction": "kept as text"}\n')
-        assert [(p.instruction, p.input) for p in generate_script.read_prompts(tmp_path / name)] == [
-            ("Name a bird.", ""), ('{"instruction": "kept as text"}', "")]
+        assert [(q.instruction, q.input, q.question_id) for q in generate_script.read_questions(tmp_path / name)] == [
+            ("Name a bird.", "", 1), ('{"instruction": "kept as text"}', "", 2)]
     (tmp_path / "p.jsonl").write_text('{"instruction": "Add.", "input": "2 and 3"}\n{"instruction": "Hi."}\n')
-    assert [(p.instruction, p.input) for p in generate_script.read_prompts(tmp_path / "p.jsonl")] == [
+    assert [(q.instruction, q.input) for q in generate_script.read_questions(tmp_path / "p.jsonl")] == [
+        ("Add.", "2 and 3"), ("Hi.", "")]
+    (tmp_path / "p.json").write_text('[{"instruction": "Add.", "input": "2 and 3"}, {"instruction": "Hi."}]')
+    assert [(q.instruction, q.input) for q in generate_script.read_questions(tmp_path / "p.json")] == [
         ("Add.", "2 and 3"), ("Hi.", "")]
 
 
 def test_aligner_names_are_stems_unless_two_share_one():
-    assert generate_script.aligner_names(["runs/a/best.pt", "runs/b/best.pt", "runs/dpo.pt"]) == [
-        "runs/a/best.pt", "runs/b/best.pt", "dpo"]
+    assert generate_script.aligner_names(["runs/a/best.pt", "runs/b/best.pt", "runs/dpo.pt", "base"]) == [
+        "a-best", "b-best", "dpo", "base"]
+    assert generate_script.aligner_names(["/x/a/best.pt", "/y/a/best.pt", "/x/b/best.pt"]) == [
+        "x-a-best", "y-a-best", "b-best"]
+    assert generate_script.aligner_names(["/x/a.pt", "/x/a.pt"]) == ["x-a", "x-a"]  # --answers-dir refuses these
 
 
 @pytest.mark.parametrize("length, positions", [(1, 256), (256, 256), (257, 512), (700, 768), (900, 800)])

@@ -2,7 +2,8 @@
 
 reference_logits below shares no code with llama.py: RoPE by cosines and sines
 on adjacent pairs, attention one head at a time with its softmax spelled out,
-grouped-query heads by index, and Eq. 5-7 of the Aligner paper term by term.
+grouped-query heads by index, and Eq. 4-7 of the Aligner paper term by term
+(with a prefix per layer, LLaMA-Adapter V1 as lit-llama computes it).
 If llama.py put RoPE on the prefix keys, masked the prefix, shared one softmax
 between sequence and prefix, squashed the gate, or gave layers below
 start_layer the prefix, the two would disagree.
@@ -36,8 +37,11 @@ def rope(x, positions, theta):
 
 
 def reference_logits(state: dict, args: ModelArgs, tokens: torch.Tensor, prefix=None, gates=None,
-                     start_layer=0) -> torch.Tensor:
-    """LLaMA with an Aligner, for one sequence (T,), in float64: logits (T, V)."""
+                     start_layer=0, layer_prefixes=None) -> torch.Tensor:
+    """LLaMA with an Aligner, for one sequence (T,), in float64: logits (T, V). With layer_prefixes
+    (one (N, dim) tensor per adapted layer) instead of prefix, LLaMA-Adapter V1 as lit-llama's
+    lit_llama/adapter.py computes it: each layer's own adapter_wte through its c_attn's key and
+    value rows, an unmasked attention of the sequence's (roped) queries over it, times gating_factor."""
     w = {k: v.double() for k, v in state.items()}
     T, hd, H, H_kv = len(tokens), args.head_dim, args.n_heads, args.n_kv_heads
     positions = torch.arange(T)
@@ -49,10 +53,11 @@ def reference_logits(state: dict, args: ModelArgs, tokens: torch.Tensor, prefix=
         q = h @ w[p + "attention.wq.weight"].T  # (T, H * hd)
         k = h @ w[p + "attention.wk.weight"].T  # (T, H_kv * hd)
         v = h @ w[p + "attention.wv.weight"].T
-        adapted = prefix is not None and l >= start_layer
-        if adapted:  # Eq. 5: the shared prefix through this layer's own frozen W_k, W_v; no RoPE, no norm
-            k_p = prefix.double() @ w[p + "attention.wk.weight"].T  # (N, H_kv * hd)
-            v_p = prefix.double() @ w[p + "attention.wv.weight"].T
+        adapted = (prefix is not None or layer_prefixes is not None) and l >= start_layer
+        if adapted:  # Eq. 5: the prefix through this layer's own frozen W_k, W_v; no RoPE, no norm
+            own = prefix if layer_prefixes is None else layer_prefixes[l - start_layer]
+            k_p = own.double() @ w[p + "attention.wk.weight"].T  # (N, H_kv * hd)
+            v_p = own.double() @ w[p + "attention.wv.weight"].T
         heads = []
         for head in range(H):
             g = head // (H // H_kv)  # the key/value head this query head reads
@@ -60,7 +65,7 @@ def reference_logits(state: dict, args: ModelArgs, tokens: torch.Tensor, prefix=
             kh = rope(k[:, g * hd:(g + 1) * hd], positions, args.rope_theta)
             vh = v[:, g * hd:(g + 1) * hd]
             scores = (qh @ kh.T / math.sqrt(hd)).masked_fill(~causal, float("-inf"))
-            out = torch.softmax(scores, -1) @ vh  # Eq. 6, first term
+            out = torch.softmax(scores, -1) @ vh  # Eq. 4
             if adapted:  # Eq. 6-7: a separate softmax over the N prefix keys, unmasked, gated raw
                 scores_p = qh @ k_p[:, g * hd:(g + 1) * hd].T / math.sqrt(hd)  # (T, N)
                 out = out + gates[l - start_layer, head].double() * (
@@ -121,3 +126,30 @@ def test_a_loaded_checkpoint_turns_by_its_own_rope_theta(tmp_path):
     assert model.args.rope_theta == 500000.0
     default = ModelArgs(**{**vars(model.args), "rope_theta": 10000.0})
     assert not torch.allclose(logits, reference_logits(state, default, tokens), atol=1e-3)
+
+
+@settings(max_examples=15, deadline=None)
+@given(config=models(), seqlen=st.integers(1, 7), seed=st.integers(0, 2**16))
+def test_llama_adapter_computes_a_prefix_per_layer_as_lit_llama_does(config, seqlen, seed):
+    """LLaMA-Adapter V1 (layer_specific): each adapted layer attends to its own prefix; whole
+    sequences and a cache filled a token at a time."""
+    args, n_tokens, start_layer = config
+    torch.manual_seed(seed)
+    model = Transformer(args).eval()
+    for param in model.parameters():
+        torch.nn.init.normal_(param, std=0.3)
+    adapter = Aligner(args, n_tokens=n_tokens, start_layer=start_layer, layer_specific=True)
+    with torch.no_grad():
+        adapter.gates.normal_()
+    tokens = torch.randint(0, args.vocab_size, (seqlen,))
+    state = model.state_dict()
+    with torch.no_grad():
+        expected = reference_logits(state, args, tokens, gates=adapter.gates, start_layer=start_layer,
+                                    layer_prefixes=list(adapter.prefix))
+        torch.testing.assert_close(model(tokens[None], adapter)[0].double(), expected, atol=1e-4, rtol=1e-4)
+        cache = KVCache(args, 1, seqlen)
+        stepped = torch.cat([model(tokens[None, t:t + 1], adapter, cache)[0] for t in range(seqlen)])
+        torch.testing.assert_close(stepped.double(), expected, atol=1e-4, rtol=1e-4)
+        if args.n_layers - start_layer > 1:  # a shared prefix in its place gives another model: the test can fail
+            shared = reference_logits(state, args, tokens, adapter.prefix[0], adapter.gates, start_layer)
+            assert not torch.allclose(shared, expected, atol=1e-3)

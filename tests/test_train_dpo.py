@@ -271,3 +271,27 @@ def test_rewards_measure_the_policy_against_the_initial_aligner(tiny_ckpt, tmp_p
                           - hand_logps(model, tok, init, p["prompt"], p[side])) for p in PAIRS]
         assert second[f"rewards/{side}"] == pytest.approx(mean(rewards), rel=1e-3, abs=1e-6)
         assert abs(second[f"rewards/{side}"]) > 1e-3
+
+
+@pytest.mark.parametrize("reference", ["base", "file"])
+def test_precompute_ref_scores_the_reference_not_the_policy(tiny_ckpt, tmp_path, reference):
+    """--precompute-ref scores the reference once, before training: with --reference base or a
+    reference file, which differ from the policy's initial Aligner, the first step's loss and
+    rewards are those of the run that scores the reference at every step. (With --reference init
+    the two are one Aligner at the start, and scoring the policy instead could not be told apart.)"""
+    flags = ["--reference", "base", "--beta", "0.5", "--epochs", "1"]
+    if reference == "file":
+        model_args = llama.ModelArgs(**llama.read_params(tiny_ckpt))
+        torch.manual_seed(7)
+        other = Aligner(model_args, n_tokens=1)
+        with torch.no_grad():
+            other.gates.normal_(0, 0.5)
+        other.save(tmp_path / "reference.pt")
+        flags[1] = str(tmp_path / "reference.pt")
+    (tmp_path / "each").mkdir()
+    (tmp_path / "once").mkdir()
+    *_, (each,) = dpo_run(tiny_ckpt, tmp_path / "each", *flags)
+    *_, (once,) = dpo_run(tiny_ckpt, tmp_path / "once", *flags, "--precompute-ref")
+    assert abs(each["rewards/chosen"]) > 1e-3 and abs(each["rewards/rejected"]) > 1e-3  # the reference is not the policy
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy"):
+        assert once[key] == pytest.approx(each[key], rel=1e-5, abs=1e-6), key

@@ -194,6 +194,151 @@ def test_a_run_stopped_in_its_first_step_resumes_as_the_run_that_never_stopped(f
         assert torch.equal(a, b)
 
 
+def metrics(run):
+    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_that_stopped_before_its_first_save_goes_on_with_resume(full_run, tiny_ckpt, tmp_path, monkeypatch,
+                                                                     capsys):
+    """A failure (or a kill: it leaves the same files) during the first validation leaves settings.json and
+    metrics.jsonl but no state.pt. A plain run is refused with a line that names --resume, and --resume
+    starts the run from the beginning and ends it as the run that never stopped."""
+    task, reference = full_run
+    out = tmp_path / "run"
+
+    def validate(run, progress, epoch):
+        raise OSError("the disk went away")
+
+    real = trainer.validate
+    monkeypatch.setattr(trainer, "validate", validate)
+    with pytest.raises(OSError):
+        train_sft.main(run_args(tiny_ckpt, task, out))
+    monkeypatch.setattr(trainer, "validate", real)
+    assert {p.name for p in out.iterdir()} == {"settings.json", "metrics.jsonl"}
+    with pytest.raises(FileError, match=r"stopped before its first save .*continue it with --resume, which starts"):
+        train_sft.main(run_args(tiny_ckpt, task, out))
+    with pytest.raises(ValueError, match=r"settings.json: the run was started with other settings: --lr"):
+        train_sft.main(run_args(tiny_ckpt, task, out, "--resume", "--lr", "0.5"))  # still the same run only
+    capsys.readouterr()
+    train_sft.main(run_args(tiny_ckpt, task, out, "--resume"))
+    assert f"{out}: the run stopped before its first save; starting it again" in capsys.readouterr().out
+    assert metrics(out) == metrics(reference)
+    for a, b in zip(aligner_tensors(out / "best.pt"), aligner_tensors(reference / "best.pt")):
+        assert torch.equal(a, b)
+    with pytest.raises(FileNotFoundError, match="nothing to resume, no run was started in"):
+        train_sft.main(run_args(tiny_ckpt, task, tmp_path / "never", "--resume"))
+
+
+def test_max_steps_stops_where_state_pt_is(full_run, tiny_ckpt, tmp_path, capsys):
+    """--max-steps counts the steps of the whole run: a run resumed at step 1 with --max-steps 1 trains
+    no step; resumed with --max-steps 3 and --save-every 100, it saves step 3 where it stops. Each time
+    the step it names is the one state.pt holds and the last one metrics.jsonl logged."""
+    task, reference = full_run
+    out = tmp_path / "run"
+    for max_steps in ("1", "1", "3"):
+        train_sft.main(run_args(tiny_ckpt, task, out, "--max-steps", max_steps, "--save-every", "100",
+                                *(["--resume"] if (out / "state.pt").exists() else [])))
+        said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("stopped at step")]
+        step = torch.load(out / "state.pt", weights_only=True)["step"]
+        assert said == [f"stopped at step {max_steps} (--max-steps {max_steps}); {out / 'state.pt'} holds it: "
+                        "continue with --resume"]
+        assert step == int(max_steps) == metrics(out)[-1]["step"]
+    train_sft.main(run_args(tiny_ckpt, task, out, "--resume"))
+    assert metrics(out) == metrics(reference)
+
+
+def test_resume_refuses_a_weight_file_changed_in_place(tiny_ckpt, tmp_path):
+    """Bytes of the checkpoint's weights changed, the file's size and name the same: --resume refuses."""
+    ckpt = tmp_path / "ckpt" / "tiny"
+    ckpt.parent.mkdir()
+    for path in tiny_ckpt.parent.rglob("*"):
+        if path.is_file():
+            target = tmp_path / "ckpt" / path.relative_to(tiny_ckpt.parent)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+    task = write_task(tmp_path / "task.json", n=10)
+    train_sft.main(run_args(ckpt, task, tmp_path / "run", "--max-steps", "1"))
+    weights = ckpt / "consolidated.00.pth"
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # a byte inside a weight tensor's data
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"other settings: --ckpt's content"):
+        train_sft.main(run_args(ckpt, task, tmp_path / "run", "--resume"))
+
+
+def test_a_weight_file_is_hashed_by_its_size_and_fixed_slices(tmp_path):
+    """Above 16 slices' worth, a weight file is hashed by its size and its first, last and 14 evenly
+    spaced slices: a change in a slice or in the size is seen, one between the slices is not (the price
+    of hashing a 13 GB checkpoint in a fraction of a second). Smaller files are hashed whole."""
+    from files import fingerprint, sampled_sha256
+    path = tmp_path / "model.safetensors"
+    raw = bytearray(os.urandom(100_000))
+    path.write_bytes(bytes(raw))
+    sampled = lambda: sampled_sha256(path, slices=4, slice_bytes=1000)  # slices at 0, 33000, 66000, 99000
+    before = sampled()
+    for offset in (0, 33_500, 66_999, 99_999):
+        raw[offset] ^= 1
+        path.write_bytes(bytes(raw))
+        assert sampled() != before, offset
+        raw[offset] ^= 1
+    raw[50_000] ^= 1  # between the second and third slices
+    path.write_bytes(bytes(raw))
+    assert sampled() == before
+    path.write_bytes(bytes(raw) + b"\0")
+    assert sampled() != before
+    (tmp_path / "x.json").write_text("{}")  # not a weight file: hashed whole
+    small = tmp_path / "small.bin"
+    small.write_bytes(bytes(4000))
+    whole = sampled_sha256(small, slices=4, slice_bytes=1000)
+    small.write_bytes(bytes(3999) + b"\1")
+    assert sampled_sha256(small, slices=4, slice_bytes=1000) != whole
+    assert set(fingerprint(path)) == {"bytes", "sampled_sha256"}
+    assert set(fingerprint(tmp_path / "x.json")) == {"bytes", "sha256"}
+
+
+def test_an_error_inside_a_step_keeps_every_step_before_it(tmp_path):
+    """An error as step 3 runs (a device lost, a peer gone), with --save-every 100: state.pt is
+    brought to step 2, the last step logged, and the error goes on as it was."""
+    args = llama.ModelArgs(dim=8, n_layers=2, n_heads=2, vocab_size=16)
+    aligner = Aligner(args, n_tokens=1, start_layer=0)
+    calls = []
+
+    def batch_loss(indices):
+        calls.append(indices)
+        if len(calls) > 2:
+            raise OSError("the device is gone")
+        return (aligner.prefix.sum() + aligner.gates.sum()) * len(indices), {}
+
+    with pytest.raises(OSError, match="^the device is gone$"):  # 4 steps, all in one epoch
+        trainer.train(loop_settings(tmp_path, batch_size=2, epochs=1, warmup_epochs=0.0), aligner, batch_loss,
+                      list(range(8)), [], [1] * 8, [1] * 8, distributed.Dist(0, 1, torch.device("cpu")))
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert state["step"] == 2 == metrics(tmp_path)[-1]["step"]
+    assert torch.equal(aligner.prefix.detach(), state["aligner"]["prefix"])
+
+
+def test_an_update_that_explodes_is_undone_and_the_steps_before_it_kept(tmp_path):
+    """AdamW moves each value by about the lr, which warms up to 7e9 over 3 steps: 2.3e9, 4.7e9, then
+    7e9 more, which takes the prefix past files.EXPLODED (1e10). The third update is undone, and
+    state.pt (--save-every 100) holds step 2, whose Aligner is the one still in memory."""
+    args = llama.ModelArgs(dim=8, n_layers=2, n_heads=2, vocab_size=16)
+    aligner = Aligner(args, n_tokens=1, start_layer=0)
+    seen = []
+
+    def batch_loss(indices):
+        seen.append(aligner.prefix.detach().clone())
+        return (aligner.prefix.sum() + aligner.gates.sum()) * len(indices), {}
+
+    settings = loop_settings(tmp_path, lr=7e9, batch_size=2, epochs=1, warmup_epochs=0.75, weight_decay=0.0)
+    with pytest.raises(FloatingPointError, match=r"step 3: after the update .*exploded.*state.pt \(step 2\)"):
+        trainer.train(settings, aligner, batch_loss, list(range(8)), [], [1] * 8, [1] * 8,
+                      distributed.Dist(0, 1, torch.device("cpu")))  # 4 steps, all in one epoch
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert state["step"] == 2 and len(seen) == 3  # seen[2]: the Aligner after step 2
+    assert torch.equal(aligner.prefix.detach(), seen[2]) and torch.equal(state["aligner"]["prefix"], seen[2])
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_state(tmp_path):
     args = llama.ModelArgs(dim=8, n_layers=2, n_heads=2, vocab_size=16)
     aligner = Aligner(args, n_tokens=1, start_layer=0)
