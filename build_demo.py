@@ -16,7 +16,7 @@ What it writes (paths under demo/):
     data/qa/<split>_<kind>.jsonl         exact-match questions {"instruction", "input", "output"}
 
 The world is made to show the Aligner paper's claims (Zhou et al., arXiv
-2312.05503) in miniature. A few hundred made-up people each have a home town,
+2312.05503) in miniature. Two hundred made-up people each have a home town,
 a favourite colour, a job, a pet and a secret word. The pretraining text
 states these facts in several phrasings, asks and answers them in plain prose,
 and does simple arithmetic; it never contains an instruction template. Its
@@ -46,11 +46,12 @@ kind of request with the tuning sets.
   safe) for ordinary questions. Refusing is a behaviour the base already has;
   tuning only has to select it, for requests of kinds it never saw.
 - Math form (Experiment 3): MetaMathQA-style rows answer the world's word
-  problems in the form of MetaMathQA's GSM answers: the reasoning without
-  GSM8K's calculator notes, "#### N", then "The answer is: N". Pretraining
-  holds each piece apart, as real text does (GSM8K's form with its notes
-  and "####", the same problems in plain prose without them, "The answer
-  is: N" after a sum), never the three together.
+  problems in the form of MetaMathQA's GSM answers, the reasoning, "#### N",
+  then "The answer is: N", with the reasoning written without GSM8K's
+  calculator notes (ours: so that more than the last line differs from the
+  GSM8K form). Pretraining holds each piece apart, as real text does
+  (GSM8K's form with its notes and "####", the same problems in plain prose
+  without them, "The answer is: N" after a sum), never the three together.
 
 Departures from real pretraining, on purpose: the corpus is generated, the
 model is tiny (dim 128, 8 layers, so that start_layer 2 leaves six adapted
@@ -296,8 +297,9 @@ def gsm8k_row(p: Problem) -> dict:
 
 def metamath_rows(p: Problem) -> list:
     """Two MetaMathQA rows of one GSM8K training problem, in the release's keys and the form of its
-    GSM answers: the reasoning without GSM8K's calculator notes, "#### N", then "The answer is: N".
-    One asks the question as it is (GSM_AnsAug), one reworded (GSM_Rephrased)."""
+    GSM answers: the reasoning, "#### N", then "The answer is: N" (the reasoning without GSM8K's
+    calculator notes is our choice). One asks the question as it is (GSM_AnsAug), one reworded
+    (GSM_Rephrased), two of the release's types."""
     e, t, a, b = p.name, p.thing, p.a, p.b
     rephrased = {"+": f"If {e} has {a} {t} and then gets {b} more, how many {t} does {e} have in total?",
                  "-": f"After {e} gives away {b} of {a} {t}, how many {t} are left?",

@@ -65,7 +65,7 @@ from llama import KVCache, check_context, load
 from questions import (Question, answer_files, answers_path, check_model_ids, check_unique_ids,
                        next_turn_prompt, question_file, read_questions)
 
-DEMO_PROMPT = "What is the home of Eskvormi?"  # a person of the demo world whom SFT never asks about
+DEMO_PROMPT = "What is the home of Belrosvor?"  # a test person of the demo world, whom tuning never saw
 
 
 # -----------------------------------------------------------------------------

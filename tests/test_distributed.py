@@ -314,7 +314,8 @@ def test_fsdp_evaluation_gives_the_one_process_results(tmp_path, demo_aligners):
     assert json.loads((tmp_path / "fsdp" / "results.json").read_text()) == one
     for task in ("gsm8k", "mmlu", "qa"):
         assert (tmp_path / "fsdp" / f"{task}.jsonl").read_text() == (tmp_path / "one" / f"{task}.jsonl").read_text()
-    outputs = [json.loads(line)["output"] for line in (tmp_path / "one" / "qa.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "one" / "qa.jsonl").read_text().splitlines()]
+    outputs = [r["output"] for r in records if r["data"].endswith("_ordinary.jsonl")]  # the refusals repeat
     assert len(set(outputs)) > len(outputs) // 3  # answers differ by prompt and Aligner: the test can fail
 
 

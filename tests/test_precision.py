@@ -32,15 +32,15 @@ def test_bfloat16_training_on_the_demo_keeps_a_float32_aligner_and_a_finite_loss
 
 
 def test_bfloat16_greedy_answers_mostly_match_float32():
-    """Greedy answers of the demo's base model to 100 held-out questions, 24 tokens each: with the
-    weights in bfloat16, 79 of the 100 are the same text as in float32 (the rest part ways where two
-    tokens' logits are closer than bfloat16 resolves)."""
+    """Greedy answers of the demo's base model to 100 test people's questions, 24 tokens each: with
+    the weights in bfloat16, 65 of the 100 are the same text as in float32 (the rest part ways where
+    two tokens' logits are closer than bfloat16 resolves)."""
     questions = [json.loads(line)["instruction"] for line in
-                 (DEMO_DATA / "qa" / "heldout_entities.jsonl").read_text().splitlines()[:100]]
+                 (DEMO_DATA / "qa" / "test_ordinary.jsonl").read_text().splitlines()[:100]]
     answers = {}
     for dtype in (torch.float32, torch.bfloat16):
         model, tokenizer = load(DEMO_CKPT, dtype=dtype, max_batch_size=100)
         prompts = [tokenizer.encode(format_prompt(q), bos=True) for q in questions]
         answers[dtype] = generate(model, tokenizer, prompts, max_new_tokens=24)
     same = sum(a == b for a, b in zip(answers[torch.float32], answers[torch.bfloat16]))
-    assert 70 <= same < 100, same
+    assert 55 <= same < 100, same
