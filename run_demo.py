@@ -6,15 +6,15 @@ from, and print that table from the results files the evaluations write.
     python run_demo.py --table     # the table again, from the results already under runs/
     python run_demo.py --list      # the commands alone, as the README prints them
 
-Each command is an ordinary call of train_sft.py, train_dpo.py or
-evaluate.py, run as its own process with OMP_NUM_THREADS=1 (two CPU cores,
+Each command is an ordinary call of train_sft.py, train_dpo.py, evaluate.py
+or analyze.py, run as its own process with OMP_NUM_THREADS=1 (two CPU cores,
 two commands at once); a command starts once the runs it reads are trained.
 Each one's output goes to runs/logs/<name>.log and its wall time to
-runs/times.json. The table reads nothing but the evaluations' results.json
-files (runs/eval-*/results.json) and, for parameter counts, the Aligner files.
+runs/times.json. The tables read nothing but the evaluations' results.json
+files (runs/eval-*/results.json), the analysis's runs/gates.json and, for
+parameter counts, the Aligner files.
 """
 
-import argparse
 import json
 import os
 import shlex
@@ -45,28 +45,32 @@ class Row(NamedTuple):
 
 ROWS = [
     Row("base", "base model + template"),
-    Row("runs/sft1/best.pt", "Aligner, 1 token (Alpaca-style SFT)"),
-    Row("runs/sft10/best.pt", "Aligner, 10 tokens (Alpaca-style SFT)"),
-    Row("runs/pku-sft/best.pt", "Aligner, 1 token (SFT on PKU-style safe responses)"),
-    Row("runs/dpo/best.pt", "  then DPO (1 token)"),
-    Row("runs/math/best.pt", "Aligner, 10 tokens (MetaMath-style SFT)"),
+    Row("runs/sft1/best.pt", "Aligner, 1 token: Alpaca-style SFT"),
+    Row("runs/sft10/best.pt", "Aligner, 10 tokens: Alpaca-style SFT"),
+    Row("runs/adapter10/best.pt", "LLaMA-Adapter, 10 tokens per layer: Alpaca-style SFT"),
+    Row("runs/pku-sft/best.pt", "Aligner, 1 token: SFT on the PKU-style rows' safe responses"),
+    Row("runs/dpo/best.pt", "Aligner, 1 token: that SFT, then DPO on the same rows"),
+    Row("runs/math/best.pt", "Aligner, 10 tokens: MetaMath-style SFT"),
 ]
-TRAINED = [row.aligner for row in ROWS if row.aligner != "base"]
 QA_FILES = ["test_ordinary", "train_ordinary", "test_secret", "test_harmful"]
 ALIGNERS = " ".join(f"--aligner {row.aligner}" for row in ROWS)
 
+TRAINING = ("sft1", "sft10", "adapter10", "dpo", "math")  # the steps whose Aligners the table's rows are
 STEPS = [
     Step("sft1", "python train_sft.py --n-tokens 1 --out runs/sft1"),
     Step("sft10", "python train_sft.py --out runs/sft10"),
+    Step("adapter10", "python train_sft.py --llama-adapter --out runs/adapter10"),
     Step("pku-sft", "python train_sft.py --data demo/data/pku_saferlhf.jsonl --n-tokens 1 --out runs/pku-sft"),
-    Step("math", "python train_sft.py --data demo/data/metamathqa.json --template metamath --out runs/math"),
-    Step("dpo", "python train_dpo.py --init-aligner runs/pku-sft/best.pt --out runs/dpo", needs=("pku-sft",)),
+    Step("math", "python train_sft.py --data demo/data/metamathqa.json --template metamath --epochs 32 --out runs/math"),
+    Step("dpo", "python train_dpo.py --init-aligner runs/pku-sft/best.pt --precompute-ref --out runs/dpo", needs=("pku-sft",)),
     Step("eval-math", "python evaluate.py gsm8k --template metamath --aligner base --aligner runs/math/best.pt "
                       "--out runs/eval-math", needs=("math",)),
     Step("eval-qa", "python evaluate.py qa $A --data " + " ".join(f"demo/data/qa/{f}.jsonl" for f in QA_FILES)
-         + " --max-new-tokens 32 --out runs/eval-qa", needs=("sft1", "sft10", "dpo", "math")),
-    Step("eval-gsm8k", "python evaluate.py gsm8k $A --out runs/eval-gsm8k", needs=("sft1", "sft10", "dpo", "math")),
-    Step("eval-mmlu", "python evaluate.py mmlu $A --out runs/eval-mmlu", needs=("sft1", "sft10", "dpo", "math")),
+         + " --max-new-tokens 32 --out runs/eval-qa", needs=TRAINING),
+    Step("eval-gsm8k", "python evaluate.py gsm8k $A --paper --out runs/eval-gsm8k", needs=TRAINING),
+    Step("eval-mmlu", "python evaluate.py mmlu $A --paper --out runs/eval-mmlu", needs=TRAINING),
+    Step("gates", "python analyze.py gates " + " ".join(row.aligner for row in ROWS[1:]) + " --json runs/gates.json",
+         needs=TRAINING),
 ]
 
 
@@ -94,13 +98,15 @@ class Column(NamedTuple):
 
 
 COLUMNS = [
-    Column("test people", "runs/eval-qa", "qa", "test_ordinary.jsonl", "accuracy"),
+    Column("test people (exact / fact first)", "runs/eval-qa", "qa", "test_ordinary.jsonl", "accuracy starts"),
     Column("train people", "runs/eval-qa", "qa", "train_ordinary.jsonl", "accuracy"),
     Column("test secrets refused", "runs/eval-qa", "qa", "test_secret.jsonl", "accuracy"),
-    Column("test harmful requests refused", "runs/eval-qa", "qa", "test_harmful.jsonl", "accuracy"),
-    Column("MMLU-format", "runs/eval-mmlu", "mmlu", "mmlu", "questions"),
-    Column("GSM8K-format, 8 shots (strict)", "runs/eval-gsm8k", "gsm8k", "test.jsonl", "strict"),
-    Column("GSM8K-format, metamath (strict / flexible)", "runs/eval-math", "gsm8k", "test.jsonl", "strict flexible"),
+    Column("test harmful requests refused (exact / refusal first)", "runs/eval-qa", "qa", "test_harmful.jsonl",
+           "accuracy starts"),
+    Column("MMLU-format, 1 shot", "runs/eval-mmlu", "mmlu", "mmlu", "questions"),
+    Column("GSM8K-format, 1 shot (strict)", "runs/eval-gsm8k", "gsm8k", "test.jsonl", "strict"),
+    Column("GSM8K-format, metamath template, 0 shots (strict / flexible / #### form)", "runs/eval-math", "gsm8k",
+           "test.jsonl", "strict flexible strict_found"),
 ]
 
 
@@ -144,6 +150,30 @@ def table(root: Path = Path(".")) -> str:
     return "\n".join(lines)
 
 
+def gates_table(root: Path = Path(".")) -> str:
+    """The gates' spread by layer (analyze.py gates, Appendix D.1), as Markdown, from root/runs/gates.json:
+    per trained row, the std of its gates over the heads of each adapted layer, the top third's mean
+    std over the bottom third's, and Spearman's rho between layer and std."""
+    path = root / "runs" / "gates.json"
+    if not path.is_file():
+        return f"(no {path} yet)"
+    try:
+        by_path = {entry["path"]: entry for entry in json.loads(read_text(path, "gates file"))}
+        layers = next(iter(by_path.values()))["layers"]
+    except (json.JSONDecodeError, KeyError, TypeError, StopIteration):
+        raise ValueError(f"{path}: not an analyze.py gates --json file") from None
+    lines = ["| | " + " | ".join(f"layer {layer}" for layer in layers) + " | top / bottom third | Spearman |",
+             "| --- " * (len(layers) + 3) + "|"]
+    for row in ROWS[1:]:
+        entry = by_path.get(row.aligner)
+        if entry is None:
+            continue
+        trend = [entry["trend"][key] for key in ("ratio", "spearman")]  # None where too few layers for one
+        cells = [f"{std:.3f}" for std in entry["layer_std"]] + ["–" if x is None else f"{x:.2f}" for x in trend]
+        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # -----------------------------------------------------------------------------
 # running the steps, two at a time
 
@@ -155,9 +185,10 @@ class Running(NamedTuple):
 
 
 def outputs(step: Step) -> Path:
-    """The folder a step writes: its --out."""
+    """What a step writes: its --out folder (the trainings and evaluations) or its --json file (the analysis)."""
     words = shlex.split(step.command)
-    return Path(words[words.index("--out") + 1])
+    flag = "--out" if "--out" in words else "--json"
+    return Path(words[words.index(flag) + 1])
 
 
 def run_steps(steps: list, jobs: int, overwrite: bool) -> dict:
@@ -195,7 +226,7 @@ def run_steps(steps: list, jobs: int, overwrite: bool) -> dict:
 
 
 def main(argv=None):
-    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--table", action="store_true", help="only print the table, from the results under runs/")
     what.add_argument("--list", action="store_true", help="only print the commands")
@@ -211,13 +242,15 @@ def main(argv=None):
         if taken and not args.overwrite:
             raise FileExistsError(f"{', '.join(taken)} already exist; pass --overwrite to replace those runs")
         for step in STEPS:
-            check_writable(outputs(step), "--out")
+            check_writable(outputs(step), "--out", folder="--out" in step.command)
         start = time.perf_counter()
         times = run_steps(STEPS, args.jobs, args.overwrite)
         total = round(time.perf_counter() - start, 1)
         atomic_text(Path("runs/times.json"), json.dumps({"seconds": times, "total": total}, indent=2) + "\n")
         print(f"all {len(STEPS)} commands in {total:.0f} s, {args.jobs} at a time (runs/times.json)\n")
     print(table())
+    print()
+    print(gates_table())
 
 
 if __name__ == "__main__":

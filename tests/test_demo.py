@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import analyze
 import build_demo
 import data
 import evaluate
@@ -286,9 +287,9 @@ def test_rebuild_is_byte_identical(mini_world, tmp_path):
 # -----------------------------------------------------------------------------
 # the pipeline and its table
 
-SCRIPTS = {"train_sft.py": train_sft, "train_dpo.py": train_dpo, "evaluate.py": evaluate}
+SCRIPTS = {"train_sft.py": train_sft, "train_dpo.py": train_dpo, "evaluate.py": evaluate, "analyze.py": analyze}
 SHORT = {"train_sft.py": ["--max-steps", "2", "--val", "2"], "train_dpo.py": ["--max-steps", "1", "--val", "2"],
-         "evaluate.py": ["--limit", "2", "--max-new-tokens", "4"]}
+         "evaluate.py": ["--limit", "2", "--max-new-tokens", "4"], "analyze.py": []}
 
 
 @pytest.fixture(scope="module")
@@ -304,7 +305,8 @@ def mini_pipeline(mini_world, tmp_path_factory):
     try:
         for step in run_demo.STEPS:
             _, script, *args = run_demo.argv(step)
-            SCRIPTS[script].main(args + SHORT[script])
+            short = SHORT[script][:2] if args[0] == "mmlu" else SHORT[script]  # mmlu generates nothing
+            SCRIPTS[script].main(args + short)
     finally:
         patch.undo()
     return root
@@ -315,6 +317,7 @@ def test_pipeline_commands_run_end_to_end_on_a_miniature_world(mini_pipeline):
         assert (mini_pipeline / row.aligner).is_file(), row.aligner
     for folder in {c.folder for c in run_demo.COLUMNS}:
         assert (mini_pipeline / folder / "results.json").is_file(), folder
+    assert (mini_pipeline / "runs" / "gates.json").is_file()
     # the DPO run started from the SFT Aligner on the PKU rows, the paper's chain
     settings = json.loads((mini_pipeline / "runs" / "dpo" / "settings.json").read_text())
     assert settings["init_aligner"] == "runs/pku-sft/best.pt"
@@ -348,9 +351,37 @@ def test_table_figures_are_the_results_files_figures(mini_pipeline):
     assert [c != "–" for c in math_cells] == [r.aligner in ("base", "runs/math/best.pt") for r in run_demo.ROWS]
 
 
+def test_gates_table_figures_are_the_analysis_files_figures(mini_pipeline):
+    """Every cell of the gates table is its row's figure in runs/gates.json, which analyze.py wrote."""
+    gates = {entry["path"]: entry for entry in json.loads((mini_pipeline / "runs" / "gates.json").read_text())}
+    rendered = run_demo.gates_table(mini_pipeline).splitlines()
+    assert len(rendered) == 2 + len(run_demo.ROWS) - 1
+    for row, line in zip(run_demo.ROWS[1:], rendered[2:]):
+        label, *cells = [c.strip() for c in line.strip("|").split("|")]
+        entry = gates[row.aligner]
+        assert label == row.label
+        expected = entry["layer_std"] + [entry["trend"][key] for key in ("ratio", "spearman")]
+        assert [None if c == "–" else float(c) for c in cells] == pytest.approx(expected, abs=0.006)
+
+
+def test_run_steps_starts_a_step_after_the_steps_it_needs_and_stops_at_a_failure(tmp_path, monkeypatch):
+    """Each command reads the files of the steps it needs (and fails if one is missing), two run at
+    once; a command that fails stops the run with its exit code and its log."""
+    monkeypatch.chdir(tmp_path)
+    code = "import pathlib, sys, time; [pathlib.Path(n).read_text() for n in sys.argv[2:]]; time.sleep(0.2); " \
+           "pathlib.Path(sys.argv[1]).write_text('done')"
+    steps = [run_demo.Step("c", f'python -c "{code}" c a b', needs=("a", "b")),
+             run_demo.Step("a", f'python -c "{code}" a'), run_demo.Step("b", f'python -c "{code}" b a', needs=("a",)),
+             run_demo.Step("d", f'python -c "{code}" d')]
+    times = run_demo.run_steps(steps, jobs=2, overwrite=False)
+    assert set(times) == {"a", "b", "c", "d"} and all(t > 0 for t in times.values())
+    assert all((tmp_path / name).read_text() == "done" for name in "abcd")
+    with pytest.raises(RuntimeError, match=r"exit code 3.*runs/logs/bad\.log"):
+        run_demo.run_steps([run_demo.Step("bad", 'python -c "import sys; sys.exit(3)"')], jobs=2, overwrite=False)
+
+
 def test_readme_prints_the_pipelines_commands_and_its_table_header():
     readme = (ROOT / "README.md").read_text()
     for line in run_demo.listing().splitlines():
         assert line in readme, line
-    header = run_demo.table(Path("/nonexistent")).splitlines()[0]
-    assert header in readme
+    assert run_demo.table(Path("/nonexistent")).splitlines()[0] in readme

@@ -26,6 +26,7 @@ import torch
 
 import build_demo
 import cli
+import run_demo
 import distributed
 import evaluate
 import generate
@@ -44,7 +45,7 @@ import memory as bench_memory  # noqa: E402
 import run as bench_run  # noqa: E402
 
 SCRIPTS = {"train_sft": train_sft, "train_dpo": train_dpo, "generate": generate, "evaluate": evaluate,
-           "build_demo": build_demo, "run": bench_run, "gpu": bench_gpu, "decode": bench_decode,
+           "build_demo": build_demo, "run_demo": run_demo, "run": bench_run, "gpu": bench_gpu, "decode": bench_decode,
            "memory": bench_memory}
 
 
@@ -219,7 +220,7 @@ def test_evaluate_refuses_an_out_of_range_flag(flag, value, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("script, flag, value", [
-    ("build_demo", "--steps", "0"), ("build_demo", "--seed", "-1"), ("run", "--steps", "0"), ("run", "--batch", "-1"),
+    ("build_demo", "--steps", "0"), ("build_demo", "--seed", "-1"), ("run_demo", "--jobs", "0"), ("run", "--steps", "0"), ("run", "--batch", "-1"),
     ("run", "--seq-len", "0"), ("run", "--threads", "0"), ("run", "--warmup", "-1"), ("gpu", "--batch", "0"),
     ("gpu", "--seq-len", "x"), ("decode", "--steps", "0"), ("decode", "--repeats", "0"), ("decode", "--threads", "-2"),
     ("memory", "--batch", "0"), ("memory", "--n-tokens", "0"), ("memory", "--start-layer", "-1")])
@@ -234,6 +235,22 @@ def test_build_demo_never_writes_among_other_files(run, capsys, tmp_path, monkey
     fails("build_demo", ["--out", out], capsys, "--out", str(out), "other files", watch=[tmp_path])
     (tmp_path / "file").write_text("mine")
     fails("build_demo", ["--out", tmp_path / "file" / "world"], capsys, "--out", "is a file", watch=[tmp_path])
+
+
+def test_run_demo_never_replaces_runs_unasked(capsys, tmp_path, monkeypatch):
+    """The demo's pipeline into a runs/ that already holds one of its runs: refused before any command starts."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(run_demo, "run_steps", lambda *a, **k: pytest.fail("a command started"))
+    (tmp_path / "runs" / "sft1").mkdir(parents=True)
+    fails("run_demo", [], capsys, "runs/sft1", "--overwrite", watch=[tmp_path])
+
+
+def test_run_demo_names_a_results_file_it_cannot_read(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "eval-qa").mkdir(parents=True)
+    (tmp_path / "runs" / "eval-qa" / "results.json").write_text('{"ckpt": "x"}')
+    fails("run_demo", ["--table"], capsys, "runs/eval-qa/results.json", "not an evaluate.py results file",
+          watch=[tmp_path])
 
 
 def test_evaluate_refuses_an_unknown_task(capsys):
@@ -433,7 +450,7 @@ def test_a_state_pt_holding_nan_is_refused(run, tiny_ckpt, capsys, tmp_path):
 
 def test_the_demo_pipeline_in_the_readme_never_writes_into_one_folder_twice():
     """Following the quick start and then the demo pipeline: every training run has its own --out,
-    and DPO starts from the pipeline's one-token SFT run."""
+    and DPO starts from one of the pipeline's one-token SFT runs."""
     readme = (ROOT / "README.md").read_text()
     quick = readme.split("## Quick start")[1].split("##")[0]
     pipeline = readme.split("## The built-in demo")[1].split("|")[0]
@@ -448,9 +465,9 @@ def test_the_demo_pipeline_in_the_readme_never_writes_into_one_folder_twice():
         if script == "train_sft.py":
             sft_outs[out] = words[words.index("--n-tokens") + 1] if "--n-tokens" in words else "10"
         else:
-            assert words[words.index("--init-aligner") + 1] == next(
-                f"{o}/best.pt" for o, n in sft_outs.items() if n == "1" and o != "runs/sft")
-    assert len(commands) == 4 and len(set(outs)) == len(outs), outs
+            assert words[words.index("--init-aligner") + 1] in {
+                f"{o}/best.pt" for o, n in sft_outs.items() if n == "1" and o != "runs/sft"}
+    assert len(commands) == 7 and len(set(outs)) == len(outs), outs
 
 
 def test_ci_runs_the_readmes_test_command():
