@@ -102,11 +102,11 @@ def pair_logps(model, aligner, pairs):
     return logps[:len(pairs)], logps[len(pairs):]
 
 
-# The demo's preference set has 200 pairs, 3 optimizer steps per epoch at a batch of 64, so
-# its DPO takes smaller batches, a larger step and 5 epochs. Not more: the pairs whose rejected answer
-# runs on stay far from saturating the loss at beta 0.1 long after that answer has stopped, and
-# pushed on they undo the answers SFT taught (the README has the figures).
-DEMO_DEFAULTS = dict(batch_size=16, epochs=5, lr=3e-3)
+# The demo's DPO runs at these defaults. Chosen on the demo's dev people, from its SFT Aligner on the
+# safe responses: every setting tried refused all their harmful requests, and the defaults kept the
+# most ordinary answers; a larger step or more steps (lr 3e-4 to 3e-3, batch 16, 5 epochs) cost 2.5
+# to 77.5 points of them (the README has the commands and figures).
+DEMO_DEFAULTS = {}
 # On the demo, DPO starts where the paper's Experiment 2 does, from an SFT Aligner trained on the safe
 # responses of the same rows (the authors' finetune/alignerDPO.py, previous_aligner_path), where there is one.
 DEMO_INIT = "runs/pku-sft/best.pt"

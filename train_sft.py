@@ -48,9 +48,10 @@ from aligner import Aligner
 from llama import check_context
 
 
-# The demo's SFT set is small (1,715 examples): the authors' batch of 64 would give only about 200
-# optimizer steps in 8 epochs. AdamW moves each parameter by about lr per step, and 200 steps are
-# too few for a one-token Aligner's gates to grow from zero (the README has the figures).
+# The demo's SFT set is small (1,625 examples): the authors' batch of 64 gives only about 200 optimizer
+# steps in 8 epochs, and AdamW moves each parameter by about lr per step. Chosen on the demo's dev
+# people: a one-token Aligner answered 94.5% of their questions at batch 16, 89.5% at batch 64
+# (the README has the commands).
 DEMO_DEFAULTS = dict(batch_size=16)
 
 

@@ -128,7 +128,9 @@ def make_parser(description: str, demo_defaults: dict, data_help: str):
 
 
 def demo_note(demo_defaults: dict) -> str:
-    """The --help line that says which defaults the built-in demo changes."""
+    """The --help line that says which defaults the built-in demo changes, if it changes any."""
+    if not demo_defaults:
+        return "With no --ckpt (the built-in demo) the defaults are the same."
     flags = ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in demo_defaults.items())
     return f"With no --ckpt (the built-in demo) the defaults are instead: {flags}."
 
