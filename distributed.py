@@ -191,8 +191,9 @@ def what_this_rank_runs(args, inputs: tuple) -> dict:
             run[flag] = content(value)
         elif key not in RANK_OWN:
             run[flag] = plain(value)
-    if getattr(args, "resume", False):
-        run["state.pt in --out"] = content(Path(args.out) / "state.pt")
+    if getattr(args, "resume", False):  # where --out lives may differ by rank; what it holds may not
+        state = Path(args.out) / "state.pt"
+        run["state.pt in --out"] = content(state) if state.exists() else None
     return run
 
 
