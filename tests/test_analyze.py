@@ -14,21 +14,15 @@ import pytest
 import torch
 
 import analyze
-import cli
 from aligner import Aligner
 from llama import ModelArgs
 from conftest import TINY, authors_aligner_state, lit_llama_adapter_state
+from test_errors import run_script
 
 
 def run(argv, capsys):
     """(exit code, stdout, stderr) of `python analyze.py argv`, in this process."""
-    try:
-        cli.run(analyze.main, [str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_script(analyze, argv, capsys)
 
 
 def aligner_file(path, prefix, gates, start_layer, n_layers, layer_specific=False):

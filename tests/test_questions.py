@@ -8,13 +8,13 @@ import os
 import pytest
 import torch
 
-import cli
 import generate as generate_script
 from aligner import Aligner
 from data import encode_prompt, format_prompt
 from generate import generate
 from llama import load
 from questions import (BEAVER, LLM_JUDGE, VICUNA_EVAL, jsonl, next_turn_prompt, read_questions)
+from test_errors import run_script
 
 # Records copied from the published files, in their own field names and order.
 # lm-sys/FastChat, fastchat/llm_judge/data/mt_bench/question.jsonl (questions 81 and 101)
@@ -177,12 +177,9 @@ def test_a_second_turn_is_prompted_with_the_first_in_the_template():
 # bad records, each named in one line by file and line, before the model loads
 
 def run_main(argv, capsys):
-    try:
-        cli.run(generate_script.main, [str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
+    """(exit code, stderr) of `python generate.py argv`, in this process."""
+    code, _, err = run_script(generate_script, argv, capsys)
+    return code, err
 
 
 @pytest.mark.parametrize("name, text, culprits", [
