@@ -39,6 +39,8 @@ Our choices where the paper says nothing:
   by side.
 """
 
+import startup  # first: Ctrl-C while torch loads ends in one line too (startup.py)
+
 import argparse
 import importlib
 import itertools
@@ -54,7 +56,7 @@ import torch
 import cli
 import hf_checkpoint
 from aligner import Aligner
-from files import atomic_text, atomic_write, check_writable, refuse_existing
+from files import atomic_text, atomic_write, check_writable, checkpoint_inputs, refuse_clashes, refuse_existing
 from llama import ModelArgs, Tokenizer, Transformer, find_tokenizer, read_params
 
 INSTALL = "pip install -r requirements-analysis.txt"
@@ -615,12 +617,20 @@ def make_parser():
 
 
 def check_outputs(args, files):
-    """Refuse, before anything is written, a --json or --plots that would fail or replace a file."""
+    """Refuse, before anything is written, a --json or --plots that would fail, replace one of the
+    inputs, or replace a file unasked."""
     if args.json:
         check_writable(args.json, "--json", folder=False)
     plots = getattr(args, "plots", None)
     if plots:
         check_writable(plots, "--plots")
+    if args.command == "params":
+        inputs = checkpoint_inputs(args.ckpt) if args.ckpt else [("--params", args.params)] * bool(args.params)
+    else:
+        inputs = [("input", f.path) for f in files]
+    outputs = [("--json", args.json)] * bool(args.json)
+    outputs += [("--plots", Path(plots) / name) for name in plot_names(args.command, files)] if plots else []
+    refuse_clashes(inputs, outputs)
     if not args.overwrite:
         if args.json:
             refuse_existing([args.json], "--json")

@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import startup
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -315,6 +317,7 @@ def run(main, argv=None):
     are; anything else is unexpected and prints with its type and the hint to use --debug.
     """
     prog = Path(sys.modules[main.__module__].__file__).name
+    startup.hand_over()  # Ctrl-C raises KeyboardInterrupt again, caught below
     try:
         with one_line_warnings(prog, enabled=not debugging(argv)):
             main(argv)

@@ -62,6 +62,8 @@ into "nan" under pandas 2 or later (pandas 1, of the release's time, kept
 "None"), so under a recent pandas those 10 of its 14,042 prompts differ.
 """
 
+import startup  # first: Ctrl-C while torch loads ends in one line too (startup.py)
+
 import argparse
 import csv
 import io
@@ -80,7 +82,7 @@ from aligner import Aligner
 from data import (DEMO_CKPT, DEMO_DATA, TEMPLATES, DataError, check_demo, encode_prompt, format_prompt, read_records,
                   string_fields)
 from generate import generate
-from files import atomic_write, check_writable, read_text, refuse_existing
+from files import atomic_write, check_writable, checkpoint_inputs, read_text, refuse_clashes, refuse_existing
 from llama import check_context, load
 
 TASKS = ("gsm8k", "mmlu", "qa")
@@ -695,6 +697,9 @@ def main(argv=None):
         for path in paths:
             if not Path(path).exists():
                 raise FileNotFoundError(f"--data {path}: no such file or folder")
+            if task != "mmlu" and Path(path).is_dir():
+                raise FileNotFoundError(f"--data {path}: a folder; {task} reads a JSON Lines file"
+                                        + (", with train.jsonl beside it for the shots" if task == "gsm8k" else ""))
             check_shots(task, path, task_shots(task, args))
     for path in args.aligner:
         if path != "base":
@@ -703,6 +708,10 @@ def main(argv=None):
             Aligner.check_file(path)  # a damaged or unusable Aligner file stops here, before the model loads
     if args.out:
         check_writable(args.out, "--out")
+        refuse_clashes(checkpoint_inputs(args.ckpt, args.tokenizer)
+                       + [("--data", p) for task in tasks for p in args.data or default_data(task)]
+                       + [("--aligner", p) for p in args.aligner if p != "base"],
+                       [("--out", Path(args.out) / name) for name in WRITTEN])
         if not args.overwrite:  # an earlier evaluation's files, whichever tasks it ran
             refuse_existing([Path(args.out) / name for name in WRITTEN])
     check_context(args.ckpt, args.max_seq_len, args.beyond_context)

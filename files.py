@@ -71,6 +71,28 @@ def write_failure(error: BaseException):
     return None
 
 
+# The name atomic_write gives its temporary file: "." + the target's name + "." + the eight
+# characters of tempfile.mkstemp's random part (lower-case letters, digits and "_").
+TEMPORARY_PART = 8
+TEMPORARY_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_")
+
+
+def stray_temporaries(folder, is_target) -> list:
+    """The temporary files that atomic_write left in `folder` for targets whose names satisfy
+    is_target(name): it removes its own on any error, so such a file is one that a kill -9 or a
+    power cut left mid-write. Nothing else in the folder is listed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    strays = []
+    for path in sorted(folder.glob(".*")):
+        target, _, random_part = path.name[1:].rpartition(".")
+        if (path.is_file() and len(random_part) == TEMPORARY_PART and set(random_part) <= TEMPORARY_CHARS
+                and target and is_target(target)):
+            strays.append(path)
+    return strays
+
+
 def atomic_save(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f))
 
@@ -217,6 +239,63 @@ def refuse_existing(paths, flag: str = "--out"):
     if existing:
         raise FileError(f"{flag}: {', '.join(existing)} already exist(s); choose another {flag}, "
                         "or pass --overwrite to replace")
+
+
+def same_file_key(path):
+    """What makes two paths one file: the device and inode of a file that exists (so that a
+    symbolic or hard link to it is the same file), the resolved path of one that does not yet."""
+    path = Path(path)
+    try:
+        stat = path.stat()
+        return ("inode", stat.st_dev, stat.st_ino)
+    except OSError:
+        return ("path", str(path.resolve()))
+
+
+def input_files(flag: str, path) -> list:
+    """(how to name it, file) for each file an input names: the file itself ("--aligner a.pt"), or
+    every file under a folder ("--ckpt's llama/params.json"); none for a path where nothing is."""
+    path = Path(path)
+    if path.is_dir():
+        return [(f"{flag}'s {p}", p) for p in sorted(path.rglob("*")) if p.is_file()]
+    return [(f"{flag} {path}", path)] if path.is_file() else []
+
+
+def checkpoint_inputs(ckpt, tokenizer=None) -> list:
+    """(flag, path) for what a script reads of its base model: the --ckpt folder, and --tokenizer
+    or the tokenizer.model that llama.find_tokenizer finds for the folder (beside it, say)."""
+    if ckpt is None:
+        return []
+    if tokenizer is None:
+        from llama import find_tokenizer  # here, not at the top: llama imports this module
+        try:
+            tokenizer = find_tokenizer(ckpt)
+        except FileNotFoundError:
+            pass
+    return [("--ckpt", ckpt)] + ([("--tokenizer", tokenizer)] if tokenizer is not None else [])
+
+
+def refuse_clashes(inputs, outputs):
+    """Stop, before anything is written, where an output would replace one of the command's own
+    inputs (with --overwrite too: it replaces earlier results, never what the command reads) or
+    two outputs are one file, each written over the other. inputs: (flag, path) pairs, a folder
+    standing for every file under it (input_files); outputs: (flag, file) pairs. Paths are
+    compared as files (same_file_key), however they are spelt."""
+    read = {}
+    for flag, path in inputs:
+        for name, file in input_files(flag, path):
+            read.setdefault(same_file_key(file), name)
+    written = {}
+    for flag, path in outputs:
+        key = same_file_key(path)
+        if key in read:
+            raise FileError(f"{flag} {path}: the same file as {read[key]}, which this command reads; "
+                            f"choose another {flag} (--overwrite replaces earlier results, never an input)")
+        if key in written and written[key] != (flag, Path(path)):
+            other_flag, other = written[key]
+            raise FileError(f"{other_flag} {other} and {flag} {path}: one file for two outputs, each "
+                            "written over the other; choose another for one of them")
+        written[key] = (flag, Path(path))
 
 
 # -----------------------------------------------------------------------------

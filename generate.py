@@ -46,6 +46,8 @@ Departures from Meta's generation.py: left padding instead of right padding
 it would alone); stop strings besides EOS; top-k beside top-p.
 """
 
+import startup  # first: Ctrl-C while torch loads ends in one line too (startup.py)
+
 import functools
 import json
 import sys
@@ -60,7 +62,7 @@ import cli
 import distributed
 from aligner import Aligner, AlignerBank, AlignerRows, shape_of
 from data import DEMO_CKPT, TEMPLATES, check_demo, encode_prompt, format_prompt
-from files import atomic_text, check_writable, refuse_existing
+from files import atomic_text, check_writable, checkpoint_inputs, refuse_clashes, refuse_existing
 from llama import KVCache, check_context, load
 from questions import (Question, answer_files, answers_path, check_model_ids, check_unique_ids,
                        next_turn_prompt, question_file, read_questions)
@@ -617,7 +619,7 @@ def main(argv=None):
         print(f"using the built-in demo model {ckpt} (pass --ckpt for another)", file=sys.stderr)
         questions = questions or [Question((DEMO_PROMPT,), "", "the demo's prompt", 1)]
     names = model_names(args)
-    check_outputs(args, questions, names)
+    check_outputs(args, questions, names, ckpt)
     check_context(ckpt, args.max_seq_len, args.beyond_context)
 
     # --- load -------------------------------------------------------------------
@@ -661,8 +663,9 @@ def model_names(args) -> list:
     return list(args.model_id)
 
 
-def check_outputs(args, questions: list, names: list):
-    """Before the model loads: every output can be written, and none would replace a file unasked."""
+def check_outputs(args, questions: list, names: list, ckpt):
+    """Before the model loads: every output can be written, none is one of the inputs or another
+    output, and none would replace a file unasked."""
     outputs = {}  # flag -> the files it would write
     if args.out is not None:
         check_writable(args.out, "--out", folder=False)
@@ -675,10 +678,15 @@ def check_outputs(args, questions: list, names: list):
         outputs["--answers-dir"] = [answers_path(args.answers_dir, name) for name in names]
     if args.questions_out is not None:
         check_writable(args.questions_out, "--questions-out", folder=False)
-        if args.answers_dir is not None and Path(args.questions_out).resolve().parent == args.answers_dir.resolve():
-            raise ValueError(f"--questions-out {args.questions_out}: inside --answers-dir, where the judge "
-                             "would read it as one more model's answers; put it beside that folder")
         outputs["--questions-out"] = [args.questions_out]
+    for flag, path in (("--out", args.out), ("--questions-out", args.questions_out)):
+        if args.answers_dir is not None and path is not None and Path(path).resolve().parent == \
+                args.answers_dir.resolve():
+            raise ValueError(f"{flag} {path}: inside --answers-dir, where the judge would read it as one "
+                             "more model's answers; put it beside that folder")
+    inputs = checkpoint_inputs(ckpt, args.tokenizer) + [("--aligner", p) for p in args.aligner if p != "base"]
+    inputs += [("--prompts-file", args.prompts_file)] if args.prompts_file is not None else []
+    refuse_clashes(inputs, [(flag, path) for flag, paths in outputs.items() for path in paths])
     if not args.overwrite:
         for flag, paths in outputs.items():
             refuse_existing(paths, flag)

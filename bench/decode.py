@@ -23,9 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import startup  # noqa: E402  first of the project: Ctrl-C while torch loads ends in one line too
+
+import torch  # noqa: E402
+
 import cli  # noqa: E402
 from aligner import Aligner, AlignerBank  # noqa: E402
 from generate import EAGER_ATTENTION, attention_kernels, decode_one_token, prefill, rows_of  # noqa: E402
