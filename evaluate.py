@@ -358,7 +358,8 @@ def in_batches(batches: list, work, lockstep, desc: str) -> dict:
     the others, and every rank gets every result: the batches are the one process's, so are the results."""
     mine = batches if lockstep is None else lockstep.share(batches)
     results = {}
-    with cli.progress(sum(map(len, mine)), desc, disable=lockstep is not None and lockstep.d.rank != 0) as bar:
+    with cli.progress(sum(map(len, mine)), f"evaluating {desc}", unit="questions",
+                      disable=lockstep is not None and lockstep.d.rank != 0) as bar:
         for batch in mine:
             results.update(work(batch))
             bar.update(len(batch))
@@ -393,7 +394,7 @@ def prepare_gsm8k(path, tokenizer, shots: int, args) -> Prepared:
     train_path = Path(path).with_name("train.jsonl")
     pool = read_items(train_path, ("question", "answer")) if shots else []
     if len(pool) < shots:
-        raise DataError(f"{train_path}: {len(pool)} records, fewer than --shots {shots}")
+        raise DataError(f"{train_path}: {cli.plural(len(pool), 'record')}, fewer than --shots {shots}")
     rng = random.Random(args.seed)  # a fresh draw for each item, in file order, as the harness does
     limit = args.max_seq_len - args.max_new_tokens
     items = []
@@ -523,6 +524,7 @@ def default_data(task):
 
 
 def print_table(task, results):
+    width = max(len(name) for result in results.values() for name in result["rows"])  # long paths stay aligned
     for source, result in results.items():
         print(f"\n{task}: {source}" + (f"  {json.dumps(result['info'])}" if result["info"] else ""))
         for name, r in result["rows"].items():
@@ -534,7 +536,7 @@ def print_table(task, results):
                         + "  ".join(f"{c} {100 * a:5.2f}" for c, a in r["categories"].items()))
             else:
                 line = f"exact match {100 * r['accuracy']:6.2f}  starts with the reference {100 * r['starts']:6.2f}"
-            print(f"  {name:<30} {line}  (n={r['n']})")
+            print(f"  {name:<{width}}  {line}  (n={r['n']})")
 
 
 TASK_NAMES = {"gsm8k": "GSM8K", "mmlu": "MMLU", "qa": "QA"}  # as the module docstring's protocols name them
@@ -766,10 +768,10 @@ def warn_if_shortened(task, path, prepared: Prepared, args):
     """Say on stderr when prompts had to drop shots or tokens to fit the context: the protocol changed."""
     info, n = prepared.info, len(prepared.items)
     if info.get("prompts_dropping_shots"):
-        print(f"warning: {task} {path}: {info['prompts_dropping_shots']} of {n} prompts dropped shots "
+        print(f"warning: {task} {path}: {info['prompts_dropping_shots']} of {cli.plural(n, 'prompt')} dropped shots "
               f"({info['shots_dropped']} in all) to fit --max-seq-len {args.max_seq_len}", file=sys.stderr)
     if info.get("prompts_cut"):
-        print(f"warning: {task} {path}: {info['prompts_cut']} of {n} prompts were cut from the left to fit "
+        print(f"warning: {task} {path}: {info['prompts_cut']} of {cli.plural(n, 'prompt')} were cut from the left to fit "
               f"--max-seq-len {args.max_seq_len} even without shots", file=sys.stderr)
 
 

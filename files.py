@@ -9,6 +9,7 @@ import errno
 import hashlib
 import os
 import pickle
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -209,6 +210,28 @@ def append_line(path, line: str):
 
 
 # -----------------------------------------------------------------------------
+# how files are named in tables, legends and answer files
+
+# File names that say nothing of the run they come from: a training's best.pt and epoch-E.pt.
+RUN_STEMS = re.compile(r"best|epoch-\d+")
+
+
+def short_names(paths, alone: tuple = ("base",)) -> list:
+    """A short name for each path: its stem, led by its folder where the stem is a run's
+    (runs/sft10/best.pt: 'sft10-best'), and with as many more folders as tell alike names apart
+    ('x-a-best' and 'y-a-best' for /x/a/best.pt and /y/a/best.pt). A value in `alone` ('base',
+    the base model) is its own name."""
+    parts = [(p,) if p in alone else Path(p).with_suffix("").parts for p in paths]
+    names = ["-".join(p[-2:]).lstrip("/-") if RUN_STEMS.fullmatch(p[-1]) and len(p) > 1 else p[-1] for p in parts]
+    depth = 1
+    while len(set(names)) < len(names) and depth < max(len(p) for p in parts):
+        depth += 1
+        names = [name if names.count(name) == 1 else "-".join(p[-depth:]).lstrip("/-")
+                 for name, p in zip(names, parts)]
+    return names
+
+
+# -----------------------------------------------------------------------------
 # where results go: checked before the work, never written over unasked
 
 def check_writable(path, flag: str = "--out", folder: bool = True):
@@ -237,7 +260,8 @@ def refuse_existing(paths, flag: str = "--out"):
     """Stop, naming them, where any of these result files already exists: --overwrite replaces them."""
     existing = [str(p) for p in paths if Path(p).exists()]
     if existing:
-        raise FileError(f"{flag}: {', '.join(existing)} already exist(s); choose another {flag}, "
+        verb = "exists" if len(existing) == 1 else "exist"
+        raise FileError(f"{flag}: {', '.join(existing)} already {verb}; choose another {flag}, "
                         "or pass --overwrite to replace")
 
 

@@ -563,7 +563,7 @@ class MetaCheckpoint:
             raise ValueError(f"{self.folder}: shards {[p.name for p in paths]} are not numbered "
                              f"00 to {len(paths) - 1:02d}")
         self.paths = paths
-        self.layout = f"Meta's layout, {len(paths)} shard(s) merged"
+        self.layout = f"Meta's layout, {len(paths)} shard{'s' * (len(paths) != 1)} merged"
         self.shards = [load_pt(p, "checkpoint shard", mmap=True) for p in paths]
         for path, shard in zip(paths, self.shards):
             if not isinstance(shard, dict) or not all(isinstance(t, torch.Tensor) for t in shard.values()):

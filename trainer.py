@@ -219,10 +219,10 @@ def is_run_file(name: str) -> bool:
 def check_inputs_apart(args, out: Path):
     """Refuse a --data, --init-aligner, --reference, --ckpt or --tokenizer that is one of the
     run's files in --out, which the run would write over (or --overwrite remove)."""
-    inputs = checkpoint_inputs(args.ckpt, getattr(args, "tokenizer", None))
+    inputs = checkpoint_inputs(getattr(args, "ckpt", None), getattr(args, "tokenizer", None))
     inputs += [(f"--{key.replace('_', '-')}", getattr(args, key)) for key in ("data", "init_aligner", "reference")
                if getattr(args, key, None) not in (None, "init", "base")]
-    epochs = [out / f"epoch-{e}.pt" for e in range(args.epochs + 1)]
+    epochs = [out / f"epoch-{e}.pt" for e in range(getattr(args, "epochs", 0) + 1)]
     refuse_clashes(inputs, [("--out", path) for path in [out / n for n in RUN_NAMES] + epochs + run_files(out)])
 
 
@@ -232,7 +232,7 @@ def remove_strays(out: Path):
     for path in strays:
         path.unlink()
     if strays:
-        print(f"{out}: removed {len(strays)} temporary file{'s' * (len(strays) != 1)} that a killed run left "
+        print(f"{out}: removed {cli.plural(len(strays), 'temporary file')} that a killed run left "
               f"({', '.join(p.name for p in strays)})")
 
 

@@ -106,7 +106,7 @@ def main(argv=None):
     step = {name: statistics.median(times) for name, times in seconds.items()}  # median seconds per step
 
     # --- report ---------------------------------------------------------------------
-    print(f"decode on CPU, {args.threads} thread(s), stories15M shape, {args.steps} steps after a 32-token "
+    print(f"decode on CPU, {cli.plural(args.threads, 'thread')}, stories15M shape, {args.steps} steps after a 32-token "
           f"prompt, {args.repeats} repeats, median step time")
     for name, (_, batch_size) in cases.items():
         print(f"  {name:<24} {batch_size / step[name]:8.1f} tokens/s")
