@@ -39,7 +39,7 @@ Our choices where the paper says nothing:
   by side.
 """
 
-import startup  # first: Ctrl-C while torch loads ends in one line too (startup.py)
+import startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
 
 import argparse
 import importlib

@@ -62,7 +62,7 @@ into "nan" under pandas 2 or later (pandas 1, of the release's time, kept
 "None"), so under a recent pandas those 10 of its 14,042 prompts differ.
 """
 
-import startup  # first: Ctrl-C while torch loads ends in one line too (startup.py)
+import startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
 
 import argparse
 import csv

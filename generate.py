@@ -46,7 +46,7 @@ Departures from Meta's generation.py: left padding instead of right padding
 it would alone); stop strings besides EOS; top-k beside top-p.
 """
 
-import startup  # first: Ctrl-C while torch loads ends in one line too (startup.py)
+import startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
 
 import functools
 import json

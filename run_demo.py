@@ -15,10 +15,11 @@ files (runs/eval-*/results.json), the analysis's runs/gates.json and, for
 parameter counts, the Aligner files.
 """
 
-import startup  # first: Ctrl-C while torch loads ends in one line too (startup.py)
+import startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
 
 import json
 import os
+import platform
 import shlex
 import signal
 import subprocess
@@ -245,6 +246,17 @@ def run_steps(steps: list, jobs: int, overwrite: bool) -> dict:
     return times
 
 
+def cpu_name() -> str:
+    """The processor's model name as Linux reports it (/proc/cpuinfo), else what Python knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv=None):
     parser = cli.ArgumentParser(description=__doc__)
     what = parser.add_mutually_exclusive_group()
@@ -263,14 +275,17 @@ def main(argv=None):
             raise FileExistsError(f"{', '.join(taken)} already exist; pass --overwrite to replace those runs")
         for step in STEPS:
             check_writable(outputs(step), "--out", folder="--out" in step.command)
-        start = time.perf_counter()
+        start, load_before = time.perf_counter(), os.getloadavg()
         try:
             times = run_steps(STEPS, args.jobs, args.overwrite)
         except Terminated as e:
             cli.say(f"run_demo.py: {e}")
             cli.leave(128 + signal.SIGTERM)  # the shell's code for a process that SIGTERM ended
         total = round(time.perf_counter() - start, 1)
-        atomic_text(Path("runs/times.json"), json.dumps({"seconds": times, "total": total}, indent=2) + "\n")
+        machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "load_average_before": load_before,
+                   "load_average_after": os.getloadavg()}  # what the times depend on: other work slows them
+        atomic_text(Path("runs/times.json"), json.dumps({"seconds": times, "total": total, "machine": machine},
+                                                        indent=2) + "\n")
         print(f"all {len(STEPS)} commands in {total:.0f} s, {args.jobs} at a time (runs/times.json)\n")
     print(table())
     print()

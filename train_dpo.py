@@ -40,7 +40,7 @@ authors' preparation script wrote the beaver format), or {"prompt", "chosen",
 Aligner files land in --out (runs/dpo): best.pt, epoch-E.pt.
 """
 
-import startup  # first: Ctrl-C while torch loads ends in one line too (startup.py)
+import startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
 
 import copy
 from pathlib import Path

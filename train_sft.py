@@ -37,7 +37,7 @@ used as they are; a JSON list or JSON Lines (data.read_sft). The Aligner files
 land in --out (runs/sft): best.pt, epoch-E.pt.
 """
 
-import startup  # first: Ctrl-C while torch loads ends in one line too (startup.py)
+import startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
 
 import torch
 import torch.nn.functional as F

@@ -45,7 +45,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: llama, aligner, generate
-import startup  # noqa: E402  first of the project: Ctrl-C while torch loads ends in one line too
+import startup  # noqa: E402,F401  first of the project: Ctrl-C while torch loads ends in one line too
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

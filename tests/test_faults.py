@@ -20,7 +20,6 @@ import pytest
 import torch
 
 import analyze
-import evaluate
 import files
 import generate
 import startup
