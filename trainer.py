@@ -17,6 +17,10 @@ the same Aligner, bit for bit on CPU, as one that never stopped. Every file is
 written atomically (write beside, then rename), and metrics.jsonl grows by one
 whole line per write, so a kill at any moment leaves the last good checkpoint
 whole and can cut only the metrics line being written, which --resume drops.
+A kill -9 mid-write leaves the write's temporary file (.state.pt.<8 characters>)
+beside it; the run removes those of its own files when it resumes or starts
+again in that --out, and nothing else there. No input may be one of the run's
+files (check_inputs_apart): the run would write over it.
 
 A run is never destroyed unasked: into an --out that already holds one, a
 script refuses unless --resume (continue it) or --overwrite (replace it). The
