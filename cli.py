@@ -297,14 +297,15 @@ class Progress:
         self.close()
 
 
-def progress(total: int, desc: str, initial: int = 0, disable: bool = False, file=None, unit: str = "") -> Progress:
+def progress(total: int, desc: str, initial: int = 0, disable: bool = False, file=None,
+             unit: str = "") -> Progress:
     """The progress display every script uses (Progress)."""
     return Progress(total, desc, initial=initial, disable=disable, file=file, unit=unit)
 
 
-def plural(n: int, word: str, words: str = None) -> str:
+def plural(n: int, word: str) -> str:
     """'1 answer', '3 answers': a count with its noun in the right number."""
-    return f"{n} {word if n == 1 else words or word + 's'}"
+    return f"{n} {word if n == 1 else word + 's'}"
 
 
 # -----------------------------------------------------------------------------

@@ -700,7 +700,7 @@ def main(argv=None):
             if not Path(path).exists():
                 raise FileNotFoundError(f"--data {path}: no such file or folder")
             if task != "mmlu" and Path(path).is_dir():
-                raise FileNotFoundError(f"--data {path}: a folder; {task} reads a JSON Lines file"
+                raise FileNotFoundError(f"--data {path}: a folder; {task} reads a file of JSON records"
                                         + (", with train.jsonl beside it for the shots" if task == "gsm8k" else ""))
             check_shots(task, path, task_shots(task, args))
     for path in args.aligner:
@@ -771,8 +771,8 @@ def warn_if_shortened(task, path, prepared: Prepared, args):
         print(f"warning: {task} {path}: {info['prompts_dropping_shots']} of {cli.plural(n, 'prompt')} dropped shots "
               f"({info['shots_dropped']} in all) to fit --max-seq-len {args.max_seq_len}", file=sys.stderr)
     if info.get("prompts_cut"):
-        print(f"warning: {task} {path}: {info['prompts_cut']} of {cli.plural(n, 'prompt')} were cut from the left to fit "
-              f"--max-seq-len {args.max_seq_len} even without shots", file=sys.stderr)
+        print(f"warning: {task} {path}: {info['prompts_cut']} of {cli.plural(n, 'prompt')} were cut from the left "
+              f"to fit --max-seq-len {args.max_seq_len} even without shots", file=sys.stderr)
 
 
 if __name__ == "__main__":
