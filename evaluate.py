@@ -62,6 +62,8 @@ into "nan" under pandas 2 or later (pandas 1, of the release's time, kept
 "None"), so under a recent pandas those 10 of its 14,042 prompts differ.
 """
 
+import startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
+
 import argparse
 import csv
 import io
@@ -80,7 +82,7 @@ from aligner import Aligner
 from data import (DEMO_CKPT, DEMO_DATA, TEMPLATES, DataError, check_demo, encode_prompt, format_prompt, read_records,
                   string_fields)
 from generate import generate
-from files import atomic_write, check_writable, read_text, refuse_existing
+from files import atomic_write, check_writable, checkpoint_inputs, read_text, refuse_clashes, refuse_existing
 from llama import check_context, load
 
 TASKS = ("gsm8k", "mmlu", "qa")
@@ -356,7 +358,8 @@ def in_batches(batches: list, work, lockstep, desc: str) -> dict:
     the others, and every rank gets every result: the batches are the one process's, so are the results."""
     mine = batches if lockstep is None else lockstep.share(batches)
     results = {}
-    with cli.progress(sum(map(len, mine)), desc, disable=lockstep is not None and lockstep.d.rank != 0) as bar:
+    with cli.progress(sum(map(len, mine)), f"evaluating {desc}", unit="questions",
+                      disable=lockstep is not None and lockstep.d.rank != 0) as bar:
         for batch in mine:
             results.update(work(batch))
             bar.update(len(batch))
@@ -391,7 +394,7 @@ def prepare_gsm8k(path, tokenizer, shots: int, args) -> Prepared:
     train_path = Path(path).with_name("train.jsonl")
     pool = read_items(train_path, ("question", "answer")) if shots else []
     if len(pool) < shots:
-        raise DataError(f"{train_path}: {len(pool)} records, fewer than --shots {shots}")
+        raise DataError(f"{train_path}: {cli.plural(len(pool), 'record')}, fewer than --shots {shots}")
     rng = random.Random(args.seed)  # a fresh draw for each item, in file order, as the harness does
     limit = args.max_seq_len - args.max_new_tokens
     items = []
@@ -521,6 +524,7 @@ def default_data(task):
 
 
 def print_table(task, results):
+    width = max(len(name) for result in results.values() for name in result["rows"])  # long paths stay aligned
     for source, result in results.items():
         print(f"\n{task}: {source}" + (f"  {json.dumps(result['info'])}" if result["info"] else ""))
         for name, r in result["rows"].items():
@@ -532,7 +536,7 @@ def print_table(task, results):
                         + "  ".join(f"{c} {100 * a:5.2f}" for c, a in r["categories"].items()))
             else:
                 line = f"exact match {100 * r['accuracy']:6.2f}  starts with the reference {100 * r['starts']:6.2f}"
-            print(f"  {name:<30} {line}  (n={r['n']})")
+            print(f"  {name:<{width}}  {line}  (n={r['n']})")
 
 
 TASK_NAMES = {"gsm8k": "GSM8K", "mmlu": "MMLU", "qa": "QA"}  # as the module docstring's protocols name them
@@ -695,6 +699,9 @@ def main(argv=None):
         for path in paths:
             if not Path(path).exists():
                 raise FileNotFoundError(f"--data {path}: no such file or folder")
+            if task != "mmlu" and Path(path).is_dir():
+                raise FileNotFoundError(f"--data {path}: a folder; {task} reads a file of JSON records"
+                                        + (", with train.jsonl beside it for the shots" if task == "gsm8k" else ""))
             check_shots(task, path, task_shots(task, args))
     for path in args.aligner:
         if path != "base":
@@ -703,6 +710,10 @@ def main(argv=None):
             Aligner.check_file(path)  # a damaged or unusable Aligner file stops here, before the model loads
     if args.out:
         check_writable(args.out, "--out")
+        refuse_clashes(checkpoint_inputs(args.ckpt, args.tokenizer)
+                       + [("--data", p) for task in tasks for p in args.data or default_data(task)]
+                       + [("--aligner", p) for p in args.aligner if p != "base"],
+                       [("--out", Path(args.out) / name) for name in WRITTEN])
         if not args.overwrite:  # an earlier evaluation's files, whichever tasks it ran
             refuse_existing([Path(args.out) / name for name in WRITTEN])
     check_context(args.ckpt, args.max_seq_len, args.beyond_context)
@@ -757,11 +768,11 @@ def warn_if_shortened(task, path, prepared: Prepared, args):
     """Say on stderr when prompts had to drop shots or tokens to fit the context: the protocol changed."""
     info, n = prepared.info, len(prepared.items)
     if info.get("prompts_dropping_shots"):
-        print(f"warning: {task} {path}: {info['prompts_dropping_shots']} of {n} prompts dropped shots "
+        print(f"warning: {task} {path}: {info['prompts_dropping_shots']} of {cli.plural(n, 'prompt')} dropped shots "
               f"({info['shots_dropped']} in all) to fit --max-seq-len {args.max_seq_len}", file=sys.stderr)
     if info.get("prompts_cut"):
-        print(f"warning: {task} {path}: {info['prompts_cut']} of {n} prompts were cut from the left to fit "
-              f"--max-seq-len {args.max_seq_len} even without shots", file=sys.stderr)
+        print(f"warning: {task} {path}: {info['prompts_cut']} of {cli.plural(n, 'prompt')} were cut from the left "
+              f"to fit --max-seq-len {args.max_seq_len} even without shots", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ authors' preparation script wrote the beaver format), or {"prompt", "chosen",
 Aligner files land in --out (runs/dpo): best.pt, epoch-E.pt.
 """
 
+import startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
+
 import copy
 from pathlib import Path
 from typing import NamedTuple
@@ -191,12 +193,12 @@ def main(argv=None):
                          f"--max-seq-len {args.max_seq_len}")
     lengths = [len(p.chosen.tokens) + len(p.rejected.tokens) for p in pairs]  # tokens a pair puts through the model
     units = [1] * len(pairs)  # the loss is a mean over pairs
-    say(f"{args.data}: {len(pairs)} pairs; {n_unsafe} dropped because the chosen response is unsafe"
+    say(f"{args.data}: {cli.plural(len(pairs), 'pair')}; {n_unsafe} dropped because the chosen response is unsafe"
         f"{' (kept by --keep-unsafe)' if args.keep_unsafe else ''}; {n_cut} cut to --max-seq-len "
         f"{args.max_seq_len} tokens" + (f", {len(triples) - len(pairs)} of them dropped: no response left"
                                         if len(pairs) < len(triples) else ""))
     train_idx, val_idx = trainer.split(len(pairs), args.val, args.seed)
-    say(f"{len(train_idx)} pairs for training, {len(val_idx)} held out for validation")
+    say(f"{cli.plural(len(train_idx), 'pair')} for training, {len(val_idx)} held out for validation")
 
     # --- the policy's Aligner (trained, fp32) and the reference's (frozen)
     torch.manual_seed(args.seed)

@@ -37,6 +37,8 @@ used as they are; a JSON list or JSON Lines (data.read_sft). The Aligner files
 land in --out (runs/sft): best.pt, epoch-E.pt.
 """
 
+import startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
+
 import torch
 import torch.nn.functional as F
 
@@ -93,7 +95,7 @@ def main(argv=None):
                          f"--max-seq-len {args.max_seq_len}")
     lengths = [len(e.tokens) for e in examples]
     units = [data.n_targets(e) for e in examples]  # the loss is a mean over these tokens
-    say(f"{args.data}: {len(pairs)} examples"
+    say(f"{args.data}: {cli.plural(len(pairs), 'example')}"
         + (f" ({n_unsafe} PKU-SafeRLHF rows dropped: their safer response is unsafe)" if n_unsafe else "")
         + f"; {n_cut} cut to --max-seq-len {args.max_seq_len} tokens"
         + (f", {len(pairs) - len(examples)} of them dropped: no response left" if len(examples) < len(pairs) else ""))

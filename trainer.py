@@ -17,6 +17,10 @@ the same Aligner, bit for bit on CPU, as one that never stopped. Every file is
 written atomically (write beside, then rename), and metrics.jsonl grows by one
 whole line per write, so a kill at any moment leaves the last good checkpoint
 whole and can cut only the metrics line being written, which --resume drops.
+A kill -9 mid-write leaves the write's temporary file (.state.pt.<8 characters>)
+beside it; the run removes those of its own files when it resumes or starts
+again in that --out, and nothing else there. No input may be one of the run's
+files (check_inputs_apart): the run would write over it.
 
 A run is never destroyed unasked: into an --out that already holds one, a
 script refuses unless --resume (continue it) or --overwrite (replace it). The
@@ -43,6 +47,7 @@ backward, so summing the ranks' gradients gives the one-process gradient.
 """
 
 import copy
+import fnmatch
 import json
 import math
 import os
@@ -60,7 +65,8 @@ from tqdm import tqdm
 import cli
 from data import DEMO_CKPT, DEMO_DATA, check_demo
 from files import (FileError, append_line, atomic_save, atomic_text, bad_value, check_values,
-                   check_writable, fingerprint, load_pt, read_text)
+                   check_writable, checkpoint_inputs, fingerprint, load_pt, read_text, refuse_clashes,
+                   stray_temporaries)
 from distributed import Dist, all_reduce_max, all_reduce_sum, load_sharded
 from llama import load
 
@@ -199,12 +205,39 @@ FREE = ("out", "device", "micro_batch_size", "save_every", "grad_checkpointing",
 INPUTS = ("ckpt", "tokenizer", "data", "init_aligner", "reference")
 
 
+RUN_NAMES = ("settings.json", "metrics.jsonl", "state.pt", "best.pt")
+EPOCH_FILES = "epoch-*.pt"
+
+
 def run_files(out: Path) -> list:
     """The files of a run in `out`: what --overwrite removes, and all it removes."""
     if not out.is_dir():
         return []
-    names = ("settings.json", "metrics.jsonl", "state.pt", "best.pt")
-    return sorted([out / n for n in names if (out / n).exists()] + list(out.glob("epoch-*.pt")))
+    return sorted([out / n for n in RUN_NAMES if (out / n).exists()] + list(out.glob(EPOCH_FILES)))
+
+
+def is_run_file(name: str) -> bool:
+    return name in RUN_NAMES or fnmatch.fnmatchcase(name, EPOCH_FILES)
+
+
+def check_inputs_apart(args, out: Path):
+    """Refuse a --data, --init-aligner, --reference, --ckpt or --tokenizer that is one of the
+    run's files in --out, which the run would write over (or --overwrite remove)."""
+    inputs = checkpoint_inputs(getattr(args, "ckpt", None), getattr(args, "tokenizer", None))
+    inputs += [(f"--{key.replace('_', '-')}", getattr(args, key)) for key in ("data", "init_aligner", "reference")
+               if getattr(args, key, None) not in (None, "init", "base")]
+    epochs = [out / f"epoch-{e}.pt" for e in range(getattr(args, "epochs", 0) + 1)]
+    refuse_clashes(inputs, [("--out", path) for path in [out / n for n in RUN_NAMES] + epochs + run_files(out)])
+
+
+def remove_strays(out: Path):
+    """Remove the temporary files that a killed run left beside its files (files.stray_temporaries)."""
+    strays = stray_temporaries(out, is_run_file)
+    for path in strays:
+        path.unlink()
+    if strays:
+        print(f"{out}: removed {cli.plural(len(strays), 'temporary file')} that a killed run left "
+              f"({', '.join(p.name for p in strays)})")
 
 
 def run_settings(args) -> dict:
@@ -255,6 +288,7 @@ def open_run(args, settings: dict = None):
         raise FileNotFoundError(f"--data {data}: {what}")
     out = Path(args.out)
     check_writable(out, "--out")
+    check_inputs_apart(args, out)
     settings = settings or run_settings(args)
     existing = run_files(out)
     if args.resume:
@@ -450,6 +484,7 @@ def start(run: Run) -> Progress:
         torch.set_rng_state(state["rng"])
         progress = Progress(state["step"], state["best"], state["last_val"], last_saved=state["step"])
         if d.rank == 0:
+            remove_strays(out)
             trim_metrics(out / "metrics.jsonl", progress.step)
             print(f"resuming {out} at step {progress.step} of {run.schedule.total_steps}")
         return progress
@@ -458,6 +493,7 @@ def start(run: Run) -> Progress:
             print(f"{out}: the run stopped before its first save; starting it again from the beginning")
         for path in run_files(out):  # --overwrite: the old run's files, and nothing else in the folder
             path.unlink()
+        remove_strays(out)
         out.mkdir(parents=True, exist_ok=True)
         atomic_text(out / "settings.json", json.dumps(run.settings, indent=2) + "\n")
         atomic_text(out / "metrics.jsonl", "")
