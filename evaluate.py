@@ -10,8 +10,9 @@ GSM8K, MMLU, or exact-match QA.
 
 Protocols. The defaults are LLaMA-2's published setting (GSM8K 8 shots, MMLU
 5), so that LLaMA-2-7B's 14.6 and 45.3 can be checked; --paper gives the
-Aligner paper's, one shot each. The Aligner paper's Experiment 3 scores GSM8K
-and MMLU; these follow lm-evaluation-harness and the original MMLU release.
+Aligner paper's shots, one each (Section 4.3). The Aligner paper's Experiment 3
+scores GSM8K and MMLU without saying how; these follow lm-evaluation-harness
+and the original MMLU release, and mmlu --scoring generate the authors' log.
 
 - GSM8K, as the harness's `gsm8k` task (lm_eval/tasks/gsm8k/gsm8k.yaml):
   `--shots` examples drawn from train.jsonl beside the test file with
@@ -96,7 +97,7 @@ from llama import check_context, load
 TASKS = ("gsm8k", "mmlu", "qa")
 LETTERS = ("A", "B", "C", "D")
 LLAMA_2_SHOTS = {"gsm8k": 8, "mmlu": 5, "qa": 0}  # the LLaMA-2 paper's setting, the default
-PAPER_SHOTS = {"gsm8k": 1, "mmlu": 1, "qa": 0}  # the Aligner paper's setting (--paper)
+PAPER_SHOTS = {"gsm8k": 1, "mmlu": 1, "qa": 0}  # the Aligner paper's shots, Section 4.3 (--paper)
 
 # -----------------------------------------------------------------------------
 # GSM8K: the harness's stop strings, filters and metric (lm_eval/tasks/gsm8k/gsm8k.yaml)
@@ -666,7 +667,7 @@ def make_parser(task: str = "all"):
                                  "LLaMA-2's setting; qa takes none)" if every else
                             "few-shot examples, at most those the data holds (LLaMA-2's setting)")
         parser.add_argument("--paper", action="store_true",
-                            help="the Aligner paper's setting: one shot for gsm8k and for mmlu (excludes --shots)")
+                            help="the Aligner paper's shots: one for gsm8k and for mmlu (excludes --shots)")
     if applies("gsm8k", "qa"):
         template_help = {"qa": "the prompt format", "gsm8k": "the bare question in this format, zero-shot, "
                          "instead of the harness's few-shot prompt (none: the few-shot prompt)"}
