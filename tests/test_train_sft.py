@@ -461,6 +461,23 @@ def test_the_authors_beaver_sft_draws_two_epochs_of_50000_rows():
     assert sum(drawn) == 100_000 and len(drawn) == ours.total_steps
 
 
+def test_the_authors_alpaca_runs_never_reach_the_peak():
+    """finetune/aligner.py (lines 43-53) and finetune/adapter.py (lines 43-53), written out: a warmup counted
+    in micro-batches, compared with optimizer steps; and our flags for each (the README's commands)."""
+    for micro_batch_size, num_epochs, warmup_epoch, flags, ends_at in ((8, 8, 2, (8, 16), 0.5), (4, 5, 2, (5, 32), 0.156)):
+        epoch_size, batch_size = 50_000, 64
+        max_iters = num_epochs * (epoch_size // micro_batch_size)
+        steps = max_iters // (batch_size // micro_batch_size)
+        warmup_iters = warmup_epoch * (epoch_size // micro_batch_size)
+        assert warmup_iters > steps
+        assert trainer.constant_learning_rate(steps - 1, 1.0, warmup_iters, steps) == pytest.approx(ends_at, abs=1e-3)
+        epochs, warmup_epochs = flags  # --epoch-size 50000 --epochs E --warmup-epochs W
+        ours = trainer.make_schedule(123, batch_size, epochs, warmup_epochs, epoch_size=epoch_size)
+        assert abs(ours.total_steps - steps) <= epochs and abs(ours.warmup_steps - warmup_iters) <= warmup_epochs
+        assert trainer.constant_learning_rate(ours.total_steps - 1, 1.0, ours.warmup_steps,
+                                              ours.total_steps) == pytest.approx(ends_at, abs=1e-3)
+
+
 def test_ranks_share_each_global_batch_exactly():
     lengths = [7, 3, 9, 3, 5, 8, 1, 2, 6, 4, 5]
     batches = trainer.global_batches(list(range(11)), 4, seed=0, epoch=1)
