@@ -50,7 +50,7 @@ and the original MMLU release, and mmlu --scoring generate the authors' log.
   writes a list (43 of the log's 68 model_answer fields are a choice exactly
   as repr() quotes it); greedy decoding up to the first line break; and the
   answer counted right where, stripped and without one final ".", it equals
-  the right choice's text likewise (ANSWER_MATCH; it reproduces all 68 of
+  the right choice's text likewise (answer_matches; it reproduces all 68 of
   the log's is_model_correct). The prompt is ours: no script in the
   authors' repository formats one.
 - QA: the question in --template (Stanford Alpaca's by default), greedy
@@ -292,7 +292,8 @@ def aggregate(records) -> dict:
             "categories": by_category, "by_subject": subject_acc, "n": n}
 
 
-# MMLU scored as the authors' log scored it (--scoring generate)
+# -----------------------------------------------------------------------------
+# MMLU scored as the Aligner authors' log scored it (--scoring generate)
 
 MMLU_ANSWER_STOP = ("\n",)  # the answer is its first line
 
@@ -673,7 +674,7 @@ def make_parser(task: str = "all"):
                          "instead of the harness's few-shot prompt (none: the few-shot prompt)"}
         parser.add_argument("--template", choices=list(TEMPLATES), default="alpaca" if task == "qa" else None,
                             help="qa: the prompt format (default alpaca); gsm8k: " + template_help["gsm8k"]
-                            + "; mmlu always uses the original release's prompt" if every else template_help[task])
+                            + "; mmlu uses the original release's prompt, or Alpaca's under --scoring generate" if every else template_help[task])
     parser.add_argument("--limit", type=cli.positive_int,
                         help="only the first N items of each file (mmlu: of each subject); none: all")
     parser.add_argument("--batch-size", type=cli.positive_int, default=16,
@@ -751,7 +752,8 @@ def main(argv=None):
         parser.error(f"{'--paper' if args.paper else '--shots'}: mmlu --scoring generate asks each question "
                      "zero-shot; leave it out")
     if args.template and tasks == ("mmlu",):
-        parser.error("--template applies to qa and gsm8k; mmlu always uses the original release's prompt")
+        parser.error("--template applies to qa and gsm8k; mmlu uses the original release's prompt "
+                     "(Alpaca's under --scoring generate)")
     if tasks == ("qa",) and (args.shots or args.paper):
         parser.error(f"{'--paper' if args.paper else '--shots'}: qa takes no shots (gsm8k and mmlu do)")
 
