@@ -674,7 +674,8 @@ def make_parser(task: str = "all"):
                          "instead of the harness's few-shot prompt (none: the few-shot prompt)"}
         parser.add_argument("--template", choices=list(TEMPLATES), default="alpaca" if task == "qa" else None,
                             help="qa: the prompt format (default alpaca); gsm8k: " + template_help["gsm8k"]
-                            + "; mmlu uses the original release's prompt, or Alpaca's under --scoring generate" if every else template_help[task])
+                            + "; mmlu uses the original release's prompt, or Alpaca's under --scoring generate"
+                            if every else template_help[task])
     parser.add_argument("--limit", type=cli.positive_int,
                         help="only the first N items of each file (mmlu: of each subject); none: all")
     parser.add_argument("--batch-size", type=cli.positive_int, default=16,
