@@ -6,7 +6,9 @@ What it does (Aligner, arXiv 2312.05503; each script's docstring says where its
 defaults come from): AdamW with weight decay, a global batch reached by gradient
 accumulation over micro-batches, linear warmup then cosine decay (ours) or the
 authors' constant schedule, validation before training and after every epoch,
-an Aligner file per epoch plus the best by validation loss.
+an Aligner file per epoch plus the best by validation loss. An epoch is one pass
+over the training split, or with --epoch-size that many examples drawn with
+replacement, as the authors' scripts draw them.
 
 What a run leaves in --out: settings.json, metrics.jsonl (one line per
 optimizer step and per validation), epoch-E.pt and best.pt (Aligner files),
@@ -97,7 +99,12 @@ def add_arguments(parser, *, n_tokens, lr, batch_size, epochs, warmup_epochs, ma
     a("--micro-batch-size", type=cli.positive_int, default=None,
       help="examples per forward on one rank; gradients accumulate up to --batch-size "
            "(default: 4096 // --max-seq-len on a GPU, the whole batch on CPU)")
-    a("--epochs", type=cli.positive_int, default=epochs, help="passes over the training data")
+    a("--epochs", type=cli.positive_int, default=epochs,
+      help="passes over the training data (with --epoch-size, draws of that many examples)")
+    a("--epoch-size", type=cli.positive_int, default=None,
+      help="make an epoch this many examples drawn with replacement from the training split, each global "
+           "batch drawn afresh, as the authors' finetune scripts draw them (their epoch_size); "
+           "none: one pass, every example once")
     a("--warmup-epochs", type=cli.non_negative_float, default=warmup_epochs, help="linear warmup length, in epochs")
     a("--schedule", choices=tuple(SCHEDULES), default="cosine",
       help="after the warmup: cosine decay towards zero, or constant: the authors' finetune script, "
@@ -356,11 +363,29 @@ def split(n: int, val: str, seed: int):
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
-def global_batches(train_idx: list, batch_size: int, seed: int, epoch: int) -> list:
-    """This epoch's global batches: a reshuffle seeded by (seed, epoch); the last one may be smaller."""
+def global_batches(train_idx: list, batch_size: int, seed: int, epoch: int, epoch_size: int | None = None) -> list:
+    """This epoch's global batches, seeded by (seed, epoch); the last one may be smaller.
+
+    epoch_size None: a reshuffle, every example once. Otherwise epoch_size
+    examples drawn uniformly with replacement, as the authors' get_batch draws
+    torch.randint(len(data), ...) for every micro-batch: an example may come
+    twice in one batch, and some never.
+    """
     g = torch.Generator().manual_seed(seed * 100_003 + epoch + 1)
-    order = [train_idx[i] for i in torch.randperm(len(train_idx), generator=g).tolist()]
+    if epoch_size is None:
+        drawn = torch.randperm(len(train_idx), generator=g)
+    else:
+        drawn = torch.randint(len(train_idx), (epoch_size,), generator=g)
+    order = [train_idx[i] for i in drawn.tolist()]
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def make_schedule(n_train: int, batch_size: int, epochs: int, warmup_epochs: float,
+                  epoch_size: int | None = None) -> "Schedule":
+    """Optimizer steps per epoch, in all, and of warmup. An epoch is one pass over the n_train
+    examples, or epoch_size examples drawn with replacement (global_batches)."""
+    steps_per_epoch = math.ceil((n_train if epoch_size is None else epoch_size) / batch_size)
+    return Schedule(steps_per_epoch, steps_per_epoch * epochs, round(warmup_epochs * steps_per_epoch), epoch_size)
 
 
 def my_micro_batches(batch: list, lengths: list, rank: int, world: int, micro_batch_size: int) -> list:
@@ -403,9 +428,10 @@ def constant_learning_rate(step: int, peak: float, warmup_steps: int, total_step
     `step` (from 0) runs at peak * step / warmup_steps, so the first at zero, then at `peak` for good.
 
     Their warmup_iters counts micro-batches but is compared with optimizer steps, so their
-    warmup lasts batch / micro-batch times as many epochs as it says. Alpaca SFT (2 epochs,
-    64 / 8): 12,500 steps of a 6,250-step run, which ends at half the peak. DPO (0.5 epoch,
-    64 / 2): 40,000 steps of 7,500. Both are --warmup-epochs 16 here.
+    warmup lasts batch / micro-batch times as many epochs as it says. Alpaca SFT (2 epochs of
+    epoch_size 50,000, 64 / 8): 12,500 steps of a 6,250-step run, which ends at half the peak.
+    DPO (0.5 epoch of 80,000 pairs, 64 / 2): 40,000 steps of 7,500. With their epochs
+    (--epoch-size 50000 and 80000, batches of 64 and 32 pairs) both are --warmup-epochs 16.
     """
     if warmup_steps <= 0:
         return peak
@@ -423,6 +449,7 @@ class Schedule:
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
+    epoch_size: int | None = None  # examples drawn with replacement per epoch; None: one pass
 
 
 @dataclass
@@ -514,7 +541,7 @@ def optimizer_step(run: Run, progress: Progress) -> dict:
     """
     args, d, schedule, step = run.args, run.d, run.schedule, progress.step
     epoch, i = divmod(step, schedule.steps_per_epoch)
-    batch = global_batches(run.train_idx, args.batch_size, args.seed, epoch)[i]
+    batch = global_batches(run.train_idx, args.batch_size, args.seed, epoch, schedule.epoch_size)[i]
     for group in run.optimizer.param_groups:
         group["lr"] = SCHEDULES[args.schedule](step, args.lr, schedule.warmup_steps, schedule.total_steps)
     batch_units = sum(run.units[j] for j in batch)
@@ -672,8 +699,8 @@ def train(args, aligner, batch_loss, train_idx: list, val_idx: list, lengths: li
     """
     params = [p for p in aligner.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    steps_per_epoch = math.ceil(len(train_idx) / args.batch_size)
-    schedule = Schedule(steps_per_epoch, steps_per_epoch * args.epochs, round(args.warmup_epochs * steps_per_epoch))
+    schedule = make_schedule(len(train_idx), args.batch_size, args.epochs, args.warmup_epochs,
+                             getattr(args, "epoch_size", None))  # settings made by hand may lack it
     run = Run(args, run_settings(args), aligner, params, optimizer, batch_loss, train_idx, val_idx, lengths, units,
               tuple(stat_names), d, schedule)
 
