@@ -119,6 +119,17 @@ def merge(model, lora: LoRA):
     return model
 
 
+def check_merge(paths: list, shapes: list, fsdp: bool):
+    """Refuse, before the model loads, a --merge-lora that cannot be done: it writes one LoRA into
+    the base's weights, so the run must have exactly one --aligner, that LoRA, on one process."""
+    if len(paths) != 1 or not isinstance(shapes[0], LoRAShape):
+        raise ValueError(f"--merge-lora writes one LoRA into the base's weights; give it exactly one --aligner, "
+                         f"a LoRA (given: {', '.join(map(str, paths)) or 'none'})")
+    if fsdp:
+        raise ValueError("--merge-lora needs the whole weights of wq and wv on one process; it does not run "
+                         "under --fsdp")
+
+
 # -----------------------------------------------------------------------------
 # reading: this project's files, lit-llama's, PEFT's folders
 
