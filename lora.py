@@ -286,6 +286,14 @@ PEFT_PLAIN = {"use_dora": (False, None), "use_rslora": (False, None), "bias": ("
               "alpha_pattern": ({}, None), "modules_to_save": (None, []), "layer_replication": (None,),
               "fan_in_fan_out": (False, None), "lora_bias": (False, None), "trainable_token_indices": (None,),
               "target_parameters": (None, []), "exclude_modules": (None, [])}
+# Keys that do not change what a trained adapter computes: PEFT's bookkeeping, the settings read
+# below, and initialisations that leave the base's weights alone. Any other key must hold its
+# empty or false default (newer PEFT options among them), or the adapter is refused.
+PEFT_READ_OR_INERT = {"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+                      "inference_mode", "r", "lora_alpha", "lora_dropout", "target_modules", "init_lora_weights",
+                      "megatron_config", "megatron_core", "qalora_group_size", "eva_config", "ensure_weight_tying"}
+# init_lora_weights that leave the base as it was (PiSSA, OLoRA, CorDA and LoftQ rewrite it)
+PEFT_PLAIN_INITS = (True, False, "gaussian", "eva")
 PEFT_TARGETS = {"q_proj": "wq", "v_proj": "wv"}
 PEFT_KEY = "base_model.model.model.layers.{i}.self_attn.{module}.lora_{part}.weight"
 
@@ -306,10 +314,14 @@ def peft_config(folder: Path) -> dict:
         if type(value) not in (int, float) or (key == "r" and type(value) is not int) or value <= 0:
             raise FileError(f"{path}: {key} is {json.dumps(value)}; it must be a positive "
                             f"{'integer' if key == 'r' else 'number'}")
-    for key, plain in PEFT_PLAIN.items():
-        if key in config and config[key] not in plain:
-            raise FileError(f"{path}: {key} is {json.dumps(config[key])}; this reader implements plain LoRA "
+    for key, value in config.items():
+        plain = PEFT_PLAIN.get(key, () if key in PEFT_READ_OR_INERT else (None, False, {}, []))
+        if plain and value not in plain:
+            raise FileError(f"{path}: {key} is {json.dumps(value)}; this reader implements plain LoRA "
                             f"only ({key} {json.dumps(plain[0])})")
+    if config.get("init_lora_weights", True) not in PEFT_PLAIN_INITS:
+        raise FileError(f"{path}: init_lora_weights is {json.dumps(config['init_lora_weights'])}, which rewrites "
+                        "the base's weights; this reader applies a LoRA to the base as it is")
     targets = config.get("target_modules")
     if not isinstance(targets, list) or not targets:
         raise FileError(f"{path}: target_modules is {json.dumps(targets)}; list the modules, a subset of "

@@ -309,6 +309,10 @@ def test_bad_lora_files_are_refused_in_one_line(tiny_ckpt, mha_ckpt, tmp_path, c
          ["adapter_config.json", "layers_to_transform"]),
         (peft_folder(tmp_path / "p-pattern", lora, 4, config={"rank_pattern": {"q_proj": 4}}),
          ["adapter_config.json", "rank_pattern"]),
+        (peft_folder(tmp_path / "p-new", lora, 4, config={"alora_invocation_tokens": [5]}),
+         ["adapter_config.json", "alora_invocation_tokens"]),
+        (peft_folder(tmp_path / "p-pissa", lora, 4, config={"init_lora_weights": "pissa"}),
+         ["adapter_config.json", "init_lora_weights"]),
         (peft_folder(tmp_path / "p-extra", lora, 4, config={"target_modules": ["q_proj"]}),
          ["v_proj", "target_modules"]),
     ]
