@@ -456,9 +456,10 @@ def generate_batch(model, tokenizer, prompts, aligner, first_row, max_new_tokens
 
 def aligner_names(paths) -> list:
     """A short name for each --aligner, which also names its answer file: the file's stem ('base' for
-    the base model); where stems are alike, with as many of its folders as tell the files apart
-    ('a-best' and 'b-best' for runs/a/best.pt and runs/b/best.pt)."""
-    parts = [("base",) if p == "base" else Path(p).with_suffix("").parts for p in paths]
+    the base model; a folder, a PEFT LoRA, by its whole name); where stems are alike, with as many of
+    its folders as tell the files apart ('a-best' and 'b-best' for runs/a/best.pt and runs/b/best.pt)."""
+    parts = [("base",) if p == "base" else (Path(p) if Path(p).is_dir() else Path(p).with_suffix("")).parts
+             for p in paths]
     names = [p[-1] for p in parts]
     depth = 1
     while len(set(names)) < len(names) and depth < max(len(p) for p in parts):

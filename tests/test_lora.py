@@ -17,10 +17,13 @@ import train_dpo
 import train_sft
 from aligner import Aligner, AlignerBank
 from conftest import make_checkpoint
+from data import encode_prompt, format_prompt
+from generate import generate
 from hf_layout import to_half_split, write_hf, write_safetensors
 from llama import KVCache, ModelArgs, Transformer, load, lora_projection, read_params
 from lora import LoRA, merge, read
 from test_errors import check_failure, run_script
+from test_generate import needs_compile
 
 
 def read_jsonl(path):
@@ -482,3 +485,28 @@ def test_peft_lora_gives_the_same_logits_here_as_in_peft(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens, aligner=lora), theirs(input_ids=tokens).logits, atol=2e-5, rtol=1e-4)
         assert not torch.allclose(ours(tokens), theirs(input_ids=tokens).logits, atol=1e-3)
+
+
+@needs_compile
+def test_compiled_decoding_with_a_lora_gives_the_eager_tokens(tiny_ckpt):
+    model, tokenizer = load(tiny_ckpt)
+    prompts = [encode_prompt(tokenizer, format_prompt(p, "", "alpaca")) for p in ("Name a bird.", "What is fox 3?")]
+    lora = trained_lora(model.args)
+    eager = generate(model, tokenizer, prompts, lora, max_new_tokens=8)
+    assert generate(model, tokenizer, prompts, lora, max_new_tokens=8, compile=True) == eager
+    assert eager != generate(model, tokenizer, prompts, max_new_tokens=8)  # the LoRA changes the answers
+
+
+def test_answer_files_name_each_lora_by_its_file_or_folder(tiny_ckpt, tmp_path):
+    """One judge answer file per adapter, whatever its kind: a LoRA file by its stem, a PEFT folder by
+    its whole name (dots and all), the base as 'base'."""
+    args = ModelArgs(**read_params(tiny_ckpt))
+    lora = trained_lora(args)
+    lora.save(tmp_path / "lora.pt")
+    folder = peft_folder(tmp_path / "adapter-v1.5", trained_lora(args, seed=1), args.n_heads)
+    generate_script.main(["--ckpt", str(tiny_ckpt), "--aligner", str(tmp_path / "lora.pt"), "--aligner", str(folder),
+                          "--aligner", "base", "--prompt", "Name a bird.", "--max-new-tokens", "4",
+                          "--answers-dir", str(tmp_path / "answers")])
+    assert sorted(p.name for p in (tmp_path / "answers").iterdir()) == ["adapter-v1.5.jsonl", "base.jsonl", "lora.jsonl"]
+    answers = {p.stem: read_jsonl(p)[0]["choices"][0]["turns"][0] for p in (tmp_path / "answers").iterdir()}
+    assert answers["lora"] != answers["base"]
