@@ -7,6 +7,7 @@ GSM8K, MMLU, or exact-match QA.
     python evaluate.py gsm8k --ckpt llama-2-7b --data gsm8k/test.jsonl --aligner aligner.pt --paper
     python evaluate.py mmlu --ckpt llama-2-7b --data mmlu --aligner base --aligner aligner.pt
     python evaluate.py qa --ckpt demo/llama-demo --data a.jsonl b.jsonl --out runs/eval
+    python evaluate.py mmlu --ckpt llama-2-7b --data mmlu --paper --aligner runs/alpaca-lora/best.pt  # a LoRA
 
 Protocols. The defaults are LLaMA-2's published setting (GSM8K 8 shots, MMLU
 5), so that LLaMA-2-7B's 14.6 and 45.3 can be checked; --paper gives the

@@ -10,10 +10,13 @@ Text generation with a frozen LLaMA and any number of Aligners, through the KV c
         --aligner aligner1token-llama2-7B-lr0.009bs64-wu1-epoch-3.0-valloss0.7474.pth   # an authors' Aligner
     python generate.py --ckpt llama-2-7b --aligner base --aligner out/aligner.pt \\
         --prompts-file vicuna_bench/question.jsonl --answers-dir vicuna_bench/model_answer  # for FastChat's judge
+    python generate.py --ckpt llama-2-7b --aligner runs/sft-lora/best.pt --merge-lora --prompt "Name a bird."
 
 Each instruction is put in --template (data.TEMPLATES) and tokenized alone,
 BOS first, by data.encode_prompt: the same ids that training puts before the response. Any Aligner
-file is read by Aligner.read, this project's or the paper's authors'.
+file is read by Aligner.read, this project's or the paper's authors'; so is a LoRA (lora.py: ours,
+lit-llama's, a PEFT adapter folder), which decodes in batches of its own, applied beside wq and wv
+or, with --merge-lora, written into them first.
 
 --prompts-file also reads the question files of the paper's GPT-4 judges as they
 are published (FastChat's Vicuna and MT-bench questions, the Beaver safety
