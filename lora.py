@@ -4,9 +4,10 @@ beside the frozen query and value projections of every layer.
 
 References:
 - Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv
-  2106.09685: h = W0 x + B A x (Eq. 3), A drawn at random and B zero so that
-  training starts from the base model, the update scaled by alpha / r
-  (Section 4.1), applied to W_q and W_v (Section 7.1).
+  2106.09685: h = W0 x + B A x (Eq. 3), A drawn at random (the paper: a
+  Gaussian; here lit-llama's uniform, below) and B zero so that training
+  starts from the base model, the update scaled by alpha / r (Section 4.1),
+  applied to W_q and W_v (Section 7.1).
 - lit-llama's lit_llama/lora.py, which the Aligner authors' finetune/lora.py
   trains (their copy in the Aligner repository): MergedLinear on the fused qkv
   projection with enable_lora=[True, False, True] (line 434) in every layer,
@@ -33,7 +34,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -55,6 +56,8 @@ class LoRAShape(NamedTuple):
 
 
 class LoRA(nn.Module):
+    kind = "LoRA"  # what the scripts and Transformer.aligner_layers tell it from an Aligner by
+
     def __init__(self, args: ModelArgs, rank: int = 8, alpha: float = 16, dropout: float = 0.05):
         super().__init__()
         if rank < 1:
@@ -75,8 +78,6 @@ class LoRA(nn.Module):
         for a in (self.a_q, self.a_v):
             for layer in a.data:  # each A as lit-llama draws it: nn.Linear's own init, fan_in = dim
                 nn.init.kaiming_uniform_(layer, a=math.sqrt(5))
-
-    kind = "LoRA"
 
     @property
     def scale(self) -> float:
@@ -113,7 +114,8 @@ def merge(model, lora: LoRA):
     lora.check_fits(model.args)
     with torch.no_grad():
         for i, layer in enumerate(model.layers):
-            for w, a, b in ((layer.attention.wq, lora.a_q[i], lora.b_q[i]), (layer.attention.wv, lora.a_v[i], lora.b_v[i])):
+            att = layer.attention
+            for w, a, b in ((att.wq, lora.a_q[i], lora.b_q[i]), (att.wv, lora.a_v[i], lora.b_v[i])):
                 delta = (b.float() @ a.float()) * lora.scale  # (out, r) @ (r, dim) -> (out, dim)
                 w.weight.copy_((w.weight.float() + delta.to(w.weight.device)).to(w.weight.dtype))
     return model
@@ -141,10 +143,10 @@ def _weights(state) -> dict:
 
 
 def is_lora(path) -> bool:
-    """Whether `path` holds a LoRA: a folder (a PEFT adapter), or a file of ours or lit-llama's."""
+    """Whether `path` holds a LoRA: a PEFT adapter folder, or a file of ours or lit-llama's."""
     path = Path(path)
     if path.is_dir():
-        return True
+        return (path / "adapter_config.json").is_file()
     return path.is_file() and is_lora_state(load_pt(path, "LoRA file"))
 
 

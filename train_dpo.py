@@ -146,7 +146,8 @@ def lora_shape(args, init) -> tuple:
     if args.llama_adapter:
         raise ValueError(f"--llama-adapter contradicts the initial Aligner {args.init_aligner} (--init-aligner), "
                          "which is a LoRA")
-    for flag, given, held in (("--lora-rank", args.lora_rank, init.rank), ("--lora-alpha", args.lora_alpha, init.alpha)):
+    for flag, given, held in (("--lora-rank", args.lora_rank, init.rank),
+                              ("--lora-alpha", args.lora_alpha, init.alpha)):
         if given is not None and given != held:
             raise ValueError(f"{flag} {given:g} contradicts the initial LoRA {args.init_aligner} (--init-aligner), "
                              f"which holds {held:g}; leave {flag} out to take the file's")

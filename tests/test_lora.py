@@ -294,7 +294,8 @@ def test_bad_lora_files_are_refused_in_one_line(tiny_ckpt, mha_ckpt, tmp_path, c
     lit_key = "transformer.h.1.attn.c_attn.lora_A"
     peft_key = "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"
     cases = [
-        (write_lit(tmp_path / "rank.pth", args, lambda s: s.update({lit_key: torch.zeros(6, 64)})), [lit_key, "(6, 64)"]),
+        (write_lit(tmp_path / "rank.pth", args, lambda s: s.update({lit_key: torch.zeros(6, 64)})),
+         [lit_key, "(6, 64)"]),
         (write_lit(tmp_path / "missing.pth", args, lambda s: s.pop(lit_key)), [lit_key, "missing"]),
         (write_lit(tmp_path / "k.pth", args, lambda s: s.update({"transformer.h.0.attn.c_attn.lora_C": s[lit_key]})),
          ["lora_C", "unexpected"]),
@@ -393,7 +394,8 @@ def test_train_sft_trains_a_lora_and_resumes_bit_for_bit(tiny_ckpt, task, tmp_pa
     qa.write_text("".join(json.dumps({"instruction": q, "output": "A bird."}) + "\n"
                           for q in ("What is a robin?", "Name a bird.")))
     evaluate.main(["qa", "--ckpt", str(tiny_ckpt), "--data", str(qa), "--aligner", str(tmp_path / "full" / "best.pt"),
-                   "--aligner", "base", "--max-new-tokens", "6", "--max-seq-len", "256", "--out", str(tmp_path / "eval")])
+                   "--aligner", "base", "--max-new-tokens", "6", "--max-seq-len", "256",
+                   "--out", str(tmp_path / "eval")])
     scored = read_jsonl(tmp_path / "eval" / "qa.jsonl")
     assert {r["aligner"] for r in scored} == {str(tmp_path / "full" / "best.pt"), "base"}
 
@@ -507,6 +509,7 @@ def test_answer_files_name_each_lora_by_its_file_or_folder(tiny_ckpt, tmp_path):
     generate_script.main(["--ckpt", str(tiny_ckpt), "--aligner", str(tmp_path / "lora.pt"), "--aligner", str(folder),
                           "--aligner", "base", "--prompt", "Name a bird.", "--max-new-tokens", "4",
                           "--answers-dir", str(tmp_path / "answers")])
-    assert sorted(p.name for p in (tmp_path / "answers").iterdir()) == ["adapter-v1.5.jsonl", "base.jsonl", "lora.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "answers").iterdir()) == \
+        ["adapter-v1.5.jsonl", "base.jsonl", "lora.jsonl"]
     answers = {p.stem: read_jsonl(p)[0]["choices"][0]["turns"][0] for p in (tmp_path / "answers").iterdir()}
     assert answers["lora"] != answers["base"]
