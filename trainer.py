@@ -212,6 +212,7 @@ def micro_batch_size(args, d: Dist) -> int:
 
 # Flags that say how to run this time, not what the run is: left out of settings.json.
 NOT_SETTINGS = ("resume", "overwrite", "max_steps", "debug")
+LORA_FLAGS = ("lora", "lora_rank", "lora_alpha", "lora_dropout")  # recorded in a --lora run only
 # Settings a resumed run may change: where it runs, its speed and memory, not its result.
 FREE = ("out", "device", "micro_batch_size", "save_every", "grad_checkpointing", "fsdp")
 # Files and folders the run reads: compared on resume by their content (settings["inputs"]), not by path,
@@ -228,8 +229,11 @@ def run_files(out: Path) -> list:
 
 
 def run_settings(args) -> dict:
-    """What settings.json and state.pt record: every flag, and the content of every input."""
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in NOT_SETTINGS}
+    """What settings.json and state.pt record: every flag, and the content of every input. The LoRA
+    flags only in a LoRA run, so that an Aligner run records what it did before they existed, and
+    still resumes."""
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                if k not in NOT_SETTINGS and (getattr(args, "lora", False) or k not in LORA_FLAGS)}
     settings["inputs"] = {k: fingerprint(getattr(args, k)) for k in INPUTS if hasattr(args, k)}
     return settings
 

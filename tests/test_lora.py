@@ -513,3 +513,11 @@ def test_answer_files_name_each_lora_by_its_file_or_folder(tiny_ckpt, tmp_path):
         ["adapter-v1.5.jsonl", "base.jsonl", "lora.jsonl"]
     answers = {p.stem: read_jsonl(p)[0]["choices"][0]["turns"][0] for p in (tmp_path / "answers").iterdir()}
     assert answers["lora"] != answers["base"]
+
+
+def test_an_aligner_run_records_no_lora_settings(tiny_ckpt, task, tmp_path):
+    """settings.json of an Aligner run holds what it held before LoRA existed, so such runs still resume."""
+    train_sft.main(["--ckpt", str(tiny_ckpt), "--data", str(task), "--out", str(tmp_path / "run"), "--val", "2",
+                    "--batch-size", "4", "--epochs", "1", "--max-seq-len", "96", "--max-steps", "1"])
+    settings = json.loads((tmp_path / "run" / "settings.json").read_text())
+    assert not [k for k in settings if k.startswith("lora")] and settings["n_tokens"] == 10
