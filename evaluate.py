@@ -589,7 +589,7 @@ def make_parser(task: str = "all"):
                              "row when none is given)")
     parser.add_argument("--merge-lora", action="store_true",
                         help="write the one --aligner, a LoRA, into the base's wq and wv before evaluating "
-                             "(the same scores to float rounding); default: apply it beside them")
+                             "(the same scores to float rounding), rather than apply it beside them")
     data_help = {"gsm8k": "test .jsonl (shots from train.jsonl beside it)",
                  "mmlu": "folder with dev/ and test/ of <subject>_<split>.csv",
                  "qa": ".jsonl files of instruction/output, each reported alone"}

@@ -608,8 +608,8 @@ def main(argv=None):
                              "start, then less time per token")
     parser.add_argument("--merge-lora", action="store_true",
                         help="write the one --aligner, a LoRA, into the base's wq and wv before generating "
-                             "(the same answers to float rounding, no extra work per token); default: "
-                             "apply it beside them")
+                             "(the same answers to float rounding, no extra work per token), rather than apply "
+                             "it beside them")
     args = parser.parse_args(argv)
     device, dtype = cli.place(args)
     d = distributed.init_distributed(device, args.fsdp, args.compile)

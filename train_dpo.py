@@ -178,7 +178,7 @@ def main(argv=None):
                         help="for PKU-SafeRLHF rows: keep pairs whose chosen response is itself unsafe")
     trainer.add_arguments(parser, n_tokens=1, lr=1e-4, batch_size=64, epochs=1, warmup_epochs=0.1,
                           max_seq_len=1024, out="runs/dpo", shape_from="--init-aligner",
-                          lora_note="the other defaults stay this script's: the sources give no LoRA settings "
+                          lora_note="the other settings stay this script's: the sources give no LoRA settings "
                                     "for DPO")
     args = trainer.parse_args(parser, argv, demo_defaults=DEMO_DEFAULTS, demo_data="pku_saferlhf.jsonl")
     demo = args.ckpt == str(data.DEMO_CKPT)

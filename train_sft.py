@@ -64,9 +64,9 @@ DEMO_DEFAULTS = dict(batch_size=16)
 # stay the Aligner's (ours: the comparison then differs in the method alone; the authors' LoRA run
 # used a batch of 128 examples cut to 256 tokens, their lines 35 and 41: --batch-size 128 --max-seq-len 256).
 LORA_DEFAULTS = dict(lr=3e-4, warmup_epochs=0.1, weight_decay=0.01)
-LORA_NOTE = ("with it --lr, --warmup-epochs and --weight-decay default to 3e-4 and 0.1 (Appendix C: 3e-4, "
-             "100 warm-up iterations, about 0.1 epoch) and 0.01 (the authors' finetune/lora.py, whose AdamW "
-             "is left at torch's default)")
+LORA_NOTE = ("with it --lr, --warmup-epochs and --weight-decay, where not given, are 3e-4 and 0.1 (Appendix C: "
+             "3e-4, 100 warm-up iterations, about 0.1 epoch) and 0.01 (what the authors' finetune/lora.py ran "
+             "with: torch's own AdamW setting)")
 
 
 def main(argv=None):

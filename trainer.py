@@ -93,10 +93,10 @@ def add_arguments(parser, *, n_tokens, lr, batch_size, epochs, warmup_epochs, ma
            "layer, instead of an Aligner" + (f"; {lora_note}" if lora_note else ""))
     a("--lora-rank", type=cli.positive_int, default=8 if shape_from is None else None,
       help="r of --lora (Appendix C: 8; the value experiment's comparison, 4)"
-           + (f"; default: {shape_from}'s, else 8" if shape_from else ""))
+           + (f" (default: {shape_from}'s, else 8)" if shape_from else ""))
     a("--lora-alpha", type=cli.positive_float, default=16.0 if shape_from is None else None,
       help="alpha of --lora: the update is scaled by alpha / r (the authors' finetune/lora.py, line 43: 16)"
-           + (f"; default: {shape_from}'s, else 16" if shape_from else ""))
+           + (f" (default: {shape_from}'s, else 16)" if shape_from else ""))
     a("--lora-dropout", type=cli.dropout, default=0.05,
       help="dropout on the input of --lora's A path while training (the authors' finetune/lora.py, line 44)")
     a("--lr", type=cli.positive_float, default=lr, help="peak learning rate of AdamW")
