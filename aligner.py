@@ -27,7 +27,8 @@ the lit-llama files of both kinds: the Aligners the paper's authors released
 (bf16; their lit_llama/aligner.py names the prefix global_value_embedding and
 the gates gating_factor) and lit-llama's LLaMA-Adapter files (an adapter_wte
 per layer). Every script that takes an Aligner file reads it through
-`Aligner.read`, so those files work wherever ours do.
+`Aligner.read`, so those files work wherever ours do; a LoRA file or PEFT
+folder given there is handed to lora.py's reader, so LoRAs go there too.
 """
 
 import re
@@ -38,6 +39,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+import lora
 from files import atomic_save, check_values, load_pt
 from llama import ModelArgs
 
@@ -100,17 +102,26 @@ class Aligner(nn.Module):
         """An Aligner (or LLaMA-Adapter) file of either layout: this project's (`save`) or
         lit-llama's (the paper's authors' Aligners, lit-llama's Adapters). With `args`, refuses a
         file made for a base of another shape; without, a lit-llama file's shape is read from its
-        tensors. Every script reads Aligners through here."""
+        tensors. Every script reads Aligners through here, and LoRAs too: a LoRA file or PEFT
+        folder comes back as a lora.LoRA (lora.read)."""
+        if Path(path).is_dir():  # a PEFT LoRA folder
+            return lora.read(path, args)
         state = load_pt(path, "Aligner file")
+        if lora.is_lora_state(state):
+            return lora.read(path, args)
         if is_lit_llama(state):
             return cls._from_lit_llama_state(_lit_llama_weights(state), Path(path), args)
         return cls._from_state(state, Path(path), args)
 
     @classmethod
-    def check_file(cls, path) -> "AlignerShape":
+    def check_file(cls, path):
         """Refuse, before any model loads, a file that is no usable Aligner or Adapter of either
-        layout; returns the shape it holds."""
+        layout, or LoRA (lora.check_file); returns the AlignerShape (or LoRAShape) it holds."""
+        if Path(path).is_dir():
+            return lora.check_file(path)
         state = load_pt(path, "Aligner file")
+        if lora.is_lora_state(state):
+            return lora.check_file(path)
         if is_lit_llama(state):
             parts = _lit_llama_parts(_lit_llama_weights(state), Path(path))
             return AlignerShape(parts.prefix.shape[-2], parts.start_layer, parts.layer_specific)
@@ -313,6 +324,9 @@ class AlignerBank:
         real = [a for a in aligners if a is not None]
         if not real:
             raise ValueError("an AlignerBank needs at least one Aligner")
+        if any(a.kind == "LoRA" for a in real):
+            raise ValueError("a LoRA cannot share a batch with other LoRAs or with Aligners: its update is to "
+                             "the base's own projections, not a prefix a row can pick; run each LoRA alone")
         first = real[0]
         for a in real[1:]:
             if shape_of(a) != shape_of(first):

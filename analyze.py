@@ -26,7 +26,8 @@ When Aligning Large Language Models", arXiv 2312.05503.
   standard deviation of 310.4, ranging from 1342 to 3321"; Fig. 16 is the histogram of the
   absolute differences, Figs. 6b and 12-15 t-SNE maps of the prefix tokens.
 - `params`: Table 1, the parameters of each method for LLaMA-2-7B and how many adapters fit in a
-  24 GB GPU beside the base model.
+  24 GB GPU beside the base model; LoRA (lora.py) at r = 8 and at Appendix C's r = 4.
+  `gates` and `compare` refuse a LoRA file: it has neither gates nor prefix tokens.
 
 Our choices where the paper says nothing:
 - std is the population standard deviation (numpy's default, ddof 0). The trend's ratio and
@@ -55,6 +56,7 @@ import torch
 
 import cli
 import hf_checkpoint
+import lora
 from aligner import Aligner
 from files import (atomic_text, atomic_write, check_writable, checkpoint_inputs, refuse_clashes, refuse_existing,
                    short_names)
@@ -75,7 +77,12 @@ class Loaded(NamedTuple):
 
 
 def read_files(paths) -> list:
-    """Each file through Aligner.read, which names the file in its error when it is no Aligner."""
+    """Each file through Aligner.read, which names the file in its error when it is no Aligner.
+    A LoRA (lora.py) has neither gates nor prefix tokens: refused."""
+    for p in paths:
+        if lora.is_lora(p):
+            raise ValueError(f"{p}: a LoRA, which has no gates or prefix tokens to analyze; gates and compare "
+                             "read Aligners and LLaMA-Adapters")
     names = short_names([str(p) for p in paths], alone=())
     return [Loaded(f"[{i}]", Path(p), Aligner.read(p), name) for i, (p, name) in enumerate(zip(paths, names), 1)]
 
@@ -343,8 +350,10 @@ LLAMA2_7B = dict(dim=4096, n_layers=32, n_heads=32, multiple_of=256, norm_eps=1e
 START_LAYER = 2  # the paper's (Appendix A: "starting from Layer 2")
 # LoRA as the authors ran it: lora_r = 8 (their finetune/lora.py, line 42; Appendix C: "the rank is commonly
 # chosen to be 8"), on the query and value projections (their lit_llama/lora.py, line 434:
-# enable_lora=[True, False, True])
+# enable_lora=[True, False, True]); and r = 4, the LoRA Appendix C meant to set beside the value
+# experiment's 2-million-parameter Adapter ("We intended to compare with LoRA with rank 4")
 LORA_RANK = 8
+LORA_RANK_VALUE = 4
 GPU_BYTES = 24 * 2**30  # a "24GB" card holds 24 GiB
 BF16 = 2  # bytes per value: the base and the adapters served in bf16 (generate.py casts an Aligner to the base's dtype)
 # Table 1 as printed. Its "4.19K" for Aligner 10 drops a digit: 10 x 4096 + 30 x 32 = 41,920 (Section 4.1: "42K").
@@ -359,18 +368,12 @@ class Method(NamedTuple):
     fit: int  # how many fit in the GPU beside the base, all in bf16
 
 
-def lora_params(model: Transformer, rank: int) -> int:
-    """LoRA on wq and wv of every layer: A (r x in) and B (out x r) beside each weight (out x in)."""
-    return sum(rank * (w.in_features + w.out_features)
-               for layer in model.layers for w in (layer.attention.wq, layer.attention.wv))
-
-
 def table1(args: ModelArgs) -> tuple:
     """(the base's parameter count, the methods of Table 1), from the model's shape alone: every
     module is built on the meta device, which has shapes and no data."""
     with torch.device("meta"):
         base = sum(p.numel() for p in Transformer(args).parameters())
-        lora = lora_params(Transformer(args), LORA_RANK)
+        loras = {rank: lora.LoRA(args, rank=rank).num_params() for rank in (LORA_RANK, LORA_RANK_VALUE)}
         aligner = {(n, ls): Aligner(args, n_tokens=n, start_layer=START_LAYER, layer_specific=ls).num_params()
                    for n, ls in ((1, False), (10, False), (10, True))}
     free = GPU_BYTES - BF16 * base
@@ -380,8 +383,8 @@ def table1(args: ModelArgs) -> tuple:
         ("Aligner, N = 1", aligner[1, False], f"1 x {dim} + {adapted} x {heads}"),
         ("Aligner, N = 10", aligner[10, False], f"10 x {dim} + {adapted} x {heads}"),
         ("LLaMA-Adapter, N = 10", aligner[10, True], f"{adapted} x (10 x {dim} + {heads})"),
-        (f"LoRA, r = {LORA_RANK} on wq, wv", lora,
-         f"{args.n_layers} x {LORA_RANK} x ({dim} + {wq} + {dim} + {wv})"),
+        *((f"LoRA, r = {rank} on wq, wv", count, f"{args.n_layers} x {rank} x ({dim} + {wq} + {dim} + {wv})")
+          for rank, count in loras.items()),
     ]
     return base, [Method(name, n, formula, max(0, free // (BF16 * n))) for name, n, formula in methods]
 
@@ -397,7 +400,8 @@ def params_report(args: ModelArgs, where: str) -> tuple:
     base, methods = table1(args)
     paper = is_llama2_7b(args)
     header = ["method", "count", "parameters", "fit in 24 GiB"] + ["Table 1", "Table 1 fit"] * paper
-    rows = [[m.name, m.formula, f"{m.params:,}", f"{m.fit:,}"] + list(PAPER_TABLE1[m.name]) * paper for m in methods]
+    rows = [[m.name, m.formula, f"{m.params:,}", f"{m.fit:,}"] + list(PAPER_TABLE1.get(m.name, ("-", "-"))) * paper
+            for m in methods]
     free = GPU_BYTES - BF16 * base
     text = (f"Table 1 for {where}: dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads "
             f"({args.n_kv_heads} key/value), vocabulary {args.vocab_size:,}; adapters from layer {START_LAYER}\n\n"

@@ -140,6 +140,11 @@ def smoothing(text: str) -> float:
     return _float(text, "in [0, 0.5)", lambda v: 0 <= v < 0.5)
 
 
+def dropout(text: str) -> float:
+    """A dropout probability, in [0, 1): at 1 nothing would pass."""
+    return _float(text, "in [0, 1)", lambda v: 0 <= v < 1)
+
+
 def split_size(text: str) -> str:
     """A held-out split: a fraction in [0, 1) written with a point ("0.05"), or a count ("500").
 

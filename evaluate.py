@@ -7,6 +7,7 @@ GSM8K, MMLU, or exact-match QA.
     python evaluate.py gsm8k --ckpt llama-2-7b --data gsm8k/test.jsonl --aligner aligner.pt --paper
     python evaluate.py mmlu --ckpt llama-2-7b --data mmlu --aligner base --aligner aligner.pt
     python evaluate.py qa --ckpt demo/llama-demo --data a.jsonl b.jsonl --out runs/eval
+    python evaluate.py mmlu --ckpt llama-2-7b --data mmlu --paper --aligner runs/alpaca-lora/best.pt  # a LoRA
 
 Protocols. The defaults are LLaMA-2's published setting (GSM8K 8 shots, MMLU
 5), so that LLaMA-2-7B's 14.6 and 45.3 can be checked; --paper gives the
@@ -89,6 +90,7 @@ import torch
 
 import cli
 import distributed
+import lora
 from aligner import Aligner
 from data import (DEMO_CKPT, DEMO_DATA, TEMPLATES, DataError, check_demo, encode_prompt, format_prompt, read_records,
                   string_fields)
@@ -657,8 +659,12 @@ def make_parser(task: str = "all"):
                         f"the task: {task} in this help")
     cli.add_checkpoint_flag(parser)
     parser.add_argument("--aligner", action="append", default=[],
-                        help="an Aligner file, this project's or the authors' released one; repeat for "
-                             "side-by-side rows; 'base' is the model alone (the only row when none is given)")
+                        help="an Aligner file, this project's or the authors' released one, or a LoRA (file "
+                             "or PEFT folder); repeat for side-by-side rows; 'base' is the model alone (the only "
+                             "row when none is given)")
+    parser.add_argument("--merge-lora", action="store_true",
+                        help="write the one --aligner, a LoRA, into the base's wq and wv before evaluating "
+                             "(the same scores to float rounding), rather than apply it beside them")
     data_help = {"gsm8k": "test .jsonl (shots from train.jsonl beside it)",
                  "mmlu": "folder with dev/ and test/ of <subject>_<split>.csv",
                  "qa": ".jsonl files of instruction/output, each reported alone"}
@@ -784,11 +790,16 @@ def main(argv=None):
                 raise FileNotFoundError(f"--data {path}: a folder; {task} reads a file of JSON records"
                                         + (", with train.jsonl beside it for the shots" if task == "gsm8k" else ""))
             check_shots(task, path, task_shots(task, args))
+    shapes = []
     for path in args.aligner:
         if path != "base":
-            if not Path(path).is_file():
+            if not Path(path).exists():
                 raise FileNotFoundError(f"--aligner {path}: no such file")
-            Aligner.check_file(path)  # a damaged or unusable Aligner file stops here, before the model loads
+            shapes.append(Aligner.check_file(path))  # a damaged or unusable file stops here, before the model loads
+        else:
+            shapes.append(None)
+    if args.merge_lora:
+        lora.check_merge(args.aligner, shapes, args.fsdp)
     if args.out:
         check_writable(args.out, "--out")
         refuse_clashes(checkpoint_inputs(args.ckpt, args.tokenizer)
@@ -807,6 +818,9 @@ def main(argv=None):
     aligners = {}
     for path in args.aligner or ["base"]:
         aligners[path] = None if path == "base" else Aligner.read(path, model.args).to(device)
+    if args.merge_lora:  # W + (alpha / r) B A in the base's own wq and wv; the model then runs as it is
+        lora.merge(model, aligners[args.aligner[0]])
+        aligners[args.aligner[0]] = None
 
     # --- evaluate: prompts are built once per file, then run under each Aligner
     results, records = {}, {}

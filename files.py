@@ -221,7 +221,8 @@ def short_names(paths, alone: tuple = ("base",)) -> list:
     (runs/sft10/best.pt: 'sft10-best'), and with as many more folders as tell alike names apart
     ('x-a-best' and 'y-a-best' for /x/a/best.pt and /y/a/best.pt). A value in `alone` ('base',
     the base model) is its own name."""
-    parts = [(p,) if p in alone else Path(p).with_suffix("").parts for p in paths]
+    parts = [(p,) if p in alone else (Path(p) if Path(p).is_dir() else Path(p).with_suffix("")).parts
+             for p in paths]  # a folder (a PEFT LoRA) keeps its whole name
     names = ["-".join(p[-2:]).lstrip("/-") if RUN_STEMS.fullmatch(p[-1]) and len(p) > 1 else p[-1] for p in parts]
     depth = 1
     while len(set(names)) < len(names) and depth < max(len(p) for p in parts):

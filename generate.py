@@ -10,10 +10,13 @@ Text generation with a frozen LLaMA and any number of Aligners, through the KV c
         --aligner aligner1token-llama2-7B-lr0.009bs64-wu1-epoch-3.0-valloss0.7474.pth   # an authors' Aligner
     python generate.py --ckpt llama-2-7b --aligner base --aligner out/aligner.pt \\
         --prompts-file vicuna_bench/question.jsonl --answers-dir vicuna_bench/model_answer  # for FastChat's judge
+    python generate.py --ckpt llama-2-7b --aligner runs/sft-lora/best.pt --merge-lora --prompt "Name a bird."
 
 Each instruction is put in --template (data.TEMPLATES) and tokenized alone,
 BOS first, by data.encode_prompt: the same ids that training puts before the response. Any Aligner
-file is read by Aligner.read, this project's or the paper's authors'.
+file is read by Aligner.read, this project's or the paper's authors'; so is a LoRA (lora.py: ours,
+lit-llama's, a PEFT adapter folder), which decodes in batches of its own, applied beside wq and wv
+or, with --merge-lora, written into them first.
 
 --prompts-file also reads the question files of the paper's GPT-4 judges as they
 are published (FastChat's Vicuna and MT-bench questions, the Beaver safety
@@ -60,6 +63,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import cli
 import distributed
+import lora
 from aligner import Aligner, AlignerBank, AlignerRows, shape_of
 from data import DEMO_CKPT, TEMPLATES, check_demo, encode_prompt, format_prompt
 from files import atomic_text, check_writable, checkpoint_inputs, refuse_clashes, refuse_existing, short_names
@@ -237,8 +241,8 @@ class StaticCache(KVCache):
         self.pad = self.pinned("pad", pad.to(self.k[0].device))
         self.prefix = [None if kv is None else (self.pinned(f"k_p{i}", kv[0]), self.pinned(f"v_p{i}", kv[1]))
                        for i, kv in enumerate(self.prefix)]
-        if aligner is None:
-            return None
+        if aligner is None or getattr(aligner, "kind", None) == "LoRA":  # a LoRA's own tensors, as they are
+            return aligner
         return AlignerRows(self.pinned("prefix", aligner.prefix), self.pinned("gates", aligner.gates),
                            aligner.start_layer, aligner.layer_specific)
 
@@ -323,6 +327,8 @@ def rows_of(aligner, rows: slice, device, dtype=None):
     if isinstance(aligner, AlignerRows):
         return AlignerRows(aligner.prefix[rows].to(device, dtype), aligner.gates[rows].to(device, dtype),
                            aligner.start_layer, aligner.layer_specific)
+    if aligner.kind == "LoRA":  # one LoRA for every row; the model casts it to its dtype (lora_layers)
+        return aligner.to(device)
     # one Aligner for every row: a batch axis of 1 broadcasts over the batch
     return AlignerRows(aligner.prefix.detach()[None].to(device, dtype),
                        aligner.gates.detach()[None].to(device, dtype), aligner.start_layer, aligner.layer_specific)
@@ -456,24 +462,29 @@ def generate_batch(model, tokenizer, prompts, aligner, first_row, max_new_tokens
 
 def aligner_names(paths) -> list:
     """A short name for each --aligner, which also names its answer file (files.short_names): the
-    file's stem, led by its run folder for a training's best.pt or epoch-E.pt ('sft10-best' for
-    runs/sft10/best.pt), 'base' for the base model; where names are alike, with as many of its
-    folders as tell the files apart ('a-best' and 'b-best' for runs/a/best.pt and runs/b/best.pt)."""
+    file's stem (a folder, a PEFT LoRA, by its whole name), led by its run folder for a training's
+    best.pt or epoch-E.pt ('sft10-best' for runs/sft10/best.pt), 'base' for the base model; where
+    names are alike, with as many of its folders as tell the files apart ('a-best' and 'b-best'
+    for runs/a/best.pt and runs/b/best.pt)."""
     return short_names(paths)
 
 
 def same_shape_groups(aligners: list) -> list:
     """The indices of `aligners` in groups that one AlignerBank can hold: Aligners of the same
-    kind, number of tokens and start layer. None (the base model) joins the first group."""
+    kind, number of tokens and start layer. None (the base model) joins the first group of
+    Aligners. A LoRA changes the base's own projections, so each LoRA is a group alone."""
     groups = {}
     for k, aligner in enumerate(aligners):
-        shape = None if aligner is None else shape_of(aligner)
+        shape = None if aligner is None else ("LoRA", k) if aligner.kind == "LoRA" else shape_of(aligner)
         groups.setdefault(shape, []).append(k)
     base = groups.pop(None, [])
     if not groups:
         return [base]
     shaped = list(groups.values())
-    shaped[0] = sorted(base + shaped[0])
+    banked = [g for g in shaped if aligners[g[0]].kind != "LoRA"]
+    if not banked:
+        return [base] * bool(base) + shaped
+    banked[0][:] = sorted(base + banked[0])
     return shaped
 
 
@@ -548,7 +559,8 @@ def main(argv=None):
     parser = cli.ArgumentParser(description="Generate text with a LLaMA checkpoint and any number of Aligners.")
     cli.add_checkpoint_flag(parser)
     parser.add_argument("--aligner", action="append", default=[],
-                        help="an Aligner file; repeat to answer each prompt with several, side by side; "
+                        help="an Aligner file, or a LoRA (file or PEFT folder); repeat to answer each prompt "
+                             "with several, side by side; "
                              "'base' stands for the base model; none given: the base model alone")
     parser.add_argument("--prompt", action="append", default=[], help="an instruction; repeatable")
     parser.add_argument("--prompts-file", type=cli.path, default=None,
@@ -591,17 +603,26 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true",
                         help="compile the decode step (torch.compile; CUDA graphs on a GPU): slow to "
                              "start, then less time per token")
+    parser.add_argument("--merge-lora", action="store_true",
+                        help="write the one --aligner, a LoRA, into the base's wq and wv before generating "
+                             "(the same answers to float rounding, no extra work per token), rather than apply "
+                             "it beside them")
     args = parser.parse_args(argv)
     device, dtype = cli.place(args)
     d = distributed.init_distributed(device, args.fsdp, args.compile)
     distributed.check_ranks_agree(d, args, ("aligner", "prompts_file"))  # under torchrun, every rank the same run
 
     # --- check what can be checked before anything loads -----------------------
+    shapes = []
     for path in args.aligner:
         if path != "base":
-            if not Path(path).is_file():
+            if not Path(path).exists():
                 raise FileNotFoundError(f"--aligner {path}: no such file")
-            Aligner.check_file(path)  # a damaged or unusable Aligner file stops here, before the model loads
+            shapes.append(Aligner.check_file(path))  # a damaged or unusable file stops here, before the model loads
+        else:
+            shapes.append(None)
+    if args.merge_lora:
+        lora.check_merge(args.aligner, shapes, args.fsdp)
     questions = [Question((p,), "", f"--prompt {n}", n) for n, p in enumerate(args.prompt, 1)]
     if args.prompts_file is not None:
         questions += read_questions(args.prompts_file)
@@ -623,6 +644,9 @@ def main(argv=None):
                                                                       tokenizer_path=args.tokenizer,
                                                                       max_seq_len=args.max_seq_len)
     aligners = [None if p == "base" else Aligner.read(p, model.args) for p in args.aligner] or [None]
+    if args.merge_lora:  # W + (alpha / r) B A in the base's own wq and wv; the model then runs as it is
+        lora.merge(model, aligners[0])
+        aligners = [None]
 
     # --- prompts ----------------------------------------------------------------
     texts = [format_prompt(q.instruction, q.input, args.template) for q in questions]

@@ -10,7 +10,9 @@ References:
   per-head gate, to one shared set of prefix tokens. All of it stands in one
   section below, "The attention of an adapted layer (Eq. 4-7)"; `Attention.forward`
   calls it. The paper's baseline, LLaMA-Adapter V1, runs through the same code
-  with a prefix per layer.
+  with a prefix per layer. Its other baseline, LoRA (lora.py), adds a low-rank
+  update to the queries and values (`lora_projection`), passed to `forward`
+  the same way.
 
 Departures from Meta's model.py: no model parallelism (sharded checkpoints are
 merged on load, or split again by FSDP); the KV cache is an object passed to
@@ -206,6 +208,29 @@ def attention(q, k, v, mask, is_causal, prefix=None):
 
 
 # -----------------------------------------------------------------------------
+# LoRA, the paper's other baseline (lora.py): a low-rank update beside wq and wv
+
+class LoRALayer(NamedTuple):
+    """What one layer reads of a LoRA: the low-rank updates of its wq and wv."""
+    a_q: torch.Tensor  # (r, dim)
+    b_q: torch.Tensor  # (H * hd, r)
+    a_v: torch.Tensor  # (r, dim)
+    b_v: torch.Tensor  # (H_kv * hd, r)
+    scale: float  # alpha / r
+    dropout: float  # on the input of the A path; 0 unless the LoRA is training
+
+
+def lora_projection(x, w: nn.Linear, a, b, scale: float, dropout: float = 0.0):
+    """W x + (alpha / r) B A dropout(x), the frozen projection with its low-rank update (Hu et al.
+    2021, Eq. 3 and Section 4.1; lit-llama's MergedLinear.forward adds the update after B, scaled).
+
+    x: (B, T, dim); w: (out, dim); a: (r, dim); b: (out, r). Returns (B, T, out).
+    """
+    after_a = F.linear(F.dropout(x, dropout, training=dropout > 0), a)  # (B, T, r)
+    return w(x) + F.linear(after_a, b) * scale  # (B, T, out)
+
+
+# -----------------------------------------------------------------------------
 # the model
 
 class Span(NamedTuple):
@@ -261,13 +286,20 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x, span: Span, aligner: Optional[AlignerLayer] = None, cache: Optional[KVCache] = None):
+    def forward(self, x, span: Span, aligner=None, cache: Optional[KVCache] = None):
+        """aligner: this layer's AlignerLayer (Eq. 4-7), its LoRALayer, or None."""
         bsz, seqlen, _ = x.shape
+        lora, aligner = (aligner, None) if isinstance(aligner, LoRALayer) else (None, aligner)
 
-        # QKV, and RoPE on the sequence's queries and keys
-        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        # QKV (a LoRA adds its update to the queries and values, so the cache holds its values), and RoPE
+        if lora is None:
+            q, v = self.wq(x), self.wv(x)  # the base path: nothing added, bit for bit the base model
+        else:
+            q = lora_projection(x, self.wq, lora.a_q, lora.b_q, lora.scale, lora.dropout)  # (B, T, H * hd)
+            v = lora_projection(x, self.wv, lora.a_v, lora.b_v, lora.scale, lora.dropout)  # (B, T, H_kv * hd)
+        q = q.view(bsz, seqlen, self.n_heads, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary_emb(q, span.freqs_cis), apply_rotary_emb(k, span.freqs_cis)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or H_kv, T, hd)
         if cache is not None:
@@ -309,7 +341,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, span: Span, aligner: Optional[AlignerLayer] = None, cache: Optional[KVCache] = None):
+    def forward(self, x, span: Span, aligner=None, cache: Optional[KVCache] = None):
         h = x + self.attention(self.attention_norm(x), span, aligner, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -338,6 +370,8 @@ class Transformer(nn.Module):
         """
         if aligner is None:
             return [None] * self.args.n_layers
+        if getattr(aligner, "kind", None) == "LoRA":
+            return self.lora_layers(aligner)
         prefix, gates = aligner.prefix, aligner.gates
         if gates.dim() == 2:
             prefix, gates = prefix[None], gates[None]  # one Aligner for every row
@@ -352,6 +386,21 @@ class Transformer(nn.Module):
         prefix, gates = prefix.to(dtype), gates.to(dtype)  # (b, [n_adapted,] N, dim), (b, n_adapted, H)
         layers = [AlignerLayer(prefix[:, i] if aligner.layer_specific else prefix, gates[:, i]) for i in range(n_adapted)]
         return [None] * aligner.start_layer + layers
+
+    def lora_layers(self, lora) -> list:
+        """Each layer's LoRALayer, from the LoRA's tensors stacked over the layers (lora.py), in the
+        model's dtype; dropout only while the LoRA trains."""
+        n, r, dim = self.args.n_layers, lora.rank, self.args.dim
+        q_out, v_out = self.args.n_heads * self.args.head_dim, self.args.n_kv_heads * self.args.head_dim
+        shapes = {"a_q": (n, r, dim), "b_q": (n, q_out, r), "a_v": (n, r, dim), "b_v": (n, v_out, r)}
+        for name, shape in shapes.items():
+            if tuple(getattr(lora, name).shape) != shape:
+                raise ValueError(f"the LoRA's {name} {tuple(getattr(lora, name).shape)} does not fit this model, "
+                                 f"which needs {shape}")
+        weight = self.tok_embeddings.weight
+        a_q, b_q, a_v, b_v = (getattr(lora, name).to(weight.device, weight.dtype) for name in shapes)
+        dropout = lora.dropout if lora.training else 0.0
+        return [LoRALayer(a_q[i], b_q[i], a_v[i], b_v[i], lora.scale, dropout) for i in range(n)]
 
     def span(self, seqlen: int, device, cache: Optional[KVCache], positions: Optional[torch.Tensor]) -> Span:
         """Where this forward's tokens sit, and the mask they need, if any."""

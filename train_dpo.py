@@ -8,7 +8,8 @@ with log-probabilities summed over the response tokens. The policy is the
 frozen base plus the trained Aligner; the reference is the same base (the same
 weights in memory, never a second copy) with a frozen reference Aligner: by
 default the initial one, or none (--reference base). `--llama-adapter` trains
-the paper's baseline, LLaMA-Adapter V1, instead.
+the paper's baseline, LLaMA-Adapter V1, instead, and `--lora` its other
+baseline, LoRA (lora.py); --init-aligner and --reference also take LoRA files.
 
 Where each default comes from:
 - the paper: N = 1 (Section 4.2, Figs. 3-4), a PKU pair kept only where its chosen
@@ -58,6 +59,7 @@ import distributed
 import trainer
 from aligner import Aligner
 from llama import check_context
+from lora import LoRA, LoRAShape
 
 
 # -----------------------------------------------------------------------------
@@ -136,11 +138,33 @@ def aligner_shape(args, init) -> tuple:
     return init.n_tokens, init.start_layer, init.layer_specific
 
 
+def lora_shape(args, init) -> tuple:
+    """(LoRA?, rank, alpha) of what trains: an initial LoRA file's rank and alpha (`init`, a
+    LoRAShape), which --lora-rank and --lora-alpha may only repeat; else the flags, or 8 and 16."""
+    rank = 8 if args.lora_rank is None else args.lora_rank
+    alpha = 16.0 if args.lora_alpha is None else args.lora_alpha
+    if not isinstance(init, LoRAShape):
+        if args.lora and init is not None:
+            raise ValueError(f"--lora contradicts the initial Aligner {args.init_aligner} (--init-aligner), "
+                             "which is no LoRA")
+        return args.lora, rank, alpha
+    if args.llama_adapter:
+        raise ValueError(f"--llama-adapter contradicts the initial Aligner {args.init_aligner} (--init-aligner), "
+                         "which is a LoRA")
+    for flag, given, held in (("--lora-rank", args.lora_rank, init.rank),
+                              ("--lora-alpha", args.lora_alpha, init.alpha)):
+        if given is not None and given != held:
+            raise ValueError(f"{flag} {given:g} contradicts the initial LoRA {args.init_aligner} (--init-aligner), "
+                             f"which holds {held:g}; leave {flag} out to take the file's")
+    return True, init.rank, float(init.alpha)
+
+
 def main(argv=None):
     parser = trainer.make_parser("Train an Aligner on preference pairs (DPO, Eq. 10).", DEMO_DEFAULTS,
                                  "PKU-SafeRLHF rows or prompt/chosen/rejected, JSON Lines")
     parser.add_argument("--init-aligner", type=cli.path, default=None,
-                        help="start from this (SFT) Aligner file, which also sets N and the start layer; "
+                        help="start from this (SFT) Aligner file, which also sets N and the start layer, or "
+                             "LoRA file, which sets --lora and its rank and alpha; "
                              f"none: a fresh Aligner (for the demo: {DEMO_INIT} if present)")
     parser.add_argument("--reference", type=cli.path, default="init",
                         help="the frozen reference: 'init' (the initial Aligner), 'base' (no Aligner) "
@@ -158,7 +182,9 @@ def main(argv=None):
     parser.add_argument("--keep-unsafe", action="store_true",
                         help="for PKU-SafeRLHF rows: keep pairs whose chosen response is itself unsafe")
     trainer.add_arguments(parser, n_tokens=1, lr=1e-4, batch_size=64, epochs=1, warmup_epochs=0.1,
-                          max_seq_len=1024, out="runs/dpo", shape_from="--init-aligner")
+                          max_seq_len=1024, out="runs/dpo", shape_from="--init-aligner",
+                          lora_note="the other settings stay this script's: the sources give no LoRA settings "
+                                    "for DPO")
     args = trainer.parse_args(parser, argv, demo_defaults=DEMO_DEFAULTS, demo_data="pku_saferlhf.jsonl")
     demo = args.ckpt == str(data.DEMO_CKPT)
     if demo and args.init_aligner is None and Path(DEMO_INIT).is_file():
@@ -170,7 +196,9 @@ def main(argv=None):
     if args.reference not in ("init", "base"):
         Aligner.check_file(args.reference)  # an unreadable or unusable Aligner file stops here, before the base loads
     init = Aligner.check_file(args.init_aligner) if args.init_aligner else None
-    args.n_tokens, args.start_layer, args.llama_adapter = aligner_shape(args, init)  # what trains, as recorded
+    args.n_tokens, args.start_layer, args.llama_adapter = aligner_shape(  # what trains, as recorded
+        args, None if isinstance(init, LoRAShape) else init)
+    args.lora, args.lora_rank, args.lora_alpha = lora_shape(args, init)
     trainer.open_run(args)  # a finished run in --out is refused, and --resume checked
     check_context(args.ckpt, args.max_seq_len, args.beyond_context)
     say = print if d.rank == 0 else (lambda *a, **k: None)
@@ -206,17 +234,21 @@ def main(argv=None):
     # --- the policy's Aligner (trained, fp32) and the reference's (frozen)
     torch.manual_seed(args.seed)
     if args.init_aligner:
-        aligner = Aligner.read(args.init_aligner, model.args)
+        aligner = Aligner.read(args.init_aligner, model.args).train()
+    elif args.lora:
+        aligner = LoRA(model.args, args.lora_rank, args.lora_alpha, args.lora_dropout)
     else:
         aligner = Aligner(model.args, n_tokens=args.n_tokens, start_layer=args.start_layer,
                           layer_specific=args.llama_adapter)
+    if args.lora:
+        aligner.dropout = args.lora_dropout  # this run's, whatever the initial file trained with
     aligner = aligner.to(d.device)
     if args.reference == "init":
-        reference = copy.deepcopy(aligner).requires_grad_(False)
+        reference = copy.deepcopy(aligner).requires_grad_(False).eval()
     elif args.reference == "base":
         reference = None
     else:
-        reference = Aligner.read(args.reference, model.args).to(d.device).requires_grad_(False)
+        reference = Aligner.read(args.reference, model.args).to(d.device).requires_grad_(False).eval()
     say(f"{aligner.describe()}; reference: {args.reference}")
 
     ref_logps = None

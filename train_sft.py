@@ -8,7 +8,9 @@ Aligner (Zhou, Wu, Zhu, Terzopoulos, arXiv 2312.05503): N learnable tokens
 attended by every layer from layer 2 on. Only the Aligner trains; the base
 model is frozen (bf16 on a GPU, fp32 on CPU), the Aligner's own parameters stay
 in fp32. `--llama-adapter` trains the paper's baseline, LLaMA-Adapter V1,
-instead: a prefix of N tokens in each adapted layer.
+instead: a prefix of N tokens in each adapted layer; `--lora` its other
+baseline, LoRA, a rank-r update of wq and wv in every layer (lora.py), with
+the learning rate, warm-up and weight decay of LORA_DEFAULTS below.
 
 Where each default comes from:
 - the paper: start layer 2 (Appendix A), lr 9e-3 and one warmup epoch
@@ -29,6 +31,7 @@ Commands:
     python train_sft.py                          # the built-in demo (build it with python build_demo.py)
     python train_sft.py --ckpt llama-2-7b --data alpaca_data.json --n-tokens 1
     python train_sft.py --ckpt llama-2-7b --data alpaca_data.json --llama-adapter   # the baseline
+    python train_sft.py --ckpt llama-2-7b --data alpaca_data.json --lora            # the other baseline
     python train_sft.py --ckpt llama-2-7b --data MetaMathQA-395K.json --template metamath --epochs 3
     torchrun --nproc_per_node 8 train_sft.py --ckpt llama-2-7b --data alpaca_data.json
     python train_sft.py --ckpt llama-2-7b --data alpaca_data.json --resume   # continue a stopped run
@@ -51,6 +54,7 @@ import distributed
 import trainer
 from aligner import Aligner
 from llama import check_context
+from lora import LoRA
 
 
 # The demo's SFT set is small (1,625 examples): the authors' batch of 64 gives only about 200 optimizer
@@ -58,6 +62,16 @@ from llama import check_context
 # people: a one-token Aligner answered 94.5% of their questions at batch 16, 89.5% at batch 64
 # (the README has the commands).
 DEMO_DEFAULTS = dict(batch_size=16)
+# --lora's defaults where they differ from the Aligner's: Appendix C, "The learning rate is chosen to be
+# 3e-4 with 100 iteration warm up (approximately 0.1 epoch)"; weight decay 0.01, what the authors'
+# finetune/lora.py ran with: its AdamW (line 76) is given no weight_decay, so torch's default 0.01
+# applies, not the weight_decay = 0.0 its line 40 sets and never passes. The batch, length and epochs
+# stay the Aligner's (ours: the comparison then differs in the method alone; the authors' LoRA run
+# used a batch of 128 examples cut to 256 tokens, their lines 35 and 41: --batch-size 128 --max-seq-len 256).
+LORA_DEFAULTS = dict(lr=3e-4, warmup_epochs=0.1, weight_decay=0.01)
+LORA_NOTE = ("with it --lr, --warmup-epochs and --weight-decay, where not given, are 3e-4 and 0.1 (Appendix C: "
+             "3e-4, 100 warm-up iterations, about 0.1 epoch) and 0.01 (what the authors' finetune/lora.py ran "
+             "with: torch's own AdamW setting)")
 
 
 def main(argv=None):
@@ -69,8 +83,9 @@ def main(argv=None):
     parser.add_argument("--template", choices=list(data.TEMPLATES), default="alpaca",
                         help="the prompt format of instruction/input/output records (data.TEMPLATES)")
     trainer.add_arguments(parser, n_tokens=10, lr=9e-3, batch_size=64, epochs=8, warmup_epochs=1.0,
-                          max_seq_len=512, out="runs/sft")
-    args = trainer.parse_args(parser, argv, demo_defaults=DEMO_DEFAULTS, demo_data="alpaca.json")
+                          max_seq_len=512, out="runs/sft", lora_note=LORA_NOTE)
+    args = trainer.parse_args(parser, argv, demo_defaults=DEMO_DEFAULTS, demo_data="alpaca.json",
+                              lora_defaults=LORA_DEFAULTS)
 
     # --- processes and devices; every rank given the same run, --out checked, before anything loads
     d = distributed.init_distributed(torch.device(args.device), args.fsdp)
@@ -106,10 +121,13 @@ def main(argv=None):
     say(f"{len(train_idx)} for training, {len(val_idx)} held out for validation; "
         f"{sum(units[i] for i in train_idx)} loss tokens per epoch")
 
-    # --- the Aligner: the only trained parameters, fp32
+    # --- the Aligner (or LoRA): the only trained parameters, fp32
     torch.manual_seed(args.seed)
-    aligner = Aligner(model.args, n_tokens=args.n_tokens, start_layer=args.start_layer,
-                      layer_specific=args.llama_adapter).to(d.device)
+    if args.lora:
+        aligner = LoRA(model.args, args.lora_rank, args.lora_alpha, args.lora_dropout).to(d.device)
+    else:
+        aligner = Aligner(model.args, n_tokens=args.n_tokens, start_layer=args.start_layer,
+                          layer_specific=args.llama_adapter).to(d.device)
     say(aligner.describe())
 
     def batch_loss(indices):

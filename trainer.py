@@ -1,6 +1,8 @@
 """
 The training loop that train_sft.py and train_dpo.py share: only the Aligner's
-few thousand parameters train, the base model stays frozen.
+few thousand parameters train, the base model stays frozen. The baselines, a
+LLaMA-Adapter or a LoRA (--lora), train through the same loop: wherever it says
+the Aligner, read the module that trains, whose files are written by its own save.
 
 What it does (Aligner, arXiv 2312.05503; each script's docstring says where its
 defaults come from): AdamW with weight decay, a global batch reached by gradient
@@ -76,10 +78,12 @@ from llama import load
 # -----------------------------------------------------------------------------
 # flags both scripts take; each script sets its run's defaults (its docstring says where each comes from)
 
-def add_arguments(parser, *, n_tokens, lr, batch_size, epochs, warmup_epochs, max_seq_len, out, shape_from=None):
+def add_arguments(parser, *, n_tokens, lr, batch_size, epochs, warmup_epochs, max_seq_len, out, shape_from=None,
+                  lora_note=""):
     """The flags both scripts take. shape_from: a flag naming an Aligner file that also sets
-    --n-tokens and --start-layer; those two then default to None (take the file's, or n_tokens and
-    2 without one), and the script resolves them."""
+    --n-tokens and --start-layer (and --lora-rank, --lora-alpha); those then default to None (take
+    the file's, or n_tokens, 2, 8 and 16 without one), and the script resolves them. lora_note:
+    what --lora's --help adds, the defaults it changes (parse_args' lora_defaults)."""
     a = parser.add_argument
     if shape_from is None:
         a("--n-tokens", type=cli.positive_int, default=n_tokens, help="N, the number of Aligner tokens")
@@ -92,6 +96,17 @@ def add_arguments(parser, *, n_tokens, lr, batch_size, epochs, warmup_epochs, ma
     a("--llama-adapter", action="store_true",
       help="train the paper's baseline, LLaMA-Adapter V1: a prefix of --n-tokens tokens in each adapted layer "
            "(lit-llama's adapter.py) instead of the Aligner's one shared prefix")
+    a("--lora", action="store_true",
+      help="train the paper's other baseline, LoRA (lora.py): a rank --lora-rank update of wq and wv in every "
+           "layer, instead of an Aligner" + (f"; {lora_note}" if lora_note else ""))
+    a("--lora-rank", type=cli.positive_int, default=8 if shape_from is None else None,
+      help="r of --lora (Appendix C: 8; the value experiment's comparison, 4)"
+           + (f" (default: {shape_from}'s, else 8)" if shape_from else ""))
+    a("--lora-alpha", type=cli.positive_float, default=16.0 if shape_from is None else None,
+      help="alpha of --lora: the update is scaled by alpha / r (the authors' finetune/lora.py, line 43: 16)"
+           + (f" (default: {shape_from}'s, else 16)" if shape_from else ""))
+    a("--lora-dropout", type=cli.dropout, default=0.05,
+      help="dropout on the input of --lora's A path while training (the authors' finetune/lora.py, line 44)")
     a("--lr", type=cli.positive_float, default=lr, help="peak learning rate of AdamW")
     a("--weight-decay", type=cli.non_negative_float, default=0.02, help="AdamW's weight decay")
     a("--batch-size", type=cli.positive_int, default=batch_size,
@@ -148,11 +163,16 @@ def demo_note(demo_defaults: dict) -> str:
     return f"With no --ckpt (the built-in demo) the defaults are instead: {flags}."
 
 
-def parse_args(parser, argv, demo_defaults: dict, demo_data: str):
-    """Parse argv. With no --ckpt, the run is on the built-in demo: its checkpoint, its file
-    demo_data unless --data is given, and its own defaults, over which a flag given still wins.
-    The device and dtype are settled here."""
+def parse_args(parser, argv, demo_defaults: dict, demo_data: str, lora_defaults: dict = None):
+    """Parse argv. With --lora, the defaults in lora_defaults replace the Aligner's. With no --ckpt,
+    the run is on the built-in demo: its checkpoint, its file demo_data unless --data is given, and
+    its own defaults, over which a flag given still wins. The device and dtype are settled here."""
     args = parser.parse_args(argv)
+    if args.lora and args.llama_adapter:
+        parser.error("--lora and --llama-adapter are two baselines; give one")
+    if args.lora and lora_defaults:
+        parser.set_defaults(**lora_defaults)
+        args = parser.parse_args(argv)
     if args.ckpt is None:
         parser.set_defaults(**demo_defaults)
         args = parser.parse_args(argv)
@@ -205,6 +225,7 @@ def micro_batch_size(args, d: Dist) -> int:
 
 # Flags that say how to run this time, not what the run is: left out of settings.json.
 NOT_SETTINGS = ("resume", "overwrite", "max_steps", "debug")
+LORA_FLAGS = ("lora", "lora_rank", "lora_alpha", "lora_dropout")  # recorded in a --lora run only
 # Settings a resumed run may change: where it runs, its speed and memory, not its result.
 FREE = ("out", "device", "micro_batch_size", "save_every", "grad_checkpointing", "fsdp")
 # Files and folders the run reads: compared on resume by their content (settings["inputs"]), not by path,
@@ -248,8 +269,11 @@ def remove_strays(out: Path):
 
 
 def run_settings(args) -> dict:
-    """What settings.json and state.pt record: every flag, and the content of every input."""
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in NOT_SETTINGS}
+    """What settings.json and state.pt record: every flag, and the content of every input. The LoRA
+    flags only in a LoRA run, so that an Aligner run records what it did before they existed, and
+    still resumes."""
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                if k not in NOT_SETTINGS and (getattr(args, "lora", False) or k not in LORA_FLAGS)}
     settings["inputs"] = {k: fingerprint(getattr(args, k)) for k in INPUTS if hasattr(args, k)}
     return settings
 
@@ -581,8 +605,10 @@ def validate(run: Run, progress: Progress, epoch: int) -> Progress:
     """Validation after `epoch` (0: before training): log it, save epoch-E.pt, and best.pt where
     the loss is the best so far (every epoch where there is no validation split)."""
     args, d = run.args, run.d
+    run.aligner.eval()  # a LoRA's dropout is for training steps only
     last_val = evaluate(run.batch_loss, run.val_idx, run.lengths, run.units, d, args.micro_batch_size,
                         run.stat_names)
+    run.aligner.train()
     log(run, {"step": progress.step, "epoch": epoch, **last_val})
     best = progress.best
     if d.rank == 0:

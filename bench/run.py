@@ -10,7 +10,9 @@ Protocol. One set of random weights is written once in Meta's layout
 (llama.save); every contender reads that file (transformers' LlamaForCausalLM
 through bench/hf.py, after a check that its logits match ours). All use the
 same batch of random tokens, float32, the same thread count and the same
-adapted layers (2 and up, as the Aligner's default start_layer). Each round
+adapted layers (2 and up, as the Aligner's default start_layer), except the
+pair of LoRA rows that set ours (lora.py) beside PEFT's with both in every
+layer, as the paper's LoRA baseline is. Each round
 runs one step of every contender, in turn, so that a busy machine slows them
 alike; the first --warmup rounds are not timed; a row shows the median of the
 timed rounds and its ratio to ours.
@@ -53,6 +55,7 @@ import torch.nn.functional as F  # noqa: E402
 import cli  # noqa: E402
 from aligner import Aligner  # noqa: E402
 from llama import ModelArgs, Transformer, save  # noqa: E402
+from lora import LoRA  # noqa: E402
 
 # the CPU configuration: a small LLaMA that trains a step in about a second on 2 cores
 CPU_MODEL = dict(dim=512, n_layers=8, n_heads=8, vocab_size=4096, multiple_of=256)
@@ -197,9 +200,12 @@ def peft_model(kind: str, folder: Path):
     if kind == "adaption_prompt":
         config = peft.AdaptionPromptConfig(adapter_len=10, adapter_layers=n_layers - START_LAYER,
                                            task_type="CAUSAL_LM")
-    else:
+    elif kind == "lora":
         config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
                                  layers_to_transform=list(range(START_LAYER, n_layers)), task_type="CAUSAL_LM")
+    else:  # "lora, every layer": the LoRA the paper compares with, as lora.py trains it
+        config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                 task_type="CAUSAL_LM")
     return peft.get_peft_model(model, config)
 
 
@@ -208,6 +214,9 @@ TRAINERS = {  # name in the table: how to build it
     "Aligner N=10": ("ours", 10),
     "PEFT adaption_prompt (10 tokens)": ("peft", "adaption_prompt"),
     "PEFT LoRA r=8 (q, v)": ("peft", "lora"),
+    # LoRA against LoRA, in every layer as the paper's baseline is (lora.py): ours beside PEFT's
+    "LoRA r=8 (q, v), every layer": ("lora", 8),
+    "PEFT LoRA r=8 (q, v), every layer": ("peft", "lora, every layer"),
     "Aligner N=10, torch.compile": ("compiled", 10),  # with --compile only: not the default path
 }
 
@@ -215,9 +224,12 @@ TRAINERS = {  # name in the table: how to build it
 def make_trainer(name: str, folder: Path, model=None):
     """A function that runs one training step (forward, backward, AdamW) on a batch of tokens."""
     kind, setting = TRAINERS[name]
-    if kind in ("ours", "compiled"):
+    if kind in ("ours", "compiled", "lora"):
         model = model or load_ours(folder)
-        aligner = Aligner(model.args, n_tokens=setting, start_layer=START_LAYER)
+        if kind == "lora":  # dropout 0, as PEFT's row: the same arithmetic on both sides
+            aligner = LoRA(model.args, rank=setting, alpha=16, dropout=0.0)
+        else:
+            aligner = Aligner(model.args, n_tokens=setting, start_layer=START_LAYER)
         params = list(aligner.parameters())
 
         def forward(tokens):
@@ -373,7 +385,7 @@ def main(argv=None):
 
     # --- training step: speed, and the matrix-product limit ----------------------
     print("training steps", file=sys.stderr)
-    wanted = {"ours", "compiled"} if args.compile else {"ours"}
+    wanted = {"ours", "lora", "compiled"} if args.compile else {"ours", "lora"}
     names = [n for n in TRAINERS if TRAINERS[n][0] in wanted or (TRAINERS[n][0] == "peft" and theirs is not None
                                                                   and have_peft)]
     steps = {name: make_trainer(name, folder, model=ours if TRAINERS[name][0] != "peft" else None) for name in names}
@@ -406,7 +418,7 @@ def main(argv=None):
     flops = train_step_flops(model_args, args.batch, args.seq_len, START_LAYER)
     rate = limit.rate()
     rows = [[name, f"{flops / seconds[name] / 1e9:.0f}", f"{rate / 1e9:.0f}", f"{flops / seconds[name] / rate:.0%}"]
-            for name in names if TRAINERS[name][0] != "peft"]
+            for name in names if TRAINERS[name][0] in ("ours", "compiled")]  # the count is the Aligner's step
     out.append("\n### Training step against the machine's matrix-product rate\n")
     out.append(f"{flops / 1e9:.0f} GFLOP per step (bench/run.py, train_step_flops).\n")
     out.append(table(["contender", "achieved GFLOP/s", "plain matmul GFLOP/s, same shapes", "utilisation"], rows))

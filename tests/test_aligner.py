@@ -8,6 +8,7 @@ from aligner import Aligner, AlignerBank
 from conftest import authors_aligner_state, lit_llama_adapter_state
 from files import FileError
 from llama import ModelArgs, Transformer, prefix_attention
+from lora import LoRA
 
 
 @st.composite
@@ -34,6 +35,23 @@ def test_gates_at_zero_give_exactly_the_base_model(config, seqlen, bsz, prefix_s
         aligner.prefix.mul_(prefix_scale)
         tokens = torch.randint(0, args.vocab_size, (bsz, seqlen))
         assert torch.equal(model(tokens, aligner=aligner), model(tokens))
+
+
+@settings(max_examples=30, deadline=None)
+@given(config=configurations(), seqlen=st.integers(1, 12), bsz=st.integers(1, 3), a_scale=st.floats(1e-3, 1e3),
+       rank=st.integers(1, 8), training=st.booleans(), seed=st.integers(0, 2**16))
+def test_lora_with_b_at_zero_gives_exactly_the_base_model(config, seqlen, bsz, a_scale, rank, training, seed):
+    """The paper's other baseline likewise: a LoRA whose B is zero (as it starts) adds 0 to every query
+    and value, whatever A holds and with its dropout on, so the logits are the base's bit for bit."""
+    args, _, _ = config
+    torch.manual_seed(seed)
+    model = Transformer(args).eval()
+    lora = LoRA(args, rank=rank, dropout=0.5).train(training)
+    with torch.no_grad():
+        lora.a_q.mul_(a_scale)
+        lora.a_v.mul_(a_scale)
+        tokens = torch.randint(0, args.vocab_size, (bsz, seqlen))
+        assert torch.equal(model(tokens, aligner=lora), model(tokens))
 
 
 def test_one_token_softmax_is_one_so_the_term_is_gate_times_v_p():

@@ -144,3 +144,27 @@ def test_gpu_decode_table_runs_small_on_the_cpu(monkeypatch):
     assert all(float(row[3]) > 0 for row in rows)  # tokens / s
     assert compile_flags == ([False] * 4 + [True] * 4) * 2  # 2 generations of each row, eager rows first
     assert sum(line.startswith("- ") for line in text.splitlines()) == 7 + with_transformers  # the targets
+
+
+def test_our_lora_row_trains_its_own_parameters(tmp_path, monkeypatch):
+    """The LoRA-against-LoRA row: one step through make_trainer moves our LoRA's B off zero, with
+    dropout 0 as PEFT's row has it, and leaves the base's weights alone."""
+    from llama import save
+    from lora import LoRA
+
+    made = []
+
+    class Recorded(LoRA):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(bench, "LoRA", Recorded)
+    torch.manual_seed(0)
+    save(Transformer(ModelArgs(**TINY, max_seq_len=32)), tmp_path / "model")
+    model = bench.load_ours(tmp_path / "model")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bench.make_trainer("LoRA r=8 (q, v), every layer", tmp_path / "model", model=model)(torch.randint(3, 16, (2, 12)))
+    assert len(made) == 1 and made[0].dropout == 0.0 and made[0].rank == 8
+    assert torch.count_nonzero(made[0].b_q) > 0 and torch.count_nonzero(made[0].b_v) > 0
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -174,6 +174,20 @@ def test_fsdp_training_gives_the_one_process_aligner(tmp_path):
     same_run(tmp_path / "one", tmp_path / "fsdp")
 
 
+def test_fsdp_trains_the_one_process_lora(tmp_path):
+    """A LoRA (dropout 0: each rank's masks would differ from one process's) trained by SFT on two
+    ranks under FSDP ends as the one trained in one process; its B left zero, and it trained."""
+    flags = [str(f) for f in SFT + ["--lora", "--lora-rank", "2", "--lora-dropout", "0", "--lr", "0.01"]]
+    torch.set_num_threads(1)
+    train_sft.main([*flags, "--out", str(tmp_path / "one")])
+    torchrun(ROOT / "train_sft.py", *flags, "--out", tmp_path / "fsdp", "--fsdp")
+    (one, step), (other, other_step) = final_aligner(tmp_path / "one"), final_aligner(tmp_path / "fsdp")
+    assert step == other_step == 3
+    for key in ("a_q", "b_q", "a_v", "b_v"):
+        torch.testing.assert_close(other[key], one[key], rtol=1e-4, atol=1e-5)
+    assert one["b_v"].abs().sum() > 0
+
+
 def test_a_one_process_run_resumes_under_fsdp(tmp_path):
     """SFT stopped after 2 steps in one process, resumed on two ranks under FSDP (the settings that
     change where and how a run computes, not its result, may change on resume), ends as the run that
