@@ -42,9 +42,11 @@ class Step(NamedTuple):
 
 
 class Row(NamedTuple):
-    """A row of the table: the --aligner value the evaluations report it under, and its label."""
+    """A row of the table: the --aligner value the evaluations report it under, its label, and whether
+    it has gates for analyze.py gates (an Aligner or LLaMA-Adapter; a LoRA has none)."""
     aligner: str
     label: str
+    gated: bool = True
 
 
 ROWS = [
@@ -52,28 +54,40 @@ ROWS = [
     Row("runs/sft1/best.pt", "Aligner, 1 token: Alpaca-style SFT"),
     Row("runs/sft10/best.pt", "Aligner, 10 tokens: Alpaca-style SFT"),
     Row("runs/adapter10/best.pt", "LLaMA-Adapter, 10 tokens per layer: Alpaca-style SFT"),
+    Row("runs/lora8/best.pt", "LoRA, r = 8 on wq and wv: Alpaca-style SFT", gated=False),
     Row("runs/pku-sft/best.pt", "Aligner, 1 token: SFT on the PKU-style rows' safe responses"),
     Row("runs/dpo/best.pt", "Aligner, 1 token: that SFT, then DPO on the same rows"),
+    Row("runs/lora4/best.pt", "LoRA, r = 4 on wq and wv: Alpaca-style SFT", gated=False),
+    Row("runs/dpo-lora/best.pt", "LoRA, r = 4: that SFT, then DPO on the PKU-style rows", gated=False),
     Row("runs/math/best.pt", "Aligner, 10 tokens: MetaMath-style SFT"),
+    Row("runs/math-lora/best.pt", "LoRA, r = 8 on wq and wv: MetaMath-style SFT", gated=False),
 ]
+GATED = [row for row in ROWS if row.gated and row.aligner != "base"]  # the rows analyze.py gates reads
 QA_FILES = ["test_ordinary", "train_ordinary", "test_secret", "test_harmful"]
 ALIGNERS = " ".join(f"--aligner {row.aligner}" for row in ROWS)
 
-TRAINING = ("sft1", "sft10", "adapter10", "dpo", "math")  # the steps whose Aligners the table's rows are
+# the steps whose files the table's rows are (the others, pku-sft and lora4, are read by these)
+TRAINING = ("sft1", "sft10", "adapter10", "lora8", "dpo", "dpo-lora", "math", "math-lora")
+MATH = "--data demo/data/metamathqa.json --template metamath --epochs 32"
 STEPS = [
+    Step("math", f"python train_sft.py {MATH} --out runs/math"),
+    Step("math-lora", f"python train_sft.py --lora {MATH} --out runs/math-lora"),
     Step("sft1", "python train_sft.py --n-tokens 1 --out runs/sft1"),
     Step("sft10", "python train_sft.py --out runs/sft10"),
     Step("adapter10", "python train_sft.py --llama-adapter --out runs/adapter10"),
+    Step("lora8", "python train_sft.py --lora --out runs/lora8"),
+    Step("lora4", "python train_sft.py --lora --lora-rank 4 --out runs/lora4"),
     Step("pku-sft", "python train_sft.py --data demo/data/pku_saferlhf.jsonl --n-tokens 1 --out runs/pku-sft"),
-    Step("math", "python train_sft.py --data demo/data/metamathqa.json --template metamath --epochs 32 --out runs/math"),
     Step("dpo", "python train_dpo.py --init-aligner runs/pku-sft/best.pt --precompute-ref --out runs/dpo", needs=("pku-sft",)),
+    Step("dpo-lora", "python train_dpo.py --init-aligner runs/lora4/best.pt --precompute-ref --out runs/dpo-lora",
+         needs=("lora4",)),
     Step("eval-math", "python evaluate.py gsm8k --template metamath --aligner base --aligner runs/math/best.pt "
-                      "--out runs/eval-math", needs=("math",)),
+                      "--aligner runs/math-lora/best.pt --out runs/eval-math", needs=("math", "math-lora")),
     Step("eval-qa", "python evaluate.py qa $A --data " + " ".join(f"demo/data/qa/{f}.jsonl" for f in QA_FILES)
          + " --max-new-tokens 32 --out runs/eval-qa", needs=TRAINING),
     Step("eval-gsm8k", "python evaluate.py gsm8k $A --paper --out runs/eval-gsm8k", needs=TRAINING),
     Step("eval-mmlu", "python evaluate.py mmlu $A --paper --out runs/eval-mmlu", needs=TRAINING),
-    Step("gates", "python analyze.py gates " + " ".join(row.aligner for row in ROWS[1:]) + " --json runs/gates.json",
+    Step("gates", "python analyze.py gates " + " ".join(row.aligner for row in GATED) + " --json runs/gates.json",
          needs=TRAINING),
 ]
 
@@ -168,7 +182,7 @@ def gates_table(root: Path = Path(".")) -> str:
         raise ValueError(f"{path}: not an analyze.py gates --json file") from None
     lines = ["| | " + " | ".join(f"layer {layer}" for layer in layers) + " | top / bottom third | Spearman |",
              "| --- " * (len(layers) + 3) + "|"]
-    for row in ROWS[1:]:
+    for row in GATED:
         entry = by_path.get(row.aligner)
         if entry is None:
             continue

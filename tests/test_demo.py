@@ -321,6 +321,10 @@ def test_pipeline_commands_run_end_to_end_on_a_miniature_world(mini_pipeline):
     # the DPO run started from the SFT Aligner on the PKU rows, the chain of the authors' code
     settings = json.loads((mini_pipeline / "runs" / "dpo" / "settings.json").read_text())
     assert settings["init_aligner"] == "runs/pku-sft/best.pt"
+    # the LoRA's DPO started from its Alpaca-style SFT at r = 4, Appendix C's rank for the value comparison
+    settings = json.loads((mini_pipeline / "runs" / "dpo-lora" / "settings.json").read_text())
+    assert settings["init_aligner"] == "runs/lora4/best.pt"
+    assert torch.load(mini_pipeline / "runs" / "dpo-lora" / "best.pt", weights_only=True)["rank"] == 4
 
 
 def test_table_figures_are_the_results_files_figures(mini_pipeline):
@@ -346,17 +350,19 @@ def test_table_figures_are_the_results_files_figures(mini_pipeline):
             figures = [float(x) for x in text.split(" / ")]
             expected = [100 * found[0][m] for m in column.metric.split()]
             assert figures == pytest.approx(expected, abs=0.05), (row, column)
-    # the metamath column holds the base and the MetaMath-style Aligner alone
+    # the metamath column holds the base and the MetaMath-style Aligner and LoRA alone
     math_cells = [line.split("|")[-2].strip() for line in rendered[2:]]
-    assert [c != "–" for c in math_cells] == [r.aligner in ("base", "runs/math/best.pt") for r in run_demo.ROWS]
+    math_rows = ("base", "runs/math/best.pt", "runs/math-lora/best.pt")
+    assert [c != "–" for c in math_cells] == [r.aligner in math_rows for r in run_demo.ROWS]
 
 
 def test_gates_table_figures_are_the_analysis_files_figures(mini_pipeline):
     """Every cell of the gates table is its row's figure in runs/gates.json, which analyze.py wrote."""
     gates = {entry["path"]: entry for entry in json.loads((mini_pipeline / "runs" / "gates.json").read_text())}
     rendered = run_demo.gates_table(mini_pipeline).splitlines()
-    assert len(rendered) == 2 + len(run_demo.ROWS) - 1
-    for row, line in zip(run_demo.ROWS[1:], rendered[2:]):
+    assert len(rendered) == 2 + len(run_demo.GATED)
+    assert {row.aligner for row in run_demo.GATED} == set(gates)  # every Aligner and Adapter row, no LoRA
+    for row, line in zip(run_demo.GATED, rendered[2:]):
         label, *cells = [c.strip() for c in line.strip("|").split("|")]
         entry = gates[row.aligner]
         assert label == row.label
