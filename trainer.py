@@ -50,6 +50,7 @@ its total count of loss units (response tokens for SFT, pairs for DPO) before
 backward, so summing the ranks' gradients gives the one-process gradient.
 """
 
+import argparse
 import copy
 import fnmatch
 import json
@@ -170,6 +171,9 @@ def parse_args(parser, argv, demo_defaults: dict, demo_data: str, lora_defaults:
     args = parser.parse_args(argv)
     if args.lora and args.llama_adapter:
         parser.error("--lora and --llama-adapter are two baselines; give one")
+    if args.lora:
+        for flag in given_flags(parser, argv, ("n_tokens", "start_layer")):
+            parser.error(f"{flag} shapes an Aligner's prefix; a --lora run has none (its shape is --lora-rank)")
     if args.lora and lora_defaults:
         parser.set_defaults(**lora_defaults)
         args = parser.parse_args(argv)
@@ -185,6 +189,15 @@ def parse_args(parser, argv, demo_defaults: dict, demo_data: str, lora_defaults:
         parser.error("--data is required with --ckpt")
     cli.place(args)
     return args
+
+
+def given_flags(parser, argv, dests) -> list:
+    """The flags of `dests` that the command line sets itself, not by their defaults."""
+    unset = object()
+    # argparse fills in a default only where the namespace it is handed lacks the name
+    parsed = vars(parser.parse_args(argv, namespace=argparse.Namespace(**{dest: unset for dest in dests})))
+    return [action.option_strings[0] for action in parser._actions
+            if action.dest in dests and parsed[action.dest] is not unset]
 
 
 def demo_line(ckpt, data, demo_data: str) -> str:
