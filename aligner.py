@@ -40,6 +40,7 @@ from torch import nn
 
 from files import atomic_save, check_values, load_pt
 from llama import ModelArgs
+from prompt_tuning import PromptTuning, is_prompt_tuning
 
 BASE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads")  # the base shape an Aligner file records
 
@@ -289,6 +290,26 @@ def _spread_gate(tensor, n_heads: int, path, key) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
+# every file the scripts take through --aligner
+
+def read_adapter(path, args: ModelArgs = None):
+    """What an --aligner file holds: a Prompt Tuning (prompt_tuning.py) where its "kind" says so,
+    else an Aligner or LLaMA-Adapter of either layout (Aligner.read). With `args`, refuses a file
+    made for a base of another shape."""
+    if is_prompt_tuning(load_pt(path, "Aligner file")):
+        return PromptTuning.read(path, args)
+    return Aligner.read(path, args)
+
+
+def check_adapter_file(path):
+    """Refuse, before any model loads, an --aligner file that is no usable adapter of any kind."""
+    if is_prompt_tuning(load_pt(path, "Aligner file")):
+        PromptTuning.read(path)
+    else:
+        Aligner.check_file(path)
+
+
+# -----------------------------------------------------------------------------
 # many Aligners over one base model
 
 @dataclass
@@ -313,6 +334,11 @@ class AlignerBank:
         real = [a for a in aligners if a is not None]
         if not real:
             raise ValueError("an AlignerBank needs at least one Aligner")
+        for a in real:
+            if not isinstance(a, Aligner):
+                raise ValueError(f"a {getattr(a, 'kind', type(a).__name__)} cannot share a batch with other "
+                                 "adapters or the base model (its soft tokens lengthen every row); "
+                                 "generate with it in a batch of its own")
         first = real[0]
         for a in real[1:]:
             if shape_of(a) != shape_of(first):

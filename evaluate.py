@@ -76,7 +76,7 @@ import torch
 
 import cli
 import distributed
-from aligner import Aligner
+from aligner import check_adapter_file, read_adapter
 from data import (DEMO_CKPT, DEMO_DATA, TEMPLATES, DataError, check_demo, encode_prompt, format_prompt, read_records,
                   string_fields)
 from generate import generate
@@ -700,7 +700,7 @@ def main(argv=None):
         if path != "base":
             if not Path(path).is_file():
                 raise FileNotFoundError(f"--aligner {path}: no such file")
-            Aligner.check_file(path)  # a damaged or unusable Aligner file stops here, before the model loads
+            check_adapter_file(path)  # a damaged or unusable Aligner file stops here, before the model loads
     if args.out:
         check_writable(args.out, "--out")
         if not args.overwrite:  # an earlier evaluation's files, whichever tasks it ran
@@ -714,7 +714,7 @@ def main(argv=None):
     lockstep = distributed.Lockstep(model, d) if d.fsdp else None  # under FSDP each rank takes its share
     aligners = {}
     for path in args.aligner or ["base"]:
-        aligners[path] = None if path == "base" else Aligner.read(path, model.args).to(device)
+        aligners[path] = None if path == "base" else read_adapter(path, model.args).to(device)
 
     # --- evaluate: prompts are built once per file, then run under each Aligner
     results, records = {}, {}
