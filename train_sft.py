@@ -108,7 +108,7 @@ def main(argv=None):
             examples.append(example)
     if not examples:
         raise ValueError(f"{args.data}: no examples left: in every one the prompt alone fills "
-                         f"--max-seq-len {args.max_seq_len}")
+                         f"--max-seq-len {args.max_seq_len}" + f" less the {n_soft} soft tokens" * (n_soft > 0))
     lengths = [len(e.tokens) for e in examples]
     units = [data.n_targets(e) for e in examples]  # the loss is a mean over these tokens
     say(f"{args.data}: {len(pairs)} examples"
