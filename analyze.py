@@ -54,6 +54,7 @@ import torch
 import cli
 import hf_checkpoint
 from aligner import Aligner
+from prompt_tuning import PromptTuning
 from files import atomic_text, atomic_write, check_writable, refuse_existing
 from llama import ModelArgs, Tokenizer, Transformer, find_tokenizer, read_params
 
@@ -373,6 +374,9 @@ def table1(args: ModelArgs) -> tuple:
         ("LLaMA-Adapter, N = 10", aligner[10, True], f"{adapted} x (10 x {dim} + {heads})"),
         (f"LoRA, r = {LORA_RANK} on wq, wv", lora,
          f"{args.n_layers} x {LORA_RANK} x ({dim} + {wq} + {dim} + {wv})"),
+        # not in Table 1: the input-only baseline of prompt_tuning.py, N soft tokens of width dim
+        ("Prompt Tuning, N = 1", PromptTuning(args, 1).num_params(), f"1 x {dim}"),
+        ("Prompt Tuning, N = 10", PromptTuning(args, 10).num_params(), f"10 x {dim}"),
     ]
     return base, [Method(name, n, formula, max(0, free // (BF16 * n))) for name, n, formula in methods]
 
@@ -388,7 +392,8 @@ def params_report(args: ModelArgs, where: str) -> tuple:
     base, methods = table1(args)
     paper = is_llama2_7b(args)
     header = ["method", "count", "parameters", "fit in 24 GiB"] + ["Table 1", "Table 1 fit"] * paper
-    rows = [[m.name, m.formula, f"{m.params:,}", f"{m.fit:,}"] + list(PAPER_TABLE1[m.name]) * paper for m in methods]
+    rows = [[m.name, m.formula, f"{m.params:,}", f"{m.fit:,}"] + list(PAPER_TABLE1.get(m.name, ("–", "–"))) * paper
+            for m in methods]
     free = GPU_BYTES - BF16 * base
     text = (f"Table 1 for {where}: dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads "
             f"({args.n_kv_heads} key/value), vocabulary {args.vocab_size:,}; adapters from layer {START_LAYER}\n\n"
