@@ -79,10 +79,11 @@ def main(argv=None):
         if args.llama_adapter:
             raise ValueError("--prompt-tuning and --llama-adapter: choose one")
         if args.fsdp:
-            raise ValueError("--prompt-tuning runs without --fsdp: each process holds the whole base")
+            raise ValueError("--prompt-tuning does not run under --fsdp (its soft tokens start as rows of the "
+                             "embedding table, which FSDP shards); run it without")
         if n_soft >= args.max_seq_len:
             raise ValueError(f"--n-tokens {n_soft} soft tokens leave no room for the text within "
-                                 f"--max-seq-len {args.max_seq_len}")
+                             f"--max-seq-len {args.max_seq_len}")
 
     # --- processes and devices; every rank given the same run, --out checked, before anything loads
     d = distributed.init_distributed(torch.device(args.device), args.fsdp)
