@@ -16,6 +16,7 @@ from generate import generate
 from llama import KVCache, ModelArgs, Transformer, read_params
 from prompt_tuning import PromptTuning
 from test_errors import check_failure, run_script
+from test_generate import needs_compile
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +96,16 @@ def test_left_padded_rows_equal_the_same_rows_alone(model):
     texts = generate(model, Tok(), prompts, prompt, max_new_tokens=6)
     assert texts == [generate(model, Tok(), [p], prompt, max_new_tokens=6)[0] for p in prompts]
     assert texts != generate(model, Tok(), prompts, None, max_new_tokens=6)
+
+
+@needs_compile
+def test_compiled_decoding_gives_the_eager_greedy_tokens(model):
+    """The compiled step reads the soft tokens from the cache the eager prefill filled, N slots on."""
+    prompt = trained_looking(model.args, 3)
+    g = torch.Generator().manual_seed(4)
+    prompts = [[1] + torch.randint(3, 384, (n,), generator=g).tolist() for n in (5, 2)]
+    eager = generate(model, Tok(), prompts, prompt, max_new_tokens=8)
+    assert generate(model, Tok(), prompts, prompt, max_new_tokens=8, compile=True) == eager
 
 
 class Tok:
