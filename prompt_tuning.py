@@ -47,6 +47,8 @@ class SoftTokens(NamedTuple):
 
 
 class PromptTuning(nn.Module):
+    kind = "Prompt Tuning"
+
     def __init__(self, args: ModelArgs, n_tokens: int, tok_embeddings: torch.Tensor = None):
         """N soft tokens of width dim: copies of N rows of tok_embeddings (V, dim), drawn with torch's
         global generator, where given; zeros otherwise (a file's values are copied in after)."""
@@ -61,8 +63,6 @@ class PromptTuning(nn.Module):
             ids = torch.randint(0, tok_embeddings.shape[0], (n_tokens,))
             start = tok_embeddings.detach()[ids.to(tok_embeddings.device)].float().cpu()  # (N, dim)
         self.soft_tokens = nn.Parameter(start)
-
-    kind = "Prompt Tuning"
 
     def num_params(self) -> int:
         """N * dim: 4,096 for LLaMA-2-7B with N = 1."""

@@ -159,6 +159,12 @@ def test_a_bank_refuses_a_prompt_tuning_in_one_line(model):
         AlignerBank([Aligner(model.args, n_tokens=1), trained_looking(model.args, 1)])
 
 
+def test_each_prompt_tuning_decodes_in_a_group_of_its_own(model):
+    pt1, pt2, aligner = trained_looking(model.args, 1), trained_looking(model.args, 1), Aligner(model.args, n_tokens=1)
+    assert generate_script.same_shape_groups([pt1, None, pt2, aligner]) == [[0], [2], [1, 3]]
+    assert generate_script.same_shape_groups([None, pt1]) == [[0], [1]]
+
+
 def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
