@@ -6,8 +6,9 @@ only. No layer reads anything else: no per-layer keys, no gates; the base model 
 It is here to check one sentence of the Aligner paper (Zhou et al., arXiv 2312.05503, Section 2,
 "Related Work"): Prompt Tuning "is the only other method aside from ours that can leverage as
 little as one token", but the authors "failed to produce meaningful responses, which highlights
-the importance of our novel global-token design". The paper publishes no Prompt Tuning code or
-run; this one trains through the same scripts, loop and data as the Aligner.
+the importance of our novel global-token design". The authors' repository says the same on
+Alpaca (README.md, line 25) and holds no Prompt Tuning code; this one trains through the same
+scripts, loop and data as the Aligner.
 
 Unlike the Aligner's prefix, the soft tokens are real sequence positions: they take the first N
 positions of each row (RoPE, the causal mask and the KV cache treat them as tokens), and the
