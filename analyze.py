@@ -39,6 +39,8 @@ Our choices where the paper says nothing:
   by side.
 """
 
+import startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
+
 import argparse
 import importlib
 import itertools
@@ -54,9 +56,10 @@ import torch
 import cli
 import hf_checkpoint
 from aligner import Aligner
-from prompt_tuning import PromptTuning
-from files import atomic_text, atomic_write, check_writable, refuse_existing
+from files import (atomic_text, atomic_write, check_writable, checkpoint_inputs, refuse_clashes, refuse_existing,
+                   short_names)
 from llama import ModelArgs, Tokenizer, Transformer, find_tokenizer, read_params
+from prompt_tuning import PromptTuning
 
 INSTALL = "pip install -r requirements-analysis.txt"
 CHUNK = 1 << 24  # values of differences held at a time when every token pair is compared (64 MB in float32)
@@ -69,11 +72,17 @@ class Loaded(NamedTuple):
     label: str  # "[1]", "[2]", ...: how the tables name the file
     path: Path
     aligner: Aligner
+    name: str = ""  # how legends and trend lines name it: 'sft10-best' for runs/sft10/best.pt (files.short_names)
 
 
 def read_files(paths) -> list:
     """Each file through Aligner.read, which names the file in its error when it is no Aligner."""
-    return [Loaded(f"[{i}]", Path(p), Aligner.read(p)) for i, p in enumerate(paths, 1)]
+    names = short_names([str(p) for p in paths], alone=())
+    return [Loaded(f"[{i}]", Path(p), Aligner.read(p), name) for i, (p, name) in enumerate(zip(paths, names), 1)]
+
+
+def short_name(f: Loaded) -> str:
+    return f.name or f.path.stem
 
 
 def file_list(files) -> str:
@@ -161,7 +170,7 @@ def layer_trend(layers: list, layer_std: list) -> Optional[Trend]:
 def trend_line(f: Loaded, trend: Optional[Trend]) -> str:
     """The one summary line of a file: whether its gate std rises from the bottom third to the top third."""
     if trend is None:
-        return f"{f.label} one adapted layer only: no trend ({f.path.name})"
+        return f"{f.label} one adapted layer only: no trend ({short_name(f)})"
     def span(first, last):
         return f"layer {first}" if first == last else f"layers {first}-{last}"
 
@@ -169,7 +178,7 @@ def trend_line(f: Loaded, trend: Optional[Trend]) -> str:
     rho = "-" if trend.spearman is None else f"{trend.spearman:.3f}"
     return (f"{f.label} gate std {verdict} from the bottom third ({span(*trend.bottom_layers)}, mean std "
             f"{trend.bottom_std:.4f}) to the top third ({span(*trend.top_layers)}, {trend.top_std:.4f}): "
-            f"ratio {num(trend.ratio)}, Spearman {rho}   {f.path.name}")
+            f"ratio {num(trend.ratio)}, Spearman {rho}   {short_name(f)}")
 
 
 def gates_report(files) -> tuple:
@@ -194,7 +203,7 @@ def gates_report(files) -> tuple:
     summary = "\n".join(trend_line(f, t) for f, t in zip(files, trends))
     parts.append(f"the layer trend (the mean of the per-layer std over the bottom and top thirds of the adapted "
                  f"layers; Spearman's rho between layer and std)\n{summary}\n"
-                 f"the gate std rises in {rising} of {len(files)} file(s)")
+                 f"the gate std rises in {rising} of {cli.plural(len(files), 'file')}")
     return "\n\n".join(parts), figures
 
 
@@ -472,8 +481,8 @@ def skipped(what: str, package: str):
 
 
 def legend_name(f: Loaded) -> str:
-    stem = f.path.stem
-    return f"{f.label} {stem if len(stem) <= 48 else stem[:45] + '...'}"
+    name = short_name(f)
+    return f"{f.label} {name if len(name) <= 48 else name[:45] + '...'}"
 
 
 def save_png(plt, fig, path: Path) -> Path:
@@ -528,7 +537,8 @@ def draw_tsne(plt, manifold, files, path: Path):
     points = torch.cat([tokens(f.aligner) for f in files]).numpy()
     n = len(points)
     if n < 4:
-        print(f"analyze.py: skipped {path.name}: {n} tokens in all, too few for a t-SNE map", file=sys.stderr)
+        print(f"analyze.py: skipped {path.name}: {cli.plural(n, 'token')} in all, too few for a t-SNE map",
+              file=sys.stderr)
         return
     # perplexity must stay below the number of points; 30 is scikit-learn's default
     embedded = manifold.TSNE(n_components=2, perplexity=min(30.0, (n - 1) / 3), init="pca",
@@ -620,12 +630,20 @@ def make_parser():
 
 
 def check_outputs(args, files):
-    """Refuse, before anything is written, a --json or --plots that would fail or replace a file."""
+    """Refuse, before anything is written, a --json or --plots that would fail, replace one of the
+    inputs, or replace a file unasked."""
     if args.json:
         check_writable(args.json, "--json", folder=False)
     plots = getattr(args, "plots", None)
     if plots:
         check_writable(plots, "--plots")
+    if args.command == "params":
+        inputs = checkpoint_inputs(args.ckpt) if args.ckpt else [("--params", args.params)] * bool(args.params)
+    else:
+        inputs = [("input", f.path) for f in files]
+    outputs = [("--json", args.json)] * bool(args.json)
+    outputs += [("--plots", Path(plots) / name) for name in plot_names(args.command, files)] if plots else []
+    refuse_clashes(inputs, outputs)
     if not args.overwrite:
         if args.json:
             refuse_existing([args.json], "--json")

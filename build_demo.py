@@ -61,6 +61,8 @@ in other sentences, so that no embedding the Aligner's prompts use is left at
 its random initial value.
 """
 
+import startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
+
 import csv
 import hashlib
 import io

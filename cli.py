@@ -13,7 +13,7 @@ share at the command line:
   code 1. --debug (or ALIGNER_DEBUG=1 in the environment) shows the traceback
   instead. A warning is one line too, `<script>: warning: <message>`;
 - a --help that shows every flag's default (HelpFormatter);
-- progress: a bar on a terminal, a plain line every 5% in a log (progress);
+- progress: a bar on a terminal, a plain line every 5% (and at least every 10 s) in a log (progress);
 - under torchrun, each error line written whole, and once however many ranks
   raise it (say);
 - how long a rank under torchrun waits for the others in a collective
@@ -30,11 +30,14 @@ import hashlib
 import math
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+import startup
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -175,7 +178,8 @@ def device(text: str) -> str:
         if not torch.cuda.is_available():
             raise argparse.ArgumentTypeError(f"{text!r}: this machine has no CUDA device")
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: this machine has {plural(torch.cuda.device_count(), 'CUDA device')}")
     elif parsed.type == "mps":
         if not torch.backends.mps.is_available():
             raise argparse.ArgumentTypeError(f"{text!r}: this machine has no MPS device")
@@ -241,18 +245,24 @@ class Progress:
     """Progress through `total` units, written to `file` (stderr): a tqdm bar where `file` is a
     terminal; elsewhere (a log file, a pipe) one plain line each time another `every` of the
     total is done, `desc: 40/200 (20%) loss=0.8123`, since a bar's carriage-return updates
-    would fill a log with thousands of them. disable: write nothing (ranks other than 0)."""
+    would fill a log with thousands of them, and also whenever `seconds` have passed since the
+    last line: on a loaded machine 5% can take minutes, which a log should not pass in silence.
+    `unit` names what is counted (`evaluating mmlu [base]: 6/6 questions (100%)`). disable: write
+    nothing (ranks other than 0)."""
 
     def __init__(self, total: int, desc: str, initial: int = 0, disable: bool = False, file=None,
-                 every: float = 0.05):
+                 every: float = 0.05, unit: str = "", seconds: float = 10.0, clock=time.monotonic):
         self.file = file or sys.stderr
         self.total, self.desc, self.n, self.every = total, desc, initial, every
+        self.unit, self.seconds, self.clock = unit, seconds, clock
         self.postfix = ""
         self.disable = disable
         self.bar = None
         if not disable and self.file.isatty():
-            self.bar = tqdm(total=total, initial=initial, desc=desc, file=self.file, dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=initial, desc=desc, file=self.file, dynamic_ncols=True,
+                            unit=f" {unit}" if unit else "it")
         self.shown = self._notch(initial)
+        self.shown_at = clock()
 
     def _notch(self, n: int) -> int:
         """How many steps of `every` n units have completed."""
@@ -262,10 +272,13 @@ class Progress:
         self.n += n
         if self.bar is not None:
             self.bar.update(n)
-        elif not self.disable and (self._notch(self.n) > self.shown or self.n == self.total):
-            self.shown = self._notch(self.n)
+        elif not self.disable and (self._notch(self.n) > self.shown or self.n == self.total
+                                   or self.clock() - self.shown_at >= self.seconds):
+            self.shown, self.shown_at = self._notch(self.n), self.clock()
             percent = 100 * self.n / self.total if self.total else 100
-            print(f"{self.desc}: {self.n}/{self.total} ({percent:.0f}%){self.postfix}", file=self.file, flush=True)
+            unit = f" {self.unit}" if self.unit else ""
+            print(f"{self.desc}: {self.n}/{self.total}{unit} ({percent:.0f}%){self.postfix}", file=self.file,
+                  flush=True)
 
     def set_postfix(self, **values):
         """Values shown after the count (the bar's postfix; a log line's tail)."""
@@ -284,9 +297,15 @@ class Progress:
         self.close()
 
 
-def progress(total: int, desc: str, initial: int = 0, disable: bool = False, file=None) -> Progress:
+def progress(total: int, desc: str, initial: int = 0, disable: bool = False, file=None,
+             unit: str = "") -> Progress:
     """The progress display every script uses (Progress)."""
-    return Progress(total, desc, initial=initial, disable=disable, file=file)
+    return Progress(total, desc, initial=initial, disable=disable, file=file, unit=unit)
+
+
+def plural(n: int, word: str) -> str:
+    """'1 answer', '3 answers': a count with its noun in the right number."""
+    return f"{n} {word if n == 1 else word + 's'}"
 
 
 # -----------------------------------------------------------------------------
@@ -315,6 +334,7 @@ def run(main, argv=None):
     are; anything else is unexpected and prints with its type and the hint to use --debug.
     """
     prog = Path(sys.modules[main.__module__].__file__).name
+    startup.hand_over()  # Ctrl-C raises KeyboardInterrupt again, caught below
     try:
         with one_line_warnings(prog, enabled=not debugging(argv)):
             main(argv)

@@ -10,8 +10,9 @@ GSM8K, MMLU, or exact-match QA.
 
 Protocols. The defaults are LLaMA-2's published setting (GSM8K 8 shots, MMLU
 5), so that LLaMA-2-7B's 14.6 and 45.3 can be checked; --paper gives the
-Aligner paper's, one shot each. The Aligner paper's Experiment 3 scores GSM8K
-and MMLU; these follow lm-evaluation-harness and the original MMLU release.
+Aligner paper's shots, one each (Section 4.3). The Aligner paper's Experiment 3
+scores GSM8K and MMLU without saying how; these follow lm-evaluation-harness
+and the original MMLU release, and mmlu --scoring generate the authors' log.
 
 - GSM8K, as the harness's `gsm8k` task (lm_eval/tasks/gsm8k/gsm8k.yaml):
   `--shots` examples drawn from train.jsonl beside the test file with
@@ -42,6 +43,16 @@ and MMLU; these follow lm-evaluation-harness and the original MMLU release.
   scored in full (one row per letter). Accuracy per subject, per category
   (the release's 57-subject map; a category pools its questions) and
   overall, both as the mean over questions and the mean over subjects.
+  `--scoring generate` instead scores as the Aligner authors' MMLU log
+  (the tenth .pth of their aligner_weights/, 68 JSON records) appears to:
+  each test question zero-shot in Stanford Alpaca's prompt, the question as
+  the instruction and its four choices as the input, written as Python
+  writes a list (43 of the log's 68 model_answer fields are a choice exactly
+  as repr() quotes it); greedy decoding up to the first line break; and the
+  answer counted right where, stripped and without one final ".", it equals
+  the right choice's text likewise (answer_matches; it reproduces all 68 of
+  the log's is_model_correct). The prompt is ours: no script in the
+  authors' repository formats one.
 - QA: the question in --template (Stanford Alpaca's by default), greedy
   decoding until EOS, exact match of the stripped completion with the
   stripped reference; also the share of completions that start with the
@@ -62,6 +73,8 @@ into "nan" under pandas 2 or later (pandas 1, of the release's time, kept
 "None"), so under a recent pandas those 10 of its 14,042 prompts differ.
 """
 
+import startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
+
 import argparse
 import csv
 import io
@@ -80,13 +93,13 @@ from aligner import check_adapter_file, read_adapter
 from data import (DEMO_CKPT, DEMO_DATA, TEMPLATES, DataError, check_demo, encode_prompt, format_prompt, read_records,
                   string_fields)
 from generate import generate
-from files import atomic_write, check_writable, read_text, refuse_existing
+from files import atomic_write, check_writable, checkpoint_inputs, read_text, refuse_clashes, refuse_existing
 from llama import check_context, load
 
 TASKS = ("gsm8k", "mmlu", "qa")
 LETTERS = ("A", "B", "C", "D")
 LLAMA_2_SHOTS = {"gsm8k": 8, "mmlu": 5, "qa": 0}  # the LLaMA-2 paper's setting, the default
-PAPER_SHOTS = {"gsm8k": 1, "mmlu": 1, "qa": 0}  # the Aligner paper's setting (--paper)
+PAPER_SHOTS = {"gsm8k": 1, "mmlu": 1, "qa": 0}  # the Aligner paper's shots, Section 4.3 (--paper)
 
 # -----------------------------------------------------------------------------
 # GSM8K: the harness's stop strings, filters and metric (lm_eval/tasks/gsm8k/gsm8k.yaml)
@@ -282,6 +295,30 @@ def aggregate(records) -> dict:
 
 
 # -----------------------------------------------------------------------------
+# MMLU scored as the Aligner authors' log scored it (--scoring generate)
+
+MMLU_ANSWER_STOP = ("\n",)  # the answer is its first line
+
+
+def mmlu_generation_prompt(question: str, choices: list) -> str:
+    """Alpaca's prompt with the question as the instruction and the choices as Python writes a list:
+    the authors' log holds answers that copy a choice with repr()'s quotes, as from such a list."""
+    return format_prompt(question, repr(list(choices)), "alpaca")
+
+
+def without_final_period(text: str) -> str:
+    text = text.strip()
+    return text[:-1] if text.endswith(".") else text
+
+
+def answer_matches(answer: str, right_choice: str) -> bool:
+    """The rule that reproduces every is_model_correct of the authors' MMLU log from its model_answer:
+    equal text once both are stripped and a final "." is dropped. Quotes are not removed: the log counts
+    the 16 answers that give the right choice in quotes as wrong."""
+    return without_final_period(answer) == without_final_period(right_choice)
+
+
+# -----------------------------------------------------------------------------
 # shared pieces: files, prompts that fit, batches
 
 class GenerationItem(NamedTuple):
@@ -302,6 +339,15 @@ class ChoiceItem(NamedTuple):
     gold: str  # the answer letter
     shots: int
     tokens_cut: int
+
+
+class AnswerItem(NamedTuple):
+    """One MMLU question, ready to answer in words (--scoring generate)."""
+    subject: str
+    prompt: str  # the exact text given to the model
+    ids: list  # its tokens, BOS first
+    gold: str  # the right choice's text
+    tokens_cut: int  # tokens cut after BOS where the prompt was too long
 
 
 class Prepared(NamedTuple):
@@ -356,7 +402,8 @@ def in_batches(batches: list, work, lockstep, desc: str) -> dict:
     the others, and every rank gets every result: the batches are the one process's, so are the results."""
     mine = batches if lockstep is None else lockstep.share(batches)
     results = {}
-    with cli.progress(sum(map(len, mine)), desc, disable=lockstep is not None and lockstep.d.rank != 0) as bar:
+    with cli.progress(sum(map(len, mine)), f"evaluating {desc}", unit="questions",
+                      disable=lockstep is not None and lockstep.d.rank != 0) as bar:
         for batch in mine:
             results.update(work(batch))
             bar.update(len(batch))
@@ -391,7 +438,7 @@ def prepare_gsm8k(path, tokenizer, shots: int, args) -> Prepared:
     train_path = Path(path).with_name("train.jsonl")
     pool = read_items(train_path, ("question", "answer")) if shots else []
     if len(pool) < shots:
-        raise DataError(f"{train_path}: {len(pool)} records, fewer than --shots {shots}")
+        raise DataError(f"{train_path}: {cli.plural(len(pool), 'record')}, fewer than --shots {shots}")
     rng = random.Random(args.seed)  # a fresh draw for each item, in file order, as the harness does
     limit = args.max_seq_len - args.max_new_tokens
     items = []
@@ -486,6 +533,33 @@ def run_mmlu(model, tokenizer, aligner, name, prepared: Prepared, args, lockstep
     return result, records
 
 
+def prepare_mmlu_generated(folder, tokenizer, shots: int, args) -> Prepared:
+    """Per test question an AnswerItem: zero-shot, in Alpaca's prompt (mmlu_generation_prompt)."""
+    limit = args.max_seq_len - args.max_new_tokens
+    items = []
+    for subject in mmlu_subjects(folder):
+        for row in read_mmlu_csv(Path(folder) / "test" / f"{subject}_test.csv")[:args.limit]:
+            question, choices, letter = row[0], row[1:5], row[5]
+            prompt = mmlu_generation_prompt(question, choices)
+            ids = encode_prompt(tokenizer, prompt)
+            cut = max(0, len(ids) - limit)
+            items.append(AnswerItem(subject, prompt, cut_left(ids, cut), choices[LETTERS.index(letter)], cut))
+    info = {"scoring": "generate", "template": "alpaca", "shots": 0, "stop": list(MMLU_ANSWER_STOP),
+            "prompts_cut": sum(item.tokens_cut > 0 for item in items)}
+    return Prepared(items, info)
+
+
+def run_mmlu_generated(model, tokenizer, aligner, name, prepared: Prepared, args, lockstep=None):
+    items = prepared.items
+    outputs = generate_all(model, tokenizer, [item.ids for item in items], aligner, args.batch_size,
+                           args.max_new_tokens, MMLU_ANSWER_STOP, f"mmlu [{name}]", args.compile, lockstep)
+    records = [{"aligner": name, "subject": item.subject, "prompt": item.prompt, "stop": list(MMLU_ANSWER_STOP),
+                "tokens_cut": item.tokens_cut, "gold": item.gold, "output": output,
+                "correct": answer_matches(output, item.gold)}
+               for item, output in zip(items, outputs)]
+    return aggregate([(r["subject"], r["correct"]) for r in records]), records
+
+
 def prepare_qa(path, tokenizer, shots: int, args) -> Prepared:
     records = read_items(path, ("instruction", "output"))[:args.limit]
     template = args.template or "alpaca"
@@ -521,6 +595,7 @@ def default_data(task):
 
 
 def print_table(task, results):
+    width = max(len(name) for result in results.values() for name in result["rows"])  # long paths stay aligned
     for source, result in results.items():
         print(f"\n{task}: {source}" + (f"  {json.dumps(result['info'])}" if result["info"] else ""))
         for name, r in result["rows"].items():
@@ -532,7 +607,7 @@ def print_table(task, results):
                         + "  ".join(f"{c} {100 * a:5.2f}" for c, a in r["categories"].items()))
             else:
                 line = f"exact match {100 * r['accuracy']:6.2f}  starts with the reference {100 * r['starts']:6.2f}"
-            print(f"  {name:<30} {line}  (n={r['n']})")
+            print(f"  {name:<{width}}  {line}  (n={r['n']})")
 
 
 TASK_NAMES = {"gsm8k": "GSM8K", "mmlu": "MMLU", "qa": "QA"}  # as the module docstring's protocols name them
@@ -597,20 +672,26 @@ def make_parser(task: str = "all"):
                                  "LLaMA-2's setting; qa takes none)" if every else
                             "few-shot examples, at most those the data holds (LLaMA-2's setting)")
         parser.add_argument("--paper", action="store_true",
-                            help="the Aligner paper's setting: one shot for gsm8k and for mmlu (excludes --shots)")
+                            help="the Aligner paper's shots: one for gsm8k and for mmlu (excludes --shots)")
     if applies("gsm8k", "qa"):
         template_help = {"qa": "the prompt format", "gsm8k": "the bare question in this format, zero-shot, "
                          "instead of the harness's few-shot prompt (none: the few-shot prompt)"}
         parser.add_argument("--template", choices=list(TEMPLATES), default="alpaca" if task == "qa" else None,
                             help="qa: the prompt format (default alpaca); gsm8k: " + template_help["gsm8k"]
-                            + "; mmlu always uses the original release's prompt" if every else template_help[task])
+                            + "; mmlu uses the original release's prompt, or Alpaca's under --scoring generate"
+                            if every else template_help[task])
     parser.add_argument("--limit", type=cli.positive_int,
                         help="only the first N items of each file (mmlu: of each subject); none: all")
     parser.add_argument("--batch-size", type=cli.positive_int, default=16,
                         help="prompts per forward or generation batch")
-    if applies("gsm8k", "qa"):
-        parser.add_argument("--max-new-tokens", type=cli.positive_int, default=256,
-                            help="generation limit" + (" for gsm8k and qa" if every else ""))
+    if applies("mmlu"):
+        parser.add_argument("--scoring", choices=("letter", "generate"), default="letter",
+                            help="mmlu: letter, the answer letter of highest log-likelihood (the original "
+                                 "release's); generate, a zero-shot answer in words matched against the right "
+                                 "choice, as the Aligner authors' MMLU log scores (excludes --shots and --paper)")
+    parser.add_argument("--max-new-tokens", type=cli.positive_int, default=256,
+                        help="generation limit" + (" for gsm8k, qa and mmlu --scoring generate" if every else
+                                                   " of an answer under --scoring generate" if task == "mmlu" else ""))
     parser.add_argument("--max-seq-len", type=cli.positive_int, default=4096,
                         help="the context, 4096 in LLaMA-2, at most the checkpoint's (see --beyond-context): "
                              "longer prompts drop shots until they fit, and the run says how many did")
@@ -623,10 +704,9 @@ def make_parser(task: str = "all"):
                         help="replace an evaluation already in --out (its results.json and <task>.jsonl files, "
                              "nothing else)")
     cli.add_common_flags(parser)
-    if applies("gsm8k", "qa"):
-        parser.add_argument("--compile", action="store_true",
-                            help="decode with the compiled step (generate.py --compile)"
-                            + (": gsm8k and qa" if every else ""))
+    parser.add_argument("--compile", action="store_true",
+                        help="decode with the compiled step (generate.py --compile)"
+                        + (": gsm8k, qa and mmlu --scoring generate" if every else ""))
     return parser
 
 
@@ -634,7 +714,7 @@ def task_shots(task: str, args) -> int:
     """The shots a task runs with: --shots, --paper's, or LLaMA-2's setting; qa takes none."""
     if task == "qa":
         return 0
-    if task == "gsm8k" and args.template:
+    if task == "gsm8k" and args.template or task == "mmlu" and args.scoring == "generate":
         return 0  # the bare question, zero-shot
     if args.shots is not None:
         return args.shots
@@ -667,13 +747,18 @@ def main(argv=None):
     tasks = TASKS if args.task == "all" else (args.task,)
     if args.data and len(tasks) > 1:
         parser.error("--data needs a single task (gsm8k, mmlu or qa)")
-    if args.max_new_tokens >= args.max_seq_len and {"gsm8k", "qa"} & set(tasks):
+    generating = {"gsm8k", "qa"} | ({"mmlu"} if args.scoring == "generate" else set())
+    if args.max_new_tokens >= args.max_seq_len and generating & set(tasks):
         parser.error(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt within "
                      f"--max-seq-len {args.max_seq_len}")
     if args.paper and args.shots is not None:
         parser.error("--paper sets the shots (one for gsm8k and mmlu); give either --paper or --shots")
+    if args.scoring == "generate" and (args.paper or args.shots is not None):
+        parser.error(f"{'--paper' if args.paper else '--shots'}: mmlu --scoring generate asks each question "
+                     "zero-shot; leave it out")
     if args.template and tasks == ("mmlu",):
-        parser.error("--template applies to qa and gsm8k; mmlu always uses the original release's prompt")
+        parser.error("--template applies to qa and gsm8k; mmlu uses the original release's prompt "
+                     "(Alpaca's under --scoring generate)")
     if tasks == ("qa",) and (args.shots or args.paper):
         parser.error(f"{'--paper' if args.paper else '--shots'}: qa takes no shots (gsm8k and mmlu do)")
 
@@ -695,6 +780,9 @@ def main(argv=None):
         for path in paths:
             if not Path(path).exists():
                 raise FileNotFoundError(f"--data {path}: no such file or folder")
+            if task != "mmlu" and Path(path).is_dir():
+                raise FileNotFoundError(f"--data {path}: a folder; {task} reads a file of JSON records"
+                                        + (", with train.jsonl beside it for the shots" if task == "gsm8k" else ""))
             check_shots(task, path, task_shots(task, args))
     for path in args.aligner:
         if path != "base":
@@ -703,6 +791,10 @@ def main(argv=None):
             check_adapter_file(path)  # a damaged or unusable Aligner file stops here, before the model loads
     if args.out:
         check_writable(args.out, "--out")
+        refuse_clashes(checkpoint_inputs(args.ckpt, args.tokenizer)
+                       + [("--data", p) for task in tasks for p in args.data or default_data(task)]
+                       + [("--aligner", p) for p in args.aligner if p != "base"],
+                       [("--out", Path(args.out) / name) for name in WRITTEN])
         if not args.overwrite:  # an earlier evaluation's files, whichever tasks it ran
             refuse_existing([Path(args.out) / name for name in WRITTEN])
     check_context(args.ckpt, args.max_seq_len, args.beyond_context)
@@ -724,6 +816,8 @@ def main(argv=None):
             paths = [Path(p) for p in (args.data or default_data(task))]
             prepare, run = {"gsm8k": (prepare_gsm8k, run_gsm8k), "mmlu": (prepare_mmlu, run_mmlu),
                             "qa": (prepare_qa, run_qa)}[task]
+            if task == "mmlu" and args.scoring == "generate":
+                prepare, run = prepare_mmlu_generated, run_mmlu_generated
             results[task], records[task] = {}, []
             for path in paths:
                 prepared = prepare(path, tokenizer, shots, args)
@@ -757,11 +851,11 @@ def warn_if_shortened(task, path, prepared: Prepared, args):
     """Say on stderr when prompts had to drop shots or tokens to fit the context: the protocol changed."""
     info, n = prepared.info, len(prepared.items)
     if info.get("prompts_dropping_shots"):
-        print(f"warning: {task} {path}: {info['prompts_dropping_shots']} of {n} prompts dropped shots "
+        print(f"warning: {task} {path}: {info['prompts_dropping_shots']} of {cli.plural(n, 'prompt')} dropped shots "
               f"({info['shots_dropped']} in all) to fit --max-seq-len {args.max_seq_len}", file=sys.stderr)
     if info.get("prompts_cut"):
-        print(f"warning: {task} {path}: {info['prompts_cut']} of {n} prompts were cut from the left to fit "
-              f"--max-seq-len {args.max_seq_len} even without shots", file=sys.stderr)
+        print(f"warning: {task} {path}: {info['prompts_cut']} of {cli.plural(n, 'prompt')} were cut from the left "
+              f"to fit --max-seq-len {args.max_seq_len} even without shots", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import errno
 import hashlib
 import os
 import pickle
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -69,6 +70,28 @@ def write_failure(error: BaseException):
     if isinstance(error, OSError) and error.errno is not None:
         return error.strerror or os.strerror(error.errno)
     return None
+
+
+# The name atomic_write gives its temporary file: "." + the target's name + "." + the eight
+# characters of tempfile.mkstemp's random part (lower-case letters, digits and "_").
+TEMPORARY_PART = 8
+TEMPORARY_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_")
+
+
+def stray_temporaries(folder, is_target) -> list:
+    """The temporary files that atomic_write left in `folder` for targets whose names satisfy
+    is_target(name): it removes its own on any error, so such a file is one that a kill -9 or a
+    power cut left mid-write. Nothing else in the folder is listed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    strays = []
+    for path in sorted(folder.glob(".*")):
+        target, _, random_part = path.name[1:].rpartition(".")
+        if (path.is_file() and len(random_part) == TEMPORARY_PART and set(random_part) <= TEMPORARY_CHARS
+                and target and is_target(target)):
+            strays.append(path)
+    return strays
 
 
 def atomic_save(obj, path):
@@ -187,6 +210,28 @@ def append_line(path, line: str):
 
 
 # -----------------------------------------------------------------------------
+# how files are named in tables, legends and answer files
+
+# File names that say nothing of the run they come from: a training's best.pt and epoch-E.pt.
+RUN_STEMS = re.compile(r"best|epoch-\d+")
+
+
+def short_names(paths, alone: tuple = ("base",)) -> list:
+    """A short name for each path: its stem, led by its folder where the stem is a run's
+    (runs/sft10/best.pt: 'sft10-best'), and with as many more folders as tell alike names apart
+    ('x-a-best' and 'y-a-best' for /x/a/best.pt and /y/a/best.pt). A value in `alone` ('base',
+    the base model) is its own name."""
+    parts = [(p,) if p in alone else Path(p).with_suffix("").parts for p in paths]
+    names = ["-".join(p[-2:]).lstrip("/-") if RUN_STEMS.fullmatch(p[-1]) and len(p) > 1 else p[-1] for p in parts]
+    depth = 1
+    while len(set(names)) < len(names) and depth < max(len(p) for p in parts):
+        depth += 1
+        names = [name if names.count(name) == 1 else "-".join(p[-depth:]).lstrip("/-")
+                 for name, p in zip(names, parts)]
+    return names
+
+
+# -----------------------------------------------------------------------------
 # where results go: checked before the work, never written over unasked
 
 def check_writable(path, flag: str = "--out", folder: bool = True):
@@ -215,8 +260,66 @@ def refuse_existing(paths, flag: str = "--out"):
     """Stop, naming them, where any of these result files already exists: --overwrite replaces them."""
     existing = [str(p) for p in paths if Path(p).exists()]
     if existing:
-        raise FileError(f"{flag}: {', '.join(existing)} already exist(s); choose another {flag}, "
+        verb = "exists" if len(existing) == 1 else "exist"
+        raise FileError(f"{flag}: {', '.join(existing)} already {verb}; choose another {flag}, "
                         "or pass --overwrite to replace")
+
+
+def same_file_key(path):
+    """What makes two paths one file: the device and inode of a file that exists (so that a
+    symbolic or hard link to it is the same file), the resolved path of one that does not yet."""
+    path = Path(path)
+    try:
+        stat = path.stat()
+        return ("inode", stat.st_dev, stat.st_ino)
+    except OSError:
+        return ("path", str(path.resolve()))
+
+
+def input_files(flag: str, path) -> list:
+    """(how to name it, file) for each file an input names: the file itself ("--aligner a.pt"), or
+    every file under a folder ("--ckpt's llama/params.json"); none for a path where nothing is."""
+    path = Path(path)
+    if path.is_dir():
+        return [(f"{flag}'s {p}", p) for p in sorted(path.rglob("*")) if p.is_file()]
+    return [(f"{flag} {path}", path)] if path.is_file() else []
+
+
+def checkpoint_inputs(ckpt, tokenizer=None) -> list:
+    """(flag, path) for what a script reads of its base model: the --ckpt folder, and --tokenizer
+    or the tokenizer.model that llama.find_tokenizer finds for the folder (beside it, say)."""
+    if ckpt is None:
+        return []
+    if tokenizer is None:
+        from llama import find_tokenizer  # here, not at the top: llama imports this module
+        try:
+            tokenizer = find_tokenizer(ckpt)
+        except FileNotFoundError:
+            pass
+    return [("--ckpt", ckpt)] + ([("--tokenizer", tokenizer)] if tokenizer is not None else [])
+
+
+def refuse_clashes(inputs, outputs):
+    """Stop, before anything is written, where an output would replace one of the command's own
+    inputs (with --overwrite too: it replaces earlier results, never what the command reads) or
+    two outputs are one file, each written over the other. inputs: (flag, path) pairs, a folder
+    standing for every file under it (input_files); outputs: (flag, file) pairs. Paths are
+    compared as files (same_file_key), however they are spelt."""
+    read = {}
+    for flag, path in inputs:
+        for name, file in input_files(flag, path):
+            read.setdefault(same_file_key(file), name)
+    written = {}
+    for flag, path in outputs:
+        key = same_file_key(path)
+        if key in read:
+            raise FileError(f"{flag} {path}: the same file as {read[key]}, which this command reads; "
+                            f"choose another {flag} (--overwrite replaces earlier results, never an input)")
+        if key in written and written[key] != (flag, Path(path)):
+            other_flag, other = written[key]
+            raise FileError(f"{other_flag} {other} and {flag} {path}: one file for two outputs, each "
+                            "written over the other; choose another for one of them")
+        written[key] = (flag, Path(path))
 
 
 # -----------------------------------------------------------------------------

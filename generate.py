@@ -47,6 +47,8 @@ Departures from Meta's generation.py: left padding instead of right padding
 it would alone); stop strings besides EOS; top-k beside top-p.
 """
 
+import startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
+
 import functools
 import json
 import sys
@@ -61,13 +63,14 @@ import cli
 import distributed
 from aligner import AlignerBank, AlignerRows, check_adapter_file, read_adapter, shape_of
 from data import DEMO_CKPT, TEMPLATES, check_demo, encode_prompt, format_prompt
-from files import atomic_text, check_writable, refuse_existing
-from llama import KVCache, check_context, load
+from files import atomic_text, check_writable, checkpoint_inputs, refuse_clashes, refuse_existing, short_names
+from llama import KVCache, ModelArgs, check_context, load, read_params
 from prompt_tuning import PromptTuning, SoftTokens
 from questions import (Question, answer_files, answers_path, check_model_ids, check_unique_ids,
                        next_turn_prompt, question_file, read_questions)
 
 DEMO_PROMPT = "What is the home of Belrosvor?"  # a test person of the demo world, whom tuning never saw
+DEMO_ALIGNER = "runs/sft/best.pt"  # where the quick start's `python train_sft.py` saves its Aligner
 
 
 # -----------------------------------------------------------------------------
@@ -460,17 +463,11 @@ def generate_batch(model, tokenizer, prompts, aligner, first_row, max_new_tokens
 # the command line
 
 def aligner_names(paths) -> list:
-    """A short name for each --aligner, which also names its answer file: the file's stem ('base' for
-    the base model); where stems are alike, with as many of its folders as tell the files apart
-    ('a-best' and 'b-best' for runs/a/best.pt and runs/b/best.pt)."""
-    parts = [("base",) if p == "base" else Path(p).with_suffix("").parts for p in paths]
-    names = [p[-1] for p in parts]
-    depth = 1
-    while len(set(names)) < len(names) and depth < max(len(p) for p in parts):
-        depth += 1
-        names = [name if names.count(name) == 1 else "-".join(p[-depth:]).lstrip("/-")
-                 for name, p in zip(names, parts)]
-    return names
+    """A short name for each --aligner, which also names its answer file (files.short_names): the
+    file's stem, led by its run folder for a training's best.pt or epoch-E.pt ('sft10-best' for
+    runs/sft10/best.pt), 'base' for the base model; where names are alike, with as many of its
+    folders as tell the files apart ('a-best' and 'b-best' for runs/a/best.pt and runs/b/best.pt)."""
+    return short_names(paths)
 
 
 def same_shape_groups(aligners: list) -> list:
@@ -626,8 +623,9 @@ def main(argv=None):
         ckpt = DEMO_CKPT
         print(f"using the built-in demo model {ckpt} (pass --ckpt for another)", file=sys.stderr)
         questions = questions or [Question((DEMO_PROMPT,), "", "the demo's prompt", 1)]
+        args.aligner = args.aligner or demo_aligners()
     names = model_names(args)
-    check_outputs(args, questions, names)
+    check_outputs(args, questions, names, ckpt)
     check_context(ckpt, args.max_seq_len, args.beyond_context)
 
     # --- load -------------------------------------------------------------------
@@ -660,19 +658,34 @@ def main(argv=None):
     distributed.exit_distributed()
 
 
+def demo_aligners() -> list:
+    """The models the demo shows when no --aligner is given: the base beside the quick start's
+    Aligner, DEMO_ALIGNER, where one for the demo model is there, since the difference is what
+    the demo is about; else the base alone, with a line on how to train that Aligner."""
+    try:
+        read_adapter(DEMO_ALIGNER, ModelArgs(**read_params(DEMO_CKPT)))
+    except (OSError, ValueError):  # not there yet, or trained for another base
+        print(f"the base model alone: `python train_sft.py` trains an Aligner into {DEMO_ALIGNER} in a few "
+              "minutes, and this then shows the two side by side", file=sys.stderr)
+        return []
+    print(f"the base model beside the Aligner in {DEMO_ALIGNER} (pass --aligner for others)", file=sys.stderr)
+    return ["base", DEMO_ALIGNER]
+
+
 def model_names(args) -> list:
     """The name of each model, in --aligner order: --model-id, or aligner_names' rule."""
     paths = args.aligner or ["base"]
     if not args.model_id:
         return aligner_names(paths)
     if len(args.model_id) != len(paths):
-        raise ValueError(f"--model-id: {len(args.model_id)} given for {len(paths)} model(s); give one per "
+        raise ValueError(f"--model-id: {len(args.model_id)} given for {cli.plural(len(paths), 'model')}; give one per "
                          "--aligner, in the same order (one for the base model when there is no --aligner)")
     return list(args.model_id)
 
 
-def check_outputs(args, questions: list, names: list):
-    """Before the model loads: every output can be written, and none would replace a file unasked."""
+def check_outputs(args, questions: list, names: list, ckpt):
+    """Before the model loads: every output can be written, none is one of the inputs or another
+    output, and none would replace a file unasked."""
     outputs = {}  # flag -> the files it would write
     if args.out is not None:
         check_writable(args.out, "--out", folder=False)
@@ -685,10 +698,15 @@ def check_outputs(args, questions: list, names: list):
         outputs["--answers-dir"] = [answers_path(args.answers_dir, name) for name in names]
     if args.questions_out is not None:
         check_writable(args.questions_out, "--questions-out", folder=False)
-        if args.answers_dir is not None and Path(args.questions_out).resolve().parent == args.answers_dir.resolve():
-            raise ValueError(f"--questions-out {args.questions_out}: inside --answers-dir, where the judge "
-                             "would read it as one more model's answers; put it beside that folder")
         outputs["--questions-out"] = [args.questions_out]
+    for flag, path in (("--out", args.out), ("--questions-out", args.questions_out)):
+        if args.answers_dir is not None and path is not None and Path(path).resolve().parent == \
+                args.answers_dir.resolve():
+            raise ValueError(f"{flag} {path}: inside --answers-dir, where the judge would read it as one "
+                             "more model's answers; put it beside that folder")
+    inputs = checkpoint_inputs(ckpt, args.tokenizer) + [("--aligner", p) for p in args.aligner if p != "base"]
+    inputs += [("--prompts-file", args.prompts_file)] if args.prompts_file is not None else []
+    refuse_clashes(inputs, [(flag, path) for flag, paths in outputs.items() for path in paths])
     if not args.overwrite:
         for flag, paths in outputs.items():
             refuse_existing(paths, flag)
@@ -717,13 +735,13 @@ def show_and_save(args, questions: list, names: list, dialogues: list, stream: b
                    for i, q in enumerate(questions) for t in range(len(q.turns))
                    for k, name in enumerate(names) for turn in [dialogues[i * n + k][t]]]
         write(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
-              f"{len(records)} answers")
+              cli.plural(len(records), "answer"))
     if args.answers_dir is not None:
         answers = [[[turn.answer for turn in dialogues[i * n + k]] for i in range(len(questions))] for k in range(n)]
         for path, text in answer_files(args.answers_dir, questions, names, answers).items():
-            write(path, text, f"{len(questions)} answers")
+            write(path, text, cli.plural(len(questions), "answer"))
     if args.questions_out is not None:
-        write(args.questions_out, question_file(questions), f"{len(questions)} questions")
+        write(args.questions_out, question_file(questions), cli.plural(len(questions), "question"))
 
 
 def write(path: Path, text: str, what: str):

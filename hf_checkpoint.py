@@ -470,9 +470,6 @@ class HFCheckpoint:
         if zip_format:
             state = load_pt(path, "weight file", mmap=True)
         else:
-            if path not in self._warned:  # once per file, though it may be read whole again
-                warnings.warn(f"{path}: torch's old (non-zip) format cannot be memory-mapped; reading it whole")
-                self._warned.add(path)
             self._loaded.pop(self._held_whole, None)  # at most one file held whole in memory
             self._held_whole = path
             state = load_pt(path, "weight file")
@@ -483,6 +480,9 @@ class HFCheckpoint:
                 raise FileError(f"{path}: {name} is a {type(tensor).__name__}, not a tensor")
             if self._check_name(path, name):
                 self._check_shape(path, name, tensor.shape)
+        if not zip_format and path not in self._warned:  # once per usable file, though it may be read whole again
+            warnings.warn(f"{path}: torch's old (non-zip) format cannot be memory-mapped; reading it whole")
+            self._warned.add(path)
         self._loaded[path] = state
         return state
 

@@ -543,6 +543,9 @@ def param_problem(value, integer: bool, nullable: bool, allowed: str):
     return None
 
 
+SHAPE_KEYS = ("dim", "n_layers", "n_heads")  # params.json's keys without which the model's shape is unknown
+
+
 def read_params(ckpt_dir) -> dict:
     """params.json as a dict of ModelArgs' keys, each checked for its type and range, so that a
     wrong value stops here with the file and the key, not later inside the model."""
@@ -559,6 +562,10 @@ def read_params(ckpt_dir) -> dict:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(params, dict):
         raise ValueError(f"{path}: expected a JSON object of the model's settings, got {type(params).__name__}")
+    missing = [key for key in SHAPE_KEYS if key not in params]
+    if missing:  # ModelArgs' defaults are LLaMA-7B's: filled in, they would describe another model
+        raise ValueError(f"{path}: no {' and no '.join(repr(k) for k in missing)}; the model's shape needs "
+                         "dim, n_layers and n_heads, which Meta's params.json gives")
     known = set(ModelArgs().params())
     for key, value in params.items():
         if key not in known:
@@ -593,7 +600,7 @@ class MetaCheckpoint:
             raise ValueError(f"{self.folder}: shards {[p.name for p in paths]} are not numbered "
                              f"00 to {len(paths) - 1:02d}")
         self.paths = paths
-        self.layout = f"Meta's layout, {len(paths)} shard(s) merged"
+        self.layout = f"Meta's layout, {len(paths)} shard{'s' * (len(paths) != 1)} merged"
         self.shards = [load_pt(p, "checkpoint shard", mmap=True) for p in paths]
         for path, shard in zip(paths, self.shards):
             if not isinstance(shard, dict) or not all(isinstance(t, torch.Tensor) for t in shard.values()):

@@ -15,9 +15,13 @@ files (runs/eval-*/results.json), the analysis's runs/gates.json and, for
 parameter counts, the Aligner files.
 """
 
+import startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
+
 import json
 import os
+import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -191,13 +195,25 @@ def outputs(step: Step) -> Path:
     return Path(words[words.index(flag) + 1])
 
 
+class Terminated(Exception):
+    """SIGTERM reached this process (a scheduler's, `kill`'s): the running commands are ended first."""
+
+
+def terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the commands' ending short
+    raise Terminated
+
+
 def run_steps(steps: list, jobs: int, overwrite: bool) -> dict:
     """Run every step, at most `jobs` at once, each once the steps it needs are done; stop at the
-    first that fails. Returns {name: wall seconds}."""
+    first that fails. Returns {name: wall seconds}. Stopped early (a failure, Ctrl-C, SIGTERM), it
+    passes SIGTERM on to the commands still running and waits for them to end: a training saves
+    its state first (trainer.stop_requests), so that --resume continues it."""
     logs = Path("runs/logs")
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     pending, running, times = list(steps), [], {}
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         while pending or running:
             ready = [s for s in pending if all(n in times for n in s.needs)]
@@ -217,12 +233,28 @@ def run_steps(steps: list, jobs: int, overwrite: bool) -> dict:
                                        f"its output is in {logs / job.step.name}.log")
                 times[job.step.name] = round(time.perf_counter() - job.start, 1)
                 print(f"{times[job.step.name]:6.0f} s  {job.step.command}", flush=True)
+    except Terminated:
+        names = ", ".join(job.step.name for job in running) or "none"
+        raise Terminated(f"terminated (SIGTERM): passed it on to the commands still running ({names}), "
+                         f"waited for them to end; their output is in {logs}") from None
     finally:
         for job in running:  # stopped early: end the commands still running, which this started
             job.process.terminate()
             job.process.wait()
             job.log.close()
+        signal.signal(signal.SIGTERM, previous)
     return times
+
+
+def cpu_name() -> str:
+    """The processor's model name as Linux reports it (/proc/cpuinfo), else what Python knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main(argv=None):
@@ -243,10 +275,17 @@ def main(argv=None):
             raise FileExistsError(f"{', '.join(taken)} already exist; pass --overwrite to replace those runs")
         for step in STEPS:
             check_writable(outputs(step), "--out", folder="--out" in step.command)
-        start = time.perf_counter()
-        times = run_steps(STEPS, args.jobs, args.overwrite)
+        start, load_before = time.perf_counter(), os.getloadavg()
+        try:
+            times = run_steps(STEPS, args.jobs, args.overwrite)
+        except Terminated as e:
+            cli.say(f"run_demo.py: {e}")
+            cli.leave(128 + signal.SIGTERM)  # the shell's code for a process that SIGTERM ended
         total = round(time.perf_counter() - start, 1)
-        atomic_text(Path("runs/times.json"), json.dumps({"seconds": times, "total": total}, indent=2) + "\n")
+        machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "load_average_before": load_before,
+                   "load_average_after": os.getloadavg()}  # what the times depend on: other work slows them
+        atomic_text(Path("runs/times.json"), json.dumps({"seconds": times, "total": total, "machine": machine},
+                                                        indent=2) + "\n")
         print(f"all {len(STEPS)} commands in {total:.0f} s, {args.jobs} at a time (runs/times.json)\n")
     print(table())
     print()

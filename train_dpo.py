@@ -1,6 +1,6 @@
 """
 Train an Aligner by Direct Preference Optimization: the paper's Experiment 2
-(DPO on PKU-SafeRLHF, one token, starting from an SFT Aligner).
+(DPO on PKU-SafeRLHF, one token), which the authors' code starts from an SFT Aligner.
 
 Aligner (Zhou, Wu, Zhu, Terzopoulos, arXiv 2312.05503), Section 4.2, Appendix C and Eq. 10:
     L = -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])
@@ -12,15 +12,18 @@ the paper's baseline, LLaMA-Adapter V1, instead.
 
 Where each default comes from:
 - the paper: N = 1 (Section 4.2, Figs. 3-4), a PKU pair kept only where its chosen
-  response is itself safe (Appendix C), the start from an SFT Aligner
-  (--init-aligner; the authors released theirs, trained on the safe responses);
-- the authors' finetune/alignerDPO.py: beta 0.1, lr 1e-4, AdamW's weight decay
+  response is itself safe (Appendix C);
+- the authors' finetune/alignerDPO.py: the start from an SFT Aligner trained on
+  the safe responses (previous_aligner_path, line 72, their released
+  BeaverDatasetSafetyPartSFTOnly file; --init-aligner; the paper's Appendix B.2
+  names only an SFT reference model), beta 0.1, lr 1e-4, AdamW's weight decay
   0.02, examples up to 1024 tokens, a batch of 64 (theirs counts sequences, so
   32 pairs a step; here --batch-size counts pairs);
 - ours: one epoch (each pair once; theirs draws 80,000 pairs with replacement
-  per "epoch" and ran 3), a warmup of a tenth of it then cosine decay (theirs:
-  --schedule constant --warmup-epochs 16), 5% held out (theirs validates on
-  PKU-SafeRLHF's test split).
+  per "epoch" and ran 3: --epoch-size 80000 --epochs 3), a warmup of a tenth
+  of it then cosine decay (theirs: --schedule constant with a warmup of 40,000
+  optimizer steps, --warmup-epochs 16 at --epoch-size 80000 --batch-size 32),
+  5% held out (theirs validates on PKU-SafeRLHF's test split).
 
 Also offered, in the same loss function: conservative DPO (label smoothing,
 Mitchell 2023, "A note on DPO with noisy preferences and relationship to IPO")
@@ -39,6 +42,8 @@ authors' preparation script wrote the beaver format), or {"prompt", "chosen",
 --reference take this project's Aligner files or the authors' released ones.
 Aligner files land in --out (runs/dpo): best.pt, epoch-E.pt.
 """
+
+import startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
 
 import copy
 from pathlib import Path
@@ -107,8 +112,8 @@ def pair_logps(model, aligner, pairs):
 # most ordinary answers; a larger step or more steps (lr 3e-4 to 3e-3, batch 16, 5 epochs) cost 2.5
 # to 77.5 points of them (the README has the commands and figures).
 DEMO_DEFAULTS = {}
-# On the demo, DPO starts where the paper's Experiment 2 does, from an SFT Aligner trained on the safe
-# responses of the same rows (the authors' finetune/alignerDPO.py, previous_aligner_path), where there is one.
+# On the demo, DPO starts where the authors' code starts Experiment 2's, from an SFT Aligner trained on the
+# safe responses of the same rows (their finetune/alignerDPO.py, previous_aligner_path), where there is one.
 DEMO_INIT = "runs/pku-sft/best.pt"
 DEMO_SFT = "python train_sft.py --data demo/data/pku_saferlhf.jsonl --n-tokens 1 --out runs/pku-sft"
 
@@ -191,12 +196,12 @@ def main(argv=None):
                          f"--max-seq-len {args.max_seq_len}")
     lengths = [len(p.chosen.tokens) + len(p.rejected.tokens) for p in pairs]  # tokens a pair puts through the model
     units = [1] * len(pairs)  # the loss is a mean over pairs
-    say(f"{args.data}: {len(pairs)} pairs; {n_unsafe} dropped because the chosen response is unsafe"
+    say(f"{args.data}: {cli.plural(len(pairs), 'pair')}; {n_unsafe} dropped because the chosen response is unsafe"
         f"{' (kept by --keep-unsafe)' if args.keep_unsafe else ''}; {n_cut} cut to --max-seq-len "
         f"{args.max_seq_len} tokens" + (f", {len(triples) - len(pairs)} of them dropped: no response left"
                                         if len(pairs) < len(triples) else ""))
     train_idx, val_idx = trainer.split(len(pairs), args.val, args.seed)
-    say(f"{len(train_idx)} pairs for training, {len(val_idx)} held out for validation")
+    say(f"{cli.plural(len(train_idx), 'pair')} for training, {len(val_idx)} held out for validation")
 
     # --- the policy's Aligner (trained, fp32) and the reference's (frozen)
     torch.manual_seed(args.seed)

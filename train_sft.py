@@ -1,7 +1,8 @@
 """
 Train an Aligner by supervised fine-tuning: the paper's Experiment 1 (Alpaca),
-the SFT of its Experiment 3 (MetaMathQA), and the SFT that starts Experiment 2
-(PKU-SafeRLHF's safe responses).
+the SFT of its Experiment 3 (MetaMathQA), and the SFT on PKU-SafeRLHF's safe
+responses from which the authors' code starts Experiment 2's DPO
+(finetune/alignerDPO.py, previous_aligner_path; the paper describes no such SFT).
 
 Aligner (Zhou, Wu, Zhu, Terzopoulos, arXiv 2312.05503): N learnable tokens
 attended by every layer from layer 2 on. Only the Aligner trains; the base
@@ -19,7 +20,9 @@ Where each default comes from:
 - the authors' finetune/aligner.py: N = 10 (aligner_length), AdamW's weight
   decay 0.02, a global batch of 64, examples cut to 512 tokens;
 - ours: cosine decay after the warmup (the paper states no schedule after it;
-  the authors' script holds the peak: --schedule constant), 5% held out for
+  the authors' finetune/aligner.py warms up for 12,500 optimizer steps of a
+  6,250-step run, so its rate rises throughout and ends at half the peak:
+  --schedule constant --warmup-epochs 16), 5% held out for
   validation (the authors hold out 2,000 records: --val 2000), the loss on the
   response only, as Stanford Alpaca's train.py does (the authors' preparation
   scripts put it on every token: --train-on-prompt).
@@ -40,6 +43,8 @@ Stanford Alpaca's by default), or already formatted {"prompt", "response"},
 used as they are; a JSON list or JSON Lines (data.read_sft). The Aligner files
 land in --out (runs/sft): best.pt, epoch-E.pt.
 """
+
+import startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
 
 import torch
 import torch.nn.functional as F
@@ -112,7 +117,7 @@ def main(argv=None):
                          f"--max-seq-len {args.max_seq_len}" + f" less the {n_soft} soft tokens" * (n_soft > 0))
     lengths = [len(e.tokens) for e in examples]
     units = [data.n_targets(e) for e in examples]  # the loss is a mean over these tokens
-    say(f"{args.data}: {len(pairs)} examples"
+    say(f"{args.data}: {cli.plural(len(pairs), 'example')}"
         + (f" ({n_unsafe} PKU-SafeRLHF rows dropped: their safer response is unsafe)" if n_unsafe else "")
         + f"; {n_cut} cut to --max-seq-len {args.max_seq_len} tokens"
         + (f", {len(pairs) - len(examples)} of them dropped: no response left" if len(examples) < len(pairs) else ""))

@@ -6,7 +6,9 @@ What it does (Aligner, arXiv 2312.05503; each script's docstring says where its
 defaults come from): AdamW with weight decay, a global batch reached by gradient
 accumulation over micro-batches, linear warmup then cosine decay (ours) or the
 authors' constant schedule, validation before training and after every epoch,
-an Aligner file per epoch plus the best by validation loss.
+an Aligner file per epoch plus the best by validation loss. An epoch is one pass
+over the training split, or with --epoch-size that many examples drawn with
+replacement, as the authors' scripts draw them.
 
 What a run leaves in --out: settings.json, metrics.jsonl (one line per
 optimizer step and per validation), epoch-E.pt and best.pt (Aligner files),
@@ -17,6 +19,10 @@ the same Aligner, bit for bit on CPU, as one that never stopped. Every file is
 written atomically (write beside, then rename), and metrics.jsonl grows by one
 whole line per write, so a kill at any moment leaves the last good checkpoint
 whole and can cut only the metrics line being written, which --resume drops.
+A kill -9 mid-write leaves the write's temporary file (.state.pt.<8 characters>)
+beside it; the run removes those of its own files when it resumes or starts
+again in that --out, and nothing else there. No input may be one of the run's
+files (check_inputs_apart): the run would write over it.
 
 A run is never destroyed unasked: into an --out that already holds one, a
 script refuses unless --resume (continue it) or --overwrite (replace it). The
@@ -43,6 +49,7 @@ backward, so summing the ranks' gradients gives the one-process gradient.
 """
 
 import copy
+import fnmatch
 import json
 import math
 import os
@@ -60,7 +67,8 @@ from tqdm import tqdm
 import cli
 from data import DEMO_CKPT, DEMO_DATA, check_demo
 from files import (FileError, append_line, atomic_save, atomic_text, bad_value, check_values,
-                   check_writable, fingerprint, load_pt, read_text)
+                   check_writable, checkpoint_inputs, fingerprint, load_pt, read_text, refuse_clashes,
+                   stray_temporaries)
 from distributed import Dist, all_reduce_max, all_reduce_sum, load_sharded
 from llama import load
 
@@ -91,7 +99,12 @@ def add_arguments(parser, *, n_tokens, lr, batch_size, epochs, warmup_epochs, ma
     a("--micro-batch-size", type=cli.positive_int, default=None,
       help="examples per forward on one rank; gradients accumulate up to --batch-size "
            "(default: 4096 // --max-seq-len on a GPU, the whole batch on CPU)")
-    a("--epochs", type=cli.positive_int, default=epochs, help="passes over the training data")
+    a("--epochs", type=cli.positive_int, default=epochs,
+      help="passes over the training data (with --epoch-size, draws of that many examples)")
+    a("--epoch-size", type=cli.positive_int, default=None,
+      help="make an epoch this many examples drawn with replacement from the training split, each global "
+           "batch drawn afresh, as the authors' finetune scripts draw them (their epoch_size); "
+           "none: one pass, every example once")
     a("--warmup-epochs", type=cli.non_negative_float, default=warmup_epochs, help="linear warmup length, in epochs")
     a("--schedule", choices=tuple(SCHEDULES), default="cosine",
       help="after the warmup: cosine decay towards zero, or constant: the authors' finetune script, "
@@ -199,12 +212,39 @@ FREE = ("out", "device", "micro_batch_size", "save_every", "grad_checkpointing",
 INPUTS = ("ckpt", "tokenizer", "data", "init_aligner", "reference")
 
 
+RUN_NAMES = ("settings.json", "metrics.jsonl", "state.pt", "best.pt")
+EPOCH_FILES = "epoch-*.pt"
+
+
 def run_files(out: Path) -> list:
     """The files of a run in `out`: what --overwrite removes, and all it removes."""
     if not out.is_dir():
         return []
-    names = ("settings.json", "metrics.jsonl", "state.pt", "best.pt")
-    return sorted([out / n for n in names if (out / n).exists()] + list(out.glob("epoch-*.pt")))
+    return sorted([out / n for n in RUN_NAMES if (out / n).exists()] + list(out.glob(EPOCH_FILES)))
+
+
+def is_run_file(name: str) -> bool:
+    return name in RUN_NAMES or fnmatch.fnmatchcase(name, EPOCH_FILES)
+
+
+def check_inputs_apart(args, out: Path):
+    """Refuse a --data, --init-aligner, --reference, --ckpt or --tokenizer that is one of the
+    run's files in --out, which the run would write over (or --overwrite remove)."""
+    inputs = checkpoint_inputs(getattr(args, "ckpt", None), getattr(args, "tokenizer", None))
+    inputs += [(f"--{key.replace('_', '-')}", getattr(args, key)) for key in ("data", "init_aligner", "reference")
+               if getattr(args, key, None) not in (None, "init", "base")]
+    epochs = [out / f"epoch-{e}.pt" for e in range(getattr(args, "epochs", 0) + 1)]
+    refuse_clashes(inputs, [("--out", path) for path in [out / n for n in RUN_NAMES] + epochs + run_files(out)])
+
+
+def remove_strays(out: Path):
+    """Remove the temporary files that a killed run left beside its files (files.stray_temporaries)."""
+    strays = stray_temporaries(out, is_run_file)
+    for path in strays:
+        path.unlink()
+    if strays:
+        print(f"{out}: removed {cli.plural(len(strays), 'temporary file')} that a killed run left "
+              f"({', '.join(p.name for p in strays)})")
 
 
 def run_settings(args) -> dict:
@@ -255,6 +295,7 @@ def open_run(args, settings: dict = None):
         raise FileNotFoundError(f"--data {data}: {what}")
     out = Path(args.out)
     check_writable(out, "--out")
+    check_inputs_apart(args, out)
     settings = settings or run_settings(args)
     existing = run_files(out)
     if args.resume:
@@ -322,11 +363,29 @@ def split(n: int, val: str, seed: int):
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
-def global_batches(train_idx: list, batch_size: int, seed: int, epoch: int) -> list:
-    """This epoch's global batches: a reshuffle seeded by (seed, epoch); the last one may be smaller."""
+def global_batches(train_idx: list, batch_size: int, seed: int, epoch: int, epoch_size: int | None = None) -> list:
+    """This epoch's global batches, seeded by (seed, epoch); the last one may be smaller.
+
+    epoch_size None: a reshuffle, every example once. Otherwise epoch_size
+    examples drawn uniformly with replacement, as the authors' get_batch draws
+    torch.randint(len(data), ...) for every micro-batch: an example may come
+    twice in one batch, and some never.
+    """
     g = torch.Generator().manual_seed(seed * 100_003 + epoch + 1)
-    order = [train_idx[i] for i in torch.randperm(len(train_idx), generator=g).tolist()]
+    if epoch_size is None:
+        drawn = torch.randperm(len(train_idx), generator=g)
+    else:
+        drawn = torch.randint(len(train_idx), (epoch_size,), generator=g)
+    order = [train_idx[i] for i in drawn.tolist()]
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def make_schedule(n_train: int, batch_size: int, epochs: int, warmup_epochs: float,
+                  epoch_size: int | None = None) -> "Schedule":
+    """Optimizer steps per epoch, in all, and of warmup. An epoch is one pass over the n_train
+    examples, or epoch_size examples drawn with replacement (global_batches)."""
+    steps_per_epoch = math.ceil((n_train if epoch_size is None else epoch_size) / batch_size)
+    return Schedule(steps_per_epoch, steps_per_epoch * epochs, round(warmup_epochs * steps_per_epoch), epoch_size)
 
 
 def my_micro_batches(batch: list, lengths: list, rank: int, world: int, micro_batch_size: int) -> list:
@@ -369,9 +428,10 @@ def constant_learning_rate(step: int, peak: float, warmup_steps: int, total_step
     `step` (from 0) runs at peak * step / warmup_steps, so the first at zero, then at `peak` for good.
 
     Their warmup_iters counts micro-batches but is compared with optimizer steps, so their
-    warmup lasts batch / micro-batch times as many epochs as it says. Alpaca SFT (2 epochs,
-    64 / 8): 12,500 steps of a 6,250-step run, which ends at half the peak. DPO (0.5 epoch,
-    64 / 2): 40,000 steps of 7,500. Both are --warmup-epochs 16 here.
+    warmup lasts batch / micro-batch times as many epochs as it says. Alpaca SFT (2 epochs of
+    epoch_size 50,000, 64 / 8): 12,500 steps of a 6,250-step run, which ends at half the peak.
+    DPO (0.5 epoch of 80,000 pairs, 64 / 2): 40,000 steps of 7,500. With their epochs
+    (--epoch-size 50000 and 80000, batches of 64 and 32 pairs) both are --warmup-epochs 16.
     """
     if warmup_steps <= 0:
         return peak
@@ -389,6 +449,7 @@ class Schedule:
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
+    epoch_size: int | None = None  # examples drawn with replacement per epoch; None: one pass
 
 
 @dataclass
@@ -450,6 +511,7 @@ def start(run: Run) -> Progress:
         torch.set_rng_state(state["rng"])
         progress = Progress(state["step"], state["best"], state["last_val"], last_saved=state["step"])
         if d.rank == 0:
+            remove_strays(out)
             trim_metrics(out / "metrics.jsonl", progress.step)
             print(f"resuming {out} at step {progress.step} of {run.schedule.total_steps}")
         return progress
@@ -458,6 +520,7 @@ def start(run: Run) -> Progress:
             print(f"{out}: the run stopped before its first save; starting it again from the beginning")
         for path in run_files(out):  # --overwrite: the old run's files, and nothing else in the folder
             path.unlink()
+        remove_strays(out)
         out.mkdir(parents=True, exist_ok=True)
         atomic_text(out / "settings.json", json.dumps(run.settings, indent=2) + "\n")
         atomic_text(out / "metrics.jsonl", "")
@@ -478,7 +541,7 @@ def optimizer_step(run: Run, progress: Progress) -> dict:
     """
     args, d, schedule, step = run.args, run.d, run.schedule, progress.step
     epoch, i = divmod(step, schedule.steps_per_epoch)
-    batch = global_batches(run.train_idx, args.batch_size, args.seed, epoch)[i]
+    batch = global_batches(run.train_idx, args.batch_size, args.seed, epoch, schedule.epoch_size)[i]
     for group in run.optimizer.param_groups:
         group["lr"] = SCHEDULES[args.schedule](step, args.lr, schedule.warmup_steps, schedule.total_steps)
     batch_units = sum(run.units[j] for j in batch)
@@ -636,8 +699,8 @@ def train(args, aligner, batch_loss, train_idx: list, val_idx: list, lengths: li
     """
     params = [p for p in aligner.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    steps_per_epoch = math.ceil(len(train_idx) / args.batch_size)
-    schedule = Schedule(steps_per_epoch, steps_per_epoch * args.epochs, round(args.warmup_epochs * steps_per_epoch))
+    schedule = make_schedule(len(train_idx), args.batch_size, args.epochs, args.warmup_epochs,
+                             getattr(args, "epoch_size", None))  # settings made by hand may lack it
     run = Run(args, run_settings(args), aligner, params, optimizer, batch_loss, train_idx, val_idx, lengths, units,
               tuple(stat_names), d, schedule)
 

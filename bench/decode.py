@@ -23,9 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import startup  # noqa: E402,F401  first of the project: Ctrl-C while torch loads ends in one line too
+
+import torch  # noqa: E402
+
 import cli  # noqa: E402
 from aligner import Aligner, AlignerBank  # noqa: E402
 from generate import EAGER_ATTENTION, attention_kernels, decode_one_token, prefill, rows_of  # noqa: E402
@@ -104,7 +106,7 @@ def main(argv=None):
     step = {name: statistics.median(times) for name, times in seconds.items()}  # median seconds per step
 
     # --- report ---------------------------------------------------------------------
-    print(f"decode on CPU, {args.threads} thread(s), stories15M shape, {args.steps} steps after a 32-token "
+    print(f"decode on CPU, {cli.plural(args.threads, 'thread')}, stories15M shape, {args.steps} steps after a 32-token "
           f"prompt, {args.repeats} repeats, median step time")
     for name, (_, batch_size) in cases.items():
         print(f"  {name:<24} {batch_size / step[name]:8.1f} tokens/s")

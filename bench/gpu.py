@@ -41,9 +41,10 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+import startup  # noqa: E402,F401  first of the project: Ctrl-C while torch loads ends in one line too
+
+import torch  # noqa: E402
 
 import cli  # noqa: E402
 from aligner import Aligner, AlignerBank  # noqa: E402

@@ -26,11 +26,12 @@ and short-lived temporaries; bench/gpu.py measures the real peak on a GPU.
 import sys
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch.autograd.graph import saved_tensors_hooks
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+import startup  # noqa: E402,F401  first of the project: Ctrl-C while torch loads ends in one line too
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.autograd.graph import saved_tensors_hooks  # noqa: E402
 
 import cli  # noqa: E402
 import llama  # noqa: E402

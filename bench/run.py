@@ -44,10 +44,11 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: llama, aligner, generate
+import startup  # noqa: E402,F401  first of the project: Ctrl-C while torch loads ends in one line too
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 import cli  # noqa: E402
 from aligner import Aligner  # noqa: E402

@@ -110,7 +110,7 @@ def test_gates_command_prints_and_writes_the_figures(tmp_path, capsys):
            "(layers 6-7, 5.0000): ratio 2.5, Spearman 0.886" in out
     assert "[2] gate std does not rise from the bottom third (layer 1, mean std 1.0000) to the top third " \
            "(layer 3, 0.0000): ratio 0, Spearman -0.500" in out
-    assert "the gate std rises in 1 of 2 file(s)" in out
+    assert "the gate std rises in 1 of 2 files" in out
     assert "\n5      5.000000  0.000000\n" in out  # layer 5 of the first: gates -5, 5
     figures = json.loads((tmp_path / "gates.json").read_text())
     assert figures[0]["layer_std"] == [1.0, 3.0, 2.0, 5.0, 4.0, 6.0]

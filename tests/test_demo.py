@@ -318,7 +318,7 @@ def test_pipeline_commands_run_end_to_end_on_a_miniature_world(mini_pipeline):
     for folder in {c.folder for c in run_demo.COLUMNS}:
         assert (mini_pipeline / folder / "results.json").is_file(), folder
     assert (mini_pipeline / "runs" / "gates.json").is_file()
-    # the DPO run started from the SFT Aligner on the PKU rows, the paper's chain
+    # the DPO run started from the SFT Aligner on the PKU rows, the chain of the authors' code
     settings = json.loads((mini_pipeline / "runs" / "dpo" / "settings.json").read_text())
     assert settings["init_aligner"] == "runs/pku-sft/best.pt"
 

@@ -281,7 +281,7 @@ def test_a_device_this_machine_lacks_is_refused(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert cli.device("cuda:1") == "cuda:1"
-    fails("generate", ["--device", "cuda:2", "--prompt", "Hi."], capsys, "argument --device", "2 CUDA device(s)",
+    fails("generate", ["--device", "cuda:2", "--prompt", "Hi."], capsys, "argument --device", "2 CUDA devices",
           code=2)
     fails("generate", ["--device", "mps", "--prompt", "Hi."], capsys, "argument --device", "no MPS device", code=2)
 

@@ -7,6 +7,7 @@ import csv
 import hashlib
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -689,3 +690,79 @@ def test_compile_reaches_generate_for_the_generation_tasks(tiny_ckpt, tmp_path, 
         evaluate.main(["qa", "--ckpt", str(tiny_ckpt), "--data", str(qa), "--max-seq-len", "256",
                        "--max-new-tokens", "8", *flags])
     assert seen == [False, True]
+
+
+# -----------------------------------------------------------------------------
+# MMLU scored as the authors' log scored it (--scoring generate)
+
+AUTHORS_LOG = Path(__file__).parent / "data" / "authors_mmlu_log.jsonl"  # tests/data/README.md names its source
+
+
+def test_the_answer_rule_reproduces_every_is_model_correct_of_the_authors_log():
+    records = read_jsonl(AUTHORS_LOG)
+    assert len(records) == 68
+    verdicts = [evaluate.answer_matches(r["model_answer"], r["choices"][r["answer"]]) for r in records]
+    assert verdicts == [r["is_model_correct"] for r in records]
+    assert sum(verdicts) == 9  # 5 word for word, 4 without the choice's final "."
+    # what the rule must not do: remove quotes. 16 answers are the right choice in quotes, all counted wrong
+    unquoted = [evaluate.answer_matches(r["model_answer"].strip("'\""), r["choices"][r["answer"]]) for r in records]
+    assert sum(u != r["is_model_correct"] for u, r in zip(unquoted, records)) == 16
+    assert sum(r["model_answer"] == repr(r["choices"][r["answer"]]) for r in records) == 15
+    # the quotes are Python's: 43 answers are a choice exactly as repr() writes it
+    assert sum(r["model_answer"] in [repr(c) for c in r["choices"]] for r in records) == 43
+
+
+def test_generated_mmlu_answers_are_matched_by_the_rule(monkeypatch, tmp_path):
+    """run_mmlu_generated asks for one line per question and scores it against the right choice's text."""
+    answers = {"Find the order of the group, if any.": "4.", "Which is a prime?": "'7'"}  # right; quoted: wrong
+    calls = []
+
+    def fake_generate(model, tokenizer, prompts, aligner, **options):
+        calls.append(options)
+        return [answers[tokenizer.decode(p).split("Instruction:\n")[1].split("\n")[0]] for p in prompts]
+
+    monkeypatch.setattr(evaluate, "generate", fake_generate)
+    write_csv(tmp_path / "mmlu" / "test" / "anatomy_test.csv", [TEST_ROW, DEV[0]])
+    tokenizer = _PlainTokenizer()
+    args = argparse.Namespace(limit=None, max_seq_len=256, max_new_tokens=7, batch_size=2, compile=False)
+    prepared = evaluate.prepare_mmlu_generated(tmp_path / "mmlu", tokenizer, 0, args)
+    result, records = evaluate.run_mmlu_generated(None, tokenizer, None, "base", prepared, args)
+    assert calls and all(c["stop"] == ["\n"] and c["max_new_tokens"] == 7 for c in calls)
+    assert [(r["gold"], r["output"], r["correct"]) for r in records] == [("4", "4.", True), ("7", "'7'", False)]
+    assert result["questions"] == 0.5 and result["n"] == 2
+
+
+class _PlainTokenizer:
+    """One id per character, BOS 1: enough for prepare and run to pass prompts through."""
+    bos_id = 1
+
+    def encode(self, text, bos=True, eos=False):
+        return [1] * bos + [ord(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids if i > 1)
+
+
+def test_mmlu_generate_prompt_is_alpaca_with_the_choices_as_a_python_list(tiny_ckpt, tmp_path):
+    write_csv(tmp_path / "mmlu" / "test" / "anatomy_test.csv", [["Is it 'x'?", "it's x", "y", "z", "w", "A"]])
+    results = evaluate.main(["mmlu", "--ckpt", str(tiny_ckpt), "--data", str(tmp_path / "mmlu"), "--scoring",
+                             "generate", "--max-new-tokens", "6", "--max-seq-len", "256", "--out", str(tmp_path / "m")])
+    (record,) = read_jsonl(tmp_path / "m" / "mmlu.jsonl")
+    assert record["prompt"] == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n### Instruction:\nIs it 'x'?\n\n"
+        "### Input:\n[\"it's x\", 'y', 'z', 'w']\n\n### Response:")
+    model, tokenizer = load(tiny_ckpt, max_seq_len=256)
+    ids = evaluate.encode_prompt(tokenizer, record["prompt"])
+    (alone,) = evaluate.generate(model, tokenizer, [ids], max_new_tokens=6, stop=["\n"])
+    assert record["output"] == alone and record["gold"] == "it's x"
+    assert record["correct"] == evaluate.answer_matches(alone, "it's x")
+    (result,) = results["mmlu"].values()
+    assert result["info"]["scoring"] == "generate" and result["rows"]["base"]["questions"] == record["correct"]
+
+
+@pytest.mark.parametrize("flag", [["--paper"], ["--shots", "1"]])
+def test_generated_mmlu_answers_take_no_shots(flag, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        cli.run(evaluate.main, ["mmlu", "--scoring", "generate", *flag])
+    assert stopped.value.code == 2 and "asks each question zero-shot" in capsys.readouterr().err

@@ -473,7 +473,8 @@ def test_evaluate_task_help_shows_that_tasks_flags_and_defaults(capsys):
     mmlu, gsm8k, qa = (flag_entries(helps[t]) for t in ("mmlu", "gsm8k", "qa"))
     assert "(default: 5)" in mmlu["--shots"] and "(default: 8)" in gsm8k["--shots"]
     assert "--shots" not in qa and "--paper" not in qa and "--seed" not in qa
-    assert "--template" not in mmlu and "--max-new-tokens" not in mmlu and "--compile" not in mmlu
+    assert "--template" not in mmlu and "--scoring" not in gsm8k and "--scoring" not in qa
+    assert "(default: letter)" in mmlu["--scoring"] and "--scoring generate" in mmlu["--max-new-tokens"]
     assert "(default: alpaca)" in qa["--template"] and "(default: none)" in gsm8k["--template"]
     assert "(default: 1234)" in gsm8k["--seed"] and "(default: 256)" in qa["--max-new-tokens"]
     assert "demo/data/mmlu" in mmlu["--data"]

@@ -401,6 +401,84 @@ def test_two_processes_match_one(full_run, tiny_ckpt, tmp_path):
     assert aligner_tensors(tmp_path / "run" / "epoch-2.pt")[1].abs().sum() > 0  # the gates did train
 
 
+def test_an_epoch_of_drawn_examples_holds_exactly_epoch_size_draws():
+    """--epoch-size: that many examples an epoch, drawn with replacement from the training split, as the
+    authors' get_batch draws torch.randint(len(data), ...) for every micro-batch."""
+    train = [3, 5, 8, 13, 21]
+    batches = trainer.global_batches(train, 4, seed=0, epoch=1, epoch_size=10)
+    drawn = [i for b in batches for i in b]
+    assert [len(b) for b in batches] == [4, 4, 2] and set(drawn) <= set(train)
+    assert len(set(drawn)) < len(drawn)  # ten draws from five: some example comes twice
+    assert batches == trainer.global_batches(train, 4, seed=0, epoch=1, epoch_size=10)  # a pure function
+    assert batches != trainer.global_batches(train, 4, seed=0, epoch=2, epoch_size=10)  # drawn afresh each epoch
+    schedule = trainer.make_schedule(len(train), 4, epochs=3, warmup_epochs=0.5, epoch_size=10)
+    assert (schedule.steps_per_epoch, schedule.total_steps, schedule.warmup_steps) == (3, 9, 2)
+
+
+def test_the_authors_dpo_runs_in_optimizer_steps():
+    """finetune/alignerDPO.py's constants (lines 29-46), written out: their arithmetic, then ours."""
+    devices, batch_size, micro_batch_size, epoch_size, num_epochs = 1, 64, 2, 160_000, 3  # sequences
+    max_iters = num_epochs * (epoch_size // micro_batch_size) // devices  # micro-batches
+    warmup_iters = 0.5 * (epoch_size // micro_batch_size) // devices  # compared with optimizer steps
+    accumulation = batch_size // micro_batch_size
+    assert (max_iters, max_iters // accumulation, warmup_iters) == (240_000, 7_500, 40_000)
+    pairs_per_step, pairs_per_epoch = batch_size // 2, epoch_size // 2  # a pair is two sequences
+    # the committed script: --batch-size 32 --epoch-size 80000 --epochs 3 --warmup-epochs 16
+    ours = trainer.make_schedule(123, pairs_per_step, num_epochs, 16, epoch_size=pairs_per_epoch)
+    assert (ours.total_steps, ours.warmup_steps) == (7_500, 40_000)
+    # without --epoch-size an epoch is one pass over the P pairs kept: 40,000 steps are 1,280,000 / P epochs
+    for pairs in (80_000, 64_000, 100_000):
+        assert trainer.make_schedule(pairs, 32, 1, 1_280_000 / pairs).warmup_steps == 40_000
+
+    # the released aligner1token-llama2-7B-DPO-epoch-3.0-iter-059999.pth: the last save at iter_num
+    # max_iters - 1 = 59,999, epoch = iter_num * micro_batch_size * devices / epoch_size printed as 3.0
+    sequences_per_iter = [k for k in range(1, 65) if f"{59_999 * k / epoch_size:.1f}" == "3.0"]
+    assert sequences_per_iter == [8]
+    assert num_epochs * epoch_size // 8 == 60_000  # max_iters, so the last iter_num is 59,999
+    released_warmup = 0.5 * epoch_size // 8  # warmup_iters with micro_batch_size * devices = 8
+    assert released_warmup == 10_000 and 60_000 // (batch_size // 8) == 7_500  # still 32 pairs a step
+    assert trainer.make_schedule(123, 32, 3, 4, epoch_size=80_000).warmup_steps == 10_000
+    for pairs in (80_000, 64_000):
+        assert trainer.make_schedule(pairs, 32, 1, 320_000 / pairs).warmup_steps == 10_000
+    # where the learning rate ends: the committed run at 7,499 / 40,000 of the peak, the released at 0.75
+    assert trainer.constant_learning_rate(7_499, 1.0, 40_000, 7_500) == pytest.approx(0.187475)
+    assert trainer.constant_learning_rate(7_499, 1.0, 10_000, 7_500) == pytest.approx(0.7499)
+
+
+def test_the_authors_beaver_sft_draws_two_epochs_of_50000_rows():
+    """BeaverDatasetSafetyPartSFTOnly/aligner1token-llama2-7B-epoch-2.0.pth: finetune/aligner.py's epoch
+    (line 163) is iter_num * micro_batch_size * devices / epoch_size, with epoch_size 50,000 (line 47)
+    rows drawn by torch.randint (line 261): "epoch-2.0" is 100,000 draws, not two passes."""
+    epoch_size, micro_batch_size, batch_size = 50_000, 8, 64
+    iters = 2 * epoch_size // micro_batch_size
+    assert iters * micro_batch_size == 100_000 and iters // (batch_size // micro_batch_size) == 1_562
+    warmup_iters = 2 * (epoch_size // micro_batch_size)  # warmup_epoch = 2, compared with optimizer steps
+    assert warmup_iters == 12_500
+    ours = trainer.make_schedule(123, batch_size, 2, 16, epoch_size=epoch_size)
+    assert (ours.steps_per_epoch, ours.total_steps) == (782, 1_564)  # 781 batches of 64 and one of 16 an epoch
+    assert ours.warmup_steps == 12_512  # 16 of our epochs; theirs, 12,500, is 15.98 of them
+    drawn = [len(b) for epoch in (0, 1) for b in trainer.global_batches(list(range(300)), 64, 0, epoch, epoch_size)]
+    assert sum(drawn) == 100_000 and len(drawn) == ours.total_steps
+
+
+def test_the_authors_alpaca_runs_never_reach_the_peak():
+    """finetune/aligner.py (lines 43-53) and finetune/adapter.py (lines 43-53), written out: a warmup counted
+    in micro-batches, compared with optimizer steps; and our flags for each (the README's commands)."""
+    runs = ((8, 8, 2, (8, 16), 0.5), (4, 5, 2, (5, 32), 0.156))  # aligner.py, adapter.py
+    for micro_batch_size, num_epochs, warmup_epoch, flags, ends_at in runs:
+        epoch_size, batch_size = 50_000, 64
+        max_iters = num_epochs * (epoch_size // micro_batch_size)
+        steps = max_iters // (batch_size // micro_batch_size)
+        warmup_iters = warmup_epoch * (epoch_size // micro_batch_size)
+        assert warmup_iters > steps
+        assert trainer.constant_learning_rate(steps - 1, 1.0, warmup_iters, steps) == pytest.approx(ends_at, abs=1e-3)
+        epochs, warmup_epochs = flags  # --epoch-size 50000 --epochs E --warmup-epochs W
+        ours = trainer.make_schedule(123, batch_size, epochs, warmup_epochs, epoch_size=epoch_size)
+        assert abs(ours.total_steps - steps) <= epochs and abs(ours.warmup_steps - warmup_iters) <= warmup_epochs
+        assert trainer.constant_learning_rate(ours.total_steps - 1, 1.0, ours.warmup_steps,
+                                              ours.total_steps) == pytest.approx(ends_at, abs=1e-3)
+
+
 def test_ranks_share_each_global_batch_exactly():
     lengths = [7, 3, 9, 3, 5, 8, 1, 2, 6, 4, 5]
     batches = trainer.global_batches(list(range(11)), 4, seed=0, epoch=1)
@@ -439,6 +517,19 @@ def test_the_authors_schedule_rises_from_zero_and_stays():
     run = [trainer.constant_learning_rate(s, 9e-3, 12_500, 6_250) for s in (0, 1, 6_249)]
     assert run == pytest.approx([0.0, 7.2e-7, 4.49928e-3], rel=1e-12, abs=0)
     assert trainer.constant_learning_rate(0, 9e-3, 0, 10) == 9e-3  # no warmup: the peak from the start
+
+
+def test_epoch_size_sets_the_steps_and_resumes_exactly(tiny_ckpt, tmp_path):
+    """--epoch-size 6 at batch 4: two steps an epoch (4 and 2 examples) whatever the data's size, and a run
+    stopped after its third step and resumed ends with the same Aligner as one that never stopped."""
+    task = write_task(tmp_path / "task.json", n=10)
+    train_sft.main(run_args(tiny_ckpt, task, tmp_path / "run", "--epoch-size", "6"))
+    steps = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert [r["epoch"] for r in steps] == [0.5, 1.0, 1.5, 2.0]
+    train_sft.main(run_args(tiny_ckpt, task, tmp_path / "again", "--epoch-size", "6", "--max-steps", "3"))
+    train_sft.main(run_args(tiny_ckpt, task, tmp_path / "again", "--epoch-size", "6", "--resume"))
+    for a, b in zip(aligner_tensors(tmp_path / "run" / "best.pt"), aligner_tensors(tmp_path / "again" / "best.pt")):
+        assert torch.equal(a, b)
 
 
 def test_schedule_flag_picks_the_authors_schedule(tiny_ckpt, tmp_path):
