@@ -205,8 +205,9 @@ def test_train_sft_saves_a_file_generate_and_evaluate_read(trained, tiny_ckpt, t
     together = read_jsonl(tmp_path / "together.jsonl")
     generate_script.main(["--ckpt", str(tiny_ckpt), "--aligner", str(run / "best.pt"), *prompts,
                           "--max-new-tokens", "6", "--out", str(tmp_path / "alone.jsonl")])
-    alone = [r["output"] for r in read_jsonl(tmp_path / "alone.jsonl")]
-    assert [r["output"] for r in together if r["aligner"] == "best"] == alone  # as alone, beside the others
+    alone = read_jsonl(tmp_path / "alone.jsonl")
+    name = alone[0]["aligner"]  # how generate.py names the file
+    assert [r["output"] for r in together if r["aligner"] == name] == [r["output"] for r in alone]  # as alone
 
     qa = tmp_path / "qa.jsonl"
     qa.write_text("".join(json.dumps({"instruction": f"Name the color of fox {i}.", "output": "red"}) + "\n"
