@@ -42,6 +42,7 @@ from torch import nn
 import lora
 from files import atomic_save, check_values, load_pt
 from llama import ModelArgs
+from prompt_tuning import PromptTuning, is_prompt_tuning
 
 BASE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads")  # the base shape an Aligner file records
 
@@ -300,6 +301,26 @@ def _spread_gate(tensor, n_heads: int, path, key) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
+# every file the scripts take through --aligner
+
+def read_adapter(path, args: ModelArgs = None):
+    """What an --aligner file holds: a Prompt Tuning (prompt_tuning.py) where its "kind" says so,
+    else an Aligner or LLaMA-Adapter of either layout (Aligner.read). With `args`, refuses a file
+    made for a base of another shape."""
+    if is_prompt_tuning(load_pt(path, "Aligner file")):
+        return PromptTuning.read(path, args)
+    return Aligner.read(path, args)
+
+
+def check_adapter_file(path):
+    """Refuse, before any model loads, an --aligner file that is no usable adapter of any kind."""
+    if is_prompt_tuning(load_pt(path, "Aligner file")):
+        PromptTuning.read(path)
+    else:
+        Aligner.check_file(path)
+
+
+# -----------------------------------------------------------------------------
 # many Aligners over one base model
 
 @dataclass
@@ -324,9 +345,11 @@ class AlignerBank:
         real = [a for a in aligners if a is not None]
         if not real:
             raise ValueError("an AlignerBank needs at least one Aligner")
-        if any(a.kind == "LoRA" for a in real):
-            raise ValueError("a LoRA cannot share a batch with other LoRAs or with Aligners: its update is to "
-                             "the base's own projections, not a prefix a row can pick; run each LoRA alone")
+        for a in real:
+            if not isinstance(a, Aligner):
+                raise ValueError(f"a {a.kind} cannot share a batch with other adapters or the base model: "
+                                 "a LoRA changes the base's own projections, a Prompt Tuning lengthens every "
+                                 "row; generate with it in a batch of its own")
         first = real[0]
         for a in real[1:]:
             if shape_of(a) != shape_of(first):

@@ -61,6 +61,7 @@ from aligner import Aligner
 from files import (atomic_text, atomic_write, check_writable, checkpoint_inputs, refuse_clashes, refuse_existing,
                    short_names)
 from llama import ModelArgs, Tokenizer, Transformer, find_tokenizer, read_params
+from prompt_tuning import PromptTuning
 
 INSTALL = "pip install -r requirements-analysis.txt"
 CHUNK = 1 << 24  # values of differences held at a time when every token pair is compared (64 MB in float32)
@@ -385,6 +386,9 @@ def table1(args: ModelArgs) -> tuple:
         ("LLaMA-Adapter, N = 10", aligner[10, True], f"{adapted} x (10 x {dim} + {heads})"),
         *((f"LoRA, r = {rank} on wq, wv", count, f"{args.n_layers} x {rank} x ({dim} + {wq} + {dim} + {wv})")
           for rank, count in loras.items()),
+        # not in Table 1: the input-only baseline of prompt_tuning.py, N soft tokens of width dim
+        ("Prompt Tuning, N = 1", PromptTuning(args, 1).num_params(), f"1 x {dim}"),
+        ("Prompt Tuning, N = 10", PromptTuning(args, 10).num_params(), f"10 x {dim}"),
     ]
     return base, [Method(name, n, formula, max(0, free // (BF16 * n))) for name, n, formula in methods]
 
@@ -400,7 +404,7 @@ def params_report(args: ModelArgs, where: str) -> tuple:
     base, methods = table1(args)
     paper = is_llama2_7b(args)
     header = ["method", "count", "parameters", "fit in 24 GiB"] + ["Table 1", "Table 1 fit"] * paper
-    rows = [[m.name, m.formula, f"{m.params:,}", f"{m.fit:,}"] + list(PAPER_TABLE1.get(m.name, ("-", "-"))) * paper
+    rows = [[m.name, m.formula, f"{m.params:,}", f"{m.fit:,}"] + list(PAPER_TABLE1.get(m.name, ("–", "–"))) * paper
             for m in methods]
     free = GPU_BYTES - BF16 * base
     text = (f"Table 1 for {where}: dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads "

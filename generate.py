@@ -68,6 +68,7 @@ from aligner import Aligner, AlignerBank, AlignerRows, shape_of
 from data import DEMO_CKPT, TEMPLATES, check_demo, encode_prompt, format_prompt
 from files import atomic_text, check_writable, checkpoint_inputs, refuse_clashes, refuse_existing, short_names
 from llama import KVCache, ModelArgs, check_context, load, read_params
+from prompt_tuning import PromptTuning, SoftTokens
 from questions import (Question, answer_files, answers_path, check_model_ids, check_unique_ids,
                        next_turn_prompt, question_file, read_questions)
 
@@ -324,6 +325,8 @@ def rows_of(aligner, rows: slice, device, dtype=None):
     """What forward takes as `aligner=` for these batch rows, on the model's device (and in its dtype)."""
     if aligner is None:
         return None
+    if isinstance(aligner, PromptTuning):
+        return aligner.rows(device, dtype)
     if isinstance(aligner, AlignerRows):
         return AlignerRows(aligner.prefix[rows].to(device, dtype), aligner.gates[rows].to(device, dtype),
                            aligner.start_layer, aligner.layer_specific)
@@ -403,10 +406,11 @@ def generate_batch(model, tokenizer, prompts, aligner, first_row, max_new_tokens
     if min(lengths) == 0:
         raise ValueError(f"prompt {first_row + lengths.index(0)} is empty; it needs at least the BOS token")
     longest = max(lengths)
-    if longest >= args.max_seq_len:
-        raise ValueError(f"a prompt of {longest} tokens leaves no room to generate within "
-                         f"max_seq_len {args.max_seq_len}")
-    n_new = min(max_new_tokens, args.max_seq_len - longest)  # as Meta does, stop at the context's end
+    n_soft = aligner.soft_tokens.shape[0] if isinstance(aligner, SoftTokens) else 0  # Prompt Tuning's, in the cache
+    if n_soft + longest >= args.max_seq_len:
+        raise ValueError(f"a prompt of {longest} tokens" + f" after {n_soft} soft tokens" * (n_soft > 0)
+                         + f" leaves no room to generate within max_seq_len {args.max_seq_len}")
+    n_new = min(max_new_tokens, args.max_seq_len - n_soft - longest)  # as Meta does, stop at the context's end
     if n_new <= 0:
         return ["" for _ in prompts]
 
@@ -416,21 +420,24 @@ def generate_batch(model, tokenizer, prompts, aligner, first_row, max_new_tokens
         tokens[b, longest - len(p):] = torch.tensor(p)
     pad = None if min(lengths) == longest else torch.tensor([longest - n for n in lengths], device=device)
     if compile:
-        cache = static_cache(args, len(prompts), longest + n_new - 1, device, weight.dtype)
+        cache = static_cache(args, len(prompts), n_soft + longest + n_new - 1, device, weight.dtype)
         cache.reset(pad)
     else:
-        cache = KVCache(args, len(prompts), longest + n_new - 1, device=device, dtype=weight.dtype, pad=pad)
+        cache = KVCache(args, len(prompts), n_soft + longest + n_new - 1, device=device, dtype=weight.dtype, pad=pad)
 
     # --- prefill, eager in both modes ---------------------------------------------
     with attention_kernels(EAGER_ATTENTION):
         if lockstep is not None:
             lockstep.turn()
         logits = prefill(model, tokens.to(device), aligner, cache)  # (B, V)
+    if n_soft:
+        aligner = None  # the soft tokens are in the cache now; the decode steps need nothing else of them
     positions = None
     if compile:
         pin_rope(model, device)
         aligner = cache.pin(aligner)
-        positions = torch.arange(longest, longest + n_new, device=device)  # step s feeds position longest + s
+        # step s feeds slot n_soft + longest + s
+        positions = torch.arange(n_soft + longest, n_soft + longest + n_new, device=device)
 
     # --- decode ----------------------------------------------------------------------
     ahead = device.type in READ_AHEAD and lockstep is None  # in lockstep, a rank forwards only on its turn
@@ -478,8 +485,6 @@ def same_shape_groups(aligners: list) -> list:
         shape = None if aligner is None else ("LoRA", k) if aligner.kind == "LoRA" else shape_of(aligner)
         groups.setdefault(shape, []).append(k)
     base = groups.pop(None, [])
-    if not groups:
-        return [base]
     shaped = list(groups.values())
     banked = [g for g in shaped if aligners[g[0]].kind != "LoRA"]
     if not banked:
@@ -643,7 +648,7 @@ def main(argv=None):
     model, tokenizer = (distributed.load_sharded if d.fsdp else load)(ckpt, device=device, dtype=dtype,
                                                                       tokenizer_path=args.tokenizer,
                                                                       max_seq_len=args.max_seq_len)
-    aligners = [None if p == "base" else Aligner.read(p, model.args) for p in args.aligner] or [None]
+    aligners = [None if p == "base" else read_adapter(p, model.args) for p in args.aligner] or [None]
     if args.merge_lora:  # W + (alpha / r) B A in the base's own wq and wv; the model then runs as it is
         lora.merge(model, aligners[0])
         aligners = [None]
@@ -677,7 +682,7 @@ def demo_aligners() -> list:
     Aligner, DEMO_ALIGNER, where one for the demo model is there, since the difference is what
     the demo is about; else the base alone, with a line on how to train that Aligner."""
     try:
-        Aligner.read(DEMO_ALIGNER, ModelArgs(**read_params(DEMO_CKPT)))
+        read_adapter(DEMO_ALIGNER, ModelArgs(**read_params(DEMO_CKPT)))
     except (OSError, ValueError):  # not there yet, or trained for another base
         print(f"the base model alone: `python train_sft.py` trains an Aligner into {DEMO_ALIGNER} in a few "
               "minutes, and this then shows the two side by side", file=sys.stderr)
