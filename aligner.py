@@ -305,19 +305,19 @@ def _spread_gate(tensor, n_heads: int, path, key) -> torch.Tensor:
 
 def read_adapter(path, args: ModelArgs = None):
     """What an --aligner file holds: a Prompt Tuning (prompt_tuning.py) where its "kind" says so,
-    else an Aligner or LLaMA-Adapter of either layout (Aligner.read). With `args`, refuses a file
-    made for a base of another shape."""
-    if is_prompt_tuning(load_pt(path, "Aligner file")):
+    else an Aligner or LLaMA-Adapter of either layout, or a LoRA file or PEFT folder (Aligner.read).
+    With `args`, refuses a file made for a base of another shape."""
+    if not Path(path).is_dir() and is_prompt_tuning(load_pt(path, "Aligner file")):
         return PromptTuning.read(path, args)
     return Aligner.read(path, args)
 
 
 def check_adapter_file(path):
-    """Refuse, before any model loads, an --aligner file that is no usable adapter of any kind."""
-    if is_prompt_tuning(load_pt(path, "Aligner file")):
-        PromptTuning.read(path)
-    else:
-        Aligner.check_file(path)
+    """Refuse, before any model loads, an --aligner file that is no usable adapter of any kind;
+    returns the shape Aligner.check_file reads (AlignerShape or lora.LoRAShape), or the Prompt Tuning."""
+    if not Path(path).is_dir() and is_prompt_tuning(load_pt(path, "Aligner file")):
+        return PromptTuning.read(path)
+    return Aligner.check_file(path)
 
 
 # -----------------------------------------------------------------------------

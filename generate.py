@@ -14,9 +14,10 @@ Text generation with a frozen LLaMA and any number of Aligners, through the KV c
 
 Each instruction is put in --template (data.TEMPLATES) and tokenized alone,
 BOS first, by data.encode_prompt: the same ids that training puts before the response. Any Aligner
-file is read by Aligner.read, this project's or the paper's authors'; so is a LoRA (lora.py: ours,
-lit-llama's, a PEFT adapter folder), which decodes in batches of its own, applied beside wq and wv
-or, with --merge-lora, written into them first.
+file is read by aligner.read_adapter, this project's or the paper's authors'; so is a LoRA (lora.py:
+ours, lit-llama's, a PEFT adapter folder), which decodes in batches of its own, applied beside wq and
+wv or, with --merge-lora, written into them first; and a Prompt Tuning (prompt_tuning.py), also in
+batches of its own.
 
 --prompts-file also reads the question files of the paper's GPT-4 judges as they
 are published (FastChat's Vicuna and MT-bench questions, the Beaver safety
@@ -64,7 +65,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import cli
 import distributed
 import lora
-from aligner import Aligner, AlignerBank, AlignerRows, shape_of
+from aligner import Aligner, AlignerBank, AlignerRows, check_adapter_file, read_adapter, shape_of
 from data import DEMO_CKPT, TEMPLATES, check_demo, encode_prompt, format_prompt
 from files import atomic_text, check_writable, checkpoint_inputs, refuse_clashes, refuse_existing, short_names
 from llama import KVCache, ModelArgs, check_context, load, read_params
@@ -478,19 +479,20 @@ def aligner_names(paths) -> list:
 
 def same_shape_groups(aligners: list) -> list:
     """The indices of `aligners` in groups that one AlignerBank can hold: Aligners of the same
-    kind, number of tokens and start layer. None (the base model) joins the first group of
-    Aligners. A LoRA changes the base's own projections, so each LoRA is a group alone."""
+    kind, number of tokens and start layer. A LoRA (it changes the base's own projections) and a
+    Prompt Tuning (its soft tokens lengthen every row) each stand alone. None (the base model)
+    joins the first group of Aligners, or stands alone."""
     groups = {}
     for k, aligner in enumerate(aligners):
-        shape = None if aligner is None else ("LoRA", k) if aligner.kind == "LoRA" else shape_of(aligner)
+        shape = None if aligner is None else shape_of(aligner) if isinstance(aligner, Aligner) else ("alone", k)
         groups.setdefault(shape, []).append(k)
     base = groups.pop(None, [])
     shaped = list(groups.values())
-    banked = [g for g in shaped if aligners[g[0]].kind != "LoRA"]
-    if not banked:
-        return [base] * bool(base) + shaped
-    banked[0][:] = sorted(base + banked[0])
-    return shaped
+    for group in shaped:
+        if base and isinstance(aligners[group[0]], Aligner):
+            group[:] = sorted(base + group)
+            base = []
+    return [base] * bool(base) + shaped
 
 
 def generate_side_by_side(model, tokenizer, prompts: list, aligners: list, lockstep=None, **options) -> list:
@@ -623,7 +625,7 @@ def main(argv=None):
         if path != "base":
             if not Path(path).exists():
                 raise FileNotFoundError(f"--aligner {path}: no such file")
-            shapes.append(Aligner.check_file(path))  # a damaged or unusable file stops here, before the model loads
+            shapes.append(check_adapter_file(path))  # a damaged or unusable file stops here, before the model loads
         else:
             shapes.append(None)
     if args.merge_lora:

@@ -256,7 +256,7 @@ def test_params_llama2_7b_are_table_1s(tmp_path, capsys):
                       "Aligner, N = 10": 41_920,  # 40,960 + 960
                       "LLaMA-Adapter, N = 10": 1_229_760,  # 30 x (40,960 + 32)
                       "LoRA, r = 8 on wq, wv": 4_194_304,  # 32 layers x 2 matrices x 8 x (4,096 + 4,096)
-                      "LoRA, r = 4 on wq, wv": 2_097_152}  # Appendix C's rank for the value experiment,
+                      "LoRA, r = 4 on wq, wv": 2_097_152,  # Appendix C's rank for the value experiment
                       "Prompt Tuning, N = 1": 4_096, "Prompt Tuning, N = 10": 40_960}  # not in Table 1: N x 4,096
     assert figures["base_params"] == 6_738_415_616  # LLaMA-2-7B
     # 24 x 2^30 - 2 x 6,738,415,616 = 12,292,972,544 bytes left; each adapter takes 2 bytes a parameter
