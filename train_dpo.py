@@ -156,7 +156,10 @@ def main(argv=None):
                           max_seq_len=1024, out="runs/dpo", shape_from="--init-aligner")
     args = trainer.parse_args(parser, argv, demo_defaults=DEMO_DEFAULTS, demo_data="pku_saferlhf.jsonl")
     demo = args.ckpt == str(data.DEMO_CKPT)
-    if demo and args.init_aligner is None and Path(DEMO_INIT).is_file():
+    if args.prefix_init == "authors" and args.init_aligner is not None:
+        raise ValueError(f"--prefix-init authors starts a fresh Aligner; --init-aligner {args.init_aligner} "
+                         "starts from a file: give one or the other")
+    if demo and args.init_aligner is None and args.prefix_init == "randn" and Path(DEMO_INIT).is_file():
         args.init_aligner = DEMO_INIT
 
     # --- processes and devices; every rank given the same run, the files checked, before anything loads
@@ -170,8 +173,10 @@ def main(argv=None):
     check_context(args.ckpt, args.max_seq_len, args.beyond_context)
     say = print if d.rank == 0 else (lambda *a, **k: None)
     if demo:
+        fresh = ("a fresh Aligner from the authors' starting prefix" if args.prefix_init == "authors"
+                 else f"a fresh Aligner (no {DEMO_INIT} yet: run `{DEMO_SFT}` first)")
         say(f"{trainer.demo_line(args.ckpt, args.data, 'pku_saferlhf.jsonl')}, "
-            f"from {args.init_aligner or f'a fresh Aligner (no {DEMO_INIT} yet: run `{DEMO_SFT}` first)'}.")
+            f"from {args.init_aligner or fresh}.")
     args.micro_batch_size = trainer.micro_batch_size(args, d)
 
     # --- load the frozen base model: policy and reference share it
@@ -198,14 +203,13 @@ def main(argv=None):
     train_idx, val_idx = trainer.split(len(pairs), args.val, args.seed)
     say(f"{len(train_idx)} pairs for training, {len(val_idx)} held out for validation")
 
-    # --- the policy's Aligner (trained, fp32) and the reference's (frozen)
+    # --- the policy's Aligner (trained, fp32 or --aligner-dtype) and the reference's (frozen)
     torch.manual_seed(args.seed)
     if args.init_aligner:
         aligner = Aligner.read(args.init_aligner, model.args)
     else:
-        aligner = Aligner(model.args, n_tokens=args.n_tokens, start_layer=args.start_layer,
-                          layer_specific=args.llama_adapter)
-    aligner = aligner.to(d.device)
+        aligner = trainer.new_aligner(args, model.args)
+    aligner = aligner.to(d.device, getattr(torch, args.aligner_dtype))
     if args.reference == "init":
         reference = copy.deepcopy(aligner).requires_grad_(False)
     elif args.reference == "base":

@@ -6,7 +6,7 @@ the SFT of its Experiment 3 (MetaMathQA), and the SFT that starts Experiment 2
 Aligner (Zhou, Wu, Zhu, Terzopoulos, arXiv 2312.05503): N learnable tokens
 attended by every layer from layer 2 on. Only the Aligner trains; the base
 model is frozen (bf16 on a GPU, fp32 on CPU), the Aligner's own parameters stay
-in fp32. `--llama-adapter` trains the paper's baseline, LLaMA-Adapter V1,
+in fp32 (in bf16, as the authors trained theirs, with --aligner-dtype bfloat16). `--llama-adapter` trains the paper's baseline, LLaMA-Adapter V1,
 instead: a prefix of N tokens in each adapted layer.
 
 Where each default comes from:
@@ -19,7 +19,9 @@ Where each default comes from:
   the authors' script holds the peak: --schedule constant), 5% held out for
   validation (the authors hold out 2,000 records: --val 2000), the loss on the
   response only, as Stanford Alpaca's train.py does (the authors' preparation
-  scripts put it on every token: --train-on-prompt).
+  scripts put it on every token: --train-on-prompt), the prefix drawn from
+  N(0, 1) seeded by --seed (the authors' runs all began from one draw:
+  --prefix-init authors).
 The README's "Reproducing the paper" has every departure and the authors' run.
 
 Commands:
@@ -44,7 +46,6 @@ import cli
 import data
 import distributed
 import trainer
-from aligner import Aligner
 from llama import check_context
 
 
@@ -101,10 +102,9 @@ def main(argv=None):
     say(f"{len(train_idx)} for training, {len(val_idx)} held out for validation; "
         f"{sum(units[i] for i in train_idx)} loss tokens per epoch")
 
-    # --- the Aligner: the only trained parameters, fp32
+    # --- the Aligner: the only trained parameters, fp32 (or bf16: --aligner-dtype)
     torch.manual_seed(args.seed)
-    aligner = Aligner(model.args, n_tokens=args.n_tokens, start_layer=args.start_layer,
-                      layer_specific=args.llama_adapter).to(d.device)
+    aligner = trainer.new_aligner(args, model.args).to(d.device, getattr(torch, args.aligner_dtype))
     say(aligner.describe())
 
     def batch_loss(indices):
