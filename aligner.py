@@ -12,7 +12,12 @@ trainable parameters, so one frozen base model serves any number of Aligners:
 The gates start at zero and are used raw (no tanh), so a fresh Aligner leaves
 the base model's outputs unchanged. The prefix starts as an embedding does,
 N(0, 1), the scale of an RMS-normalised hidden state (the authors' and
-lit-llama's nn.Embedding start so too).
+lit-llama's nn.Embedding start so too). Every run of the authors began from
+one and the same such draw, PyTorch's CUDA generator seeded 1337;
+`authors_prefix` makes it again on the CPU (Philox4x32-10, `cuda_normal`), and
+the training scripts start from it with `--prefix-init authors`. It is what the
+paper's Section 4.4 found "exactly the same" in Aligners trained on different
+tasks: the draw's values that bf16 steps left where they were.
 
 The paper's baseline, LLaMA-Adapter V1 (Zhang et al., arXiv 2303.16199, as
 lit-llama's lit_llama/adapter.py implements it), is the same module with

@@ -6,8 +6,9 @@ the SFT of its Experiment 3 (MetaMathQA), and the SFT that starts Experiment 2
 Aligner (Zhou, Wu, Zhu, Terzopoulos, arXiv 2312.05503): N learnable tokens
 attended by every layer from layer 2 on. Only the Aligner trains; the base
 model is frozen (bf16 on a GPU, fp32 on CPU), the Aligner's own parameters stay
-in fp32 (in bf16, as the authors trained theirs, with --aligner-dtype bfloat16). `--llama-adapter` trains the paper's baseline, LLaMA-Adapter V1,
-instead: a prefix of N tokens in each adapted layer.
+in fp32 (bf16, as the authors trained theirs, with --aligner-dtype bfloat16).
+`--llama-adapter` trains the paper's baseline, LLaMA-Adapter V1, instead: a
+prefix of N tokens in each adapted layer.
 
 Where each default comes from:
 - the paper: start layer 2 (Appendix A), lr 9e-3 and one warmup epoch
