@@ -8,6 +8,10 @@ accumulation over micro-batches, linear warmup then cosine decay (ours) or the
 authors' constant schedule, validation before training and after every epoch,
 an Aligner file per epoch plus the best by validation loss.
 
+The Aligner trains in float32, or with --aligner-dtype bfloat16 in bf16 as the
+authors' runs did (parameters and AdamW state); its files then hold the bf16
+values as trained, which Aligner.read widens to float32 without loss.
+
 What a run leaves in --out: settings.json, metrics.jsonl (one line per
 optimizer step and per validation), epoch-E.pt and best.pt (Aligner files),
 state.pt (everything --resume needs: Aligner, optimizer, step, RNG). The data
