@@ -298,13 +298,15 @@ def _spread_gate(tensor, n_heads: int, path, key) -> torch.Tensor:
 # the authors' starting prefix, drawn again on the CPU
 
 # The authors' finetune/aligner.py seeds every run alike, fabric.seed_everything(1337 + global_rank)
-# (rank 0 on their one GPU), and the first module their LLaMA builds (lit_llama/aligner.py, LLaMA.__init__)
-# is the prefix, nn.Embedding(N, dim), drawn by PyTorch's CUDA normal_ in bf16 (precision="bf16-true").
+# (line 103; devices = 1, line 39, so rank 0), and the first module their LLaMA builds
+# (lit_llama/aligner.py, line 246) is the prefix, nn.Embedding(N, dim), drawn by PyTorch's CUDA
+# normal_ in bf16 (precision="bf16-true", line 100).
 AUTHORS_SEED = 1337
-# PyTorch's CUDA normal_ launches one 256-thread block per 256 values, capped at what the GPU holds at
-# once. 129,024 threads (84 SMs of 1,536, as an RTX A6000 or A40 has) is the cap that reproduces the
-# released MetaMath Aligners of 100 and 300 tokens, whose 409,600 and 1,228,800 values outnumber it
-# (our inference from those files; it changes nothing for N * dim up to 129,024).
+# PyTorch's CUDA normal_ launches one 256-thread block per 256 values, capped at the blocks the GPU
+# holds at once (ATen's cuda/DistributionTemplates.h, calc_execution_policy). 129,024 threads (84
+# SMs of 1,536, as an RTX A6000 or A40 has) is the cap that reproduces the released MetaMath
+# Aligners of 100 and 300 tokens, whose 409,600 and 1,228,800 values outnumber it (our inference
+# from those files; the cap changes nothing for N * dim up to 129,024).
 AUTHORS_GPU_THREADS = 129_024
 
 PHILOX_M = (np.uint64(0xD2511F53), np.uint64(0xCD9E8D57))  # Philox4x32's round multipliers
@@ -343,15 +345,16 @@ def cuda_normal(n: int, seed: int, threads: int = AUTHORS_GPU_THREADS) -> torch.
     torch.manual_seed(seed), reproduced on the CPU. numpy's float32 log, sin and cos stand in for
     curand's, which may differ in the last bit; a cast to bf16 nearly always hides that.
 
-    How CUDA draws them (ATen's normal kernel over curand's Philox4x32-10): T = min(threads, n)
-    threads (rounded up to a block of 256) walk the tensor in passes of 4 T values. In pass r,
-    thread t takes the Philox words (x, y, z, w) of counter (r, 0, t, 0) under key (the seed's low
-    and high 32 bits) and makes four normals, sin and cos from (x, y), then from (z, w), which land
-    at r * 4T + t, + T, + 2T and + 3T. Where n <= threads, value i is the sine of counter (0, 0, i, 0).
+    How CUDA draws them (ATen's distribution_nullary_kernel, curand_normal4 over curand's
+    Philox4x32-10): T = min(threads, n) threads (rounded up to a block of 256) walk the tensor in
+    passes of 4 T values. In pass r, thread t takes the Philox words (x, y, z, w) of counter
+    (r, 0, t, 0) under key (the seed's low and high 32 bits) and makes four normals, sin and cos
+    from (x, y), then from (z, w), which land at r * 4T + t, + T, + 2T and + 3T. Where
+    n <= threads, value i is the sine of counter (0, 0, i, 0).
     """
     i = np.arange(n, dtype=np.uint64)
     span = np.uint64(-(-min(threads, n) // 256) * 256)  # T, whole blocks
-    r, within = i // (4 * span), i % (4 * span)
+    r, within = i // (np.uint64(4) * span), i % (np.uint64(4) * span)
     which, t = within // span, within % span  # which of the thread's four values, and the thread
     zero = np.zeros_like(i)
     x, y, z, w = philox4x32_10((r, zero, t, zero), (seed & 0xFFFFFFFF, seed >> 32))
