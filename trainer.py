@@ -224,7 +224,7 @@ FREE = ("out", "device", "micro_batch_size", "save_every", "grad_checkpointing",
 # Files and folders the run reads: compared on resume by their content (settings["inputs"]), not by path,
 # so that a run whose folder or inputs moved still resumes.
 INPUTS = ("ckpt", "tokenizer", "data", "init_aligner", "reference")
-# Settings newer than some runs: the value with which a run whose settings lack one was trained.
+# Settings newer than some runs (and than some callers of train): the value a run lacking one ran with.
 ADDED = {"prefix_init": "randn", "aligner_dtype": "float32"}
 
 
@@ -245,7 +245,7 @@ def run_settings(args) -> dict:
 
 def check_same_run(path, old: dict, new: dict):
     """Refuse to resume with settings or inputs that would change the result."""
-    old = {**ADDED, **old}
+    old, new = {**ADDED, **old}, {**ADDED, **new}
     keys = (old.keys() | new.keys()) - set(FREE) - set(INPUTS) - {"inputs"}
     changed = [f"--{k.replace('_', '-')} {old.get(k)} (now {new.get(k)})" for k in sorted(keys)
                if old.get(k) != new.get(k)]
