@@ -75,7 +75,7 @@ def test_the_released_one_token_aligners_hold_thousands_of_the_draws_values():
     about 4 (3.75 and 4.23 expected; other seeds' draws match 2 to 8)."""
     draw = authors_prefix(1, 4096)
     assert draw.dtype == torch.bfloat16 and draw.shape == (1, 4096)
-    for key, at_least in (("alpaca_1token_7b", 3400), ("metamath_1token_7b", 2400)):
+    for key, at_least in (("alpaca_1token_7b", 3390), ("metamath_1token_7b", 2390)):
         released = RELEASED[key]
         matches = (draw == released).sum().item()
         expected = chance_matches(released)
@@ -94,7 +94,7 @@ def test_the_values_the_two_aligners_share_are_the_draw_left_unmoved():
     alpaca, metamath = RELEASED["alpaca_1token_7b"], RELEASED["metamath_1token_7b"]
     shared = alpaca == metamath
     assert shared.sum().item() == 2407
-    assert (shared & (alpaca == draw)).sum().item() >= 2400
+    assert (shared & (alpaca == draw)).sum().item() >= 2395
     kept = metamath == draw
     large, small = draw.abs() >= 1, draw.abs() < 0.25
     assert kept[large].float().mean() > 0.99 and kept[small].sum().item() == 0
