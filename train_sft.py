@@ -7,8 +7,9 @@ responses from which the authors' code starts Experiment 2's DPO
 Aligner (Zhou, Wu, Zhu, Terzopoulos, arXiv 2312.05503): N learnable tokens
 attended by every layer from layer 2 on. Only the Aligner trains; the base
 model is frozen (bf16 on a GPU, fp32 on CPU), the Aligner's own parameters stay
-in fp32. `--llama-adapter` trains the paper's baseline, LLaMA-Adapter V1,
-instead: a prefix of N tokens in each adapted layer; `--lora` its other
+in fp32 (bf16, as the authors trained theirs, with --aligner-dtype bfloat16).
+`--llama-adapter` trains the paper's baseline, LLaMA-Adapter V1, instead: a
+prefix of N tokens in each adapted layer; `--lora` its other
 baseline, LoRA, a rank-r update of wq and wv in every layer (lora.py), with
 the learning rate, warm-up and weight decay of LORA_DEFAULTS below.
 `--prompt-tuning` trains Prompt Tuning (Lester et al., arXiv 2104.08691;
@@ -28,7 +29,9 @@ Where each default comes from:
   --schedule constant --warmup-epochs 16), 5% held out for
   validation (the authors hold out 2,000 records: --val 2000), the loss on the
   response only, as Stanford Alpaca's train.py does (the authors' preparation
-  scripts put it on every token: --train-on-prompt).
+  scripts put it on every token: --train-on-prompt), the prefix drawn from
+  N(0, 1) seeded by --seed (the authors' runs all began from one draw:
+  --prefix-init authors).
 The README's "Reproducing the paper" has every departure and the authors' run.
 
 Commands:
@@ -57,7 +60,6 @@ import cli
 import data
 import distributed
 import trainer
-from aligner import Aligner
 from llama import check_context
 from lora import LoRA
 from prompt_tuning import PromptTuning
@@ -141,15 +143,15 @@ def main(argv=None):
     say(f"{len(train_idx)} for training, {len(val_idx)} held out for validation; "
         f"{sum(units[i] for i in train_idx)} loss tokens per epoch")
 
-    # --- the Aligner (or LoRA): the only trained parameters, fp32
+    # --- the Aligner (or the baseline): the only trained parameters, fp32 (or bf16: --aligner-dtype)
     torch.manual_seed(args.seed)
     if args.lora:
-        aligner = LoRA(model.args, args.lora_rank, args.lora_alpha, args.lora_dropout).to(d.device)
+        aligner = LoRA(model.args, args.lora_rank, args.lora_alpha, args.lora_dropout)
     elif args.prompt_tuning:  # its soft tokens start as embeddings of vocabulary tokens (prompt_tuning.py)
-        aligner = PromptTuning(model.args, args.n_tokens, model.tok_embeddings.weight).to(d.device)
+        aligner = PromptTuning(model.args, args.n_tokens, model.tok_embeddings.weight)
     else:
-        aligner = Aligner(model.args, n_tokens=args.n_tokens, start_layer=args.start_layer,
-                          layer_specific=args.llama_adapter).to(d.device)
+        aligner = trainer.new_aligner(args, model.args)
+    aligner = aligner.to(d.device, getattr(torch, args.aligner_dtype))
     say(aligner.describe())
 
     def batch_loss(indices):
