@@ -199,9 +199,11 @@ def parse_args(parser, argv, demo_defaults: dict, demo_data: str, lora_defaults:
             check_demo(args.data)
     elif args.data is None:
         parser.error("--data is required with --ckpt")
-    if args.prefix_init == "authors" and (args.llama_adapter or args.lora or getattr(args, "prompt_tuning", False)):
-        parser.error("--prefix-init authors: the authors' draw is of the Aligner's one shared prefix; "
-                     "a baseline starts as its own module does")
+    baseline = ("LLaMA-Adapter" if args.llama_adapter else "LoRA" if args.lora
+                else "Prompt Tuning" if getattr(args, "prompt_tuning", False) else None)
+    if args.prefix_init == "authors" and baseline:
+        parser.error(f"--prefix-init authors: the authors' draw is of the Aligner's one shared prefix; "
+                     f"a {baseline} starts as its own module does")
     cli.place(args)
     return args
 

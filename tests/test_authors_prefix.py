@@ -191,6 +191,13 @@ def test_prefix_init_authors_is_refused_where_it_has_no_meaning(tiny_ckpt, tmp_p
     code, _, err = run_script(train_sft, run_args(tiny_ckpt, task, tmp_path / "a", "--prefix-init", "authors",
                                                   "--llama-adapter"), capsys)
     check_failure(code, err, "train_sft", ["--prefix-init authors", "LLaMA-Adapter"], expected_code=2)
+    for flag, kind in (("--lora", "LoRA"), ("--prompt-tuning", "Prompt Tuning")):
+        argv = run_args(tiny_ckpt, task, tmp_path / "a", "--prefix-init", "authors", flag)
+        if flag == "--lora":  # a LoRA has no --n-tokens to give
+            at = argv.index("--n-tokens")
+            argv = argv[:at] + argv[at + 2:]
+        code, _, err = run_script(train_sft, argv, capsys)
+        check_failure(code, err, "train_sft", ["--prefix-init authors", kind], expected_code=2)
     code, _, err = run_script(train_dpo, ["--ckpt", tiny_ckpt, "--data", task, "--out", tmp_path / "b",
                                           "--prefix-init", "authors", "--init-aligner", task], capsys)
     check_failure(code, err, "train_dpo", ["--prefix-init authors", "--init-aligner"], expected_code=1)
