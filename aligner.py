@@ -12,7 +12,12 @@ trainable parameters, so one frozen base model serves any number of Aligners:
 The gates start at zero and are used raw (no tanh), so a fresh Aligner leaves
 the base model's outputs unchanged. The prefix starts as an embedding does,
 N(0, 1), the scale of an RMS-normalised hidden state (the authors' and
-lit-llama's nn.Embedding start so too).
+lit-llama's nn.Embedding start so too). Every run of the authors began from
+one and the same such draw, PyTorch's CUDA generator seeded 1337;
+`authors_prefix` makes it again on the CPU (Philox4x32-10, `cuda_normal`), and
+the training scripts start from it with `--prefix-init authors`. It is what the
+paper's Section 4.4 found "exactly the same" in Aligners trained on different
+tasks: the draw's values that bf16 steps left where they were.
 
 The paper's baseline, LLaMA-Adapter V1 (Zhang et al., arXiv 2303.16199, as
 lit-llama's lit_llama/adapter.py implements it), is the same module with
@@ -36,12 +41,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
 import lora
 from files import atomic_save, check_values, load_pt
 from llama import ModelArgs
+from prompt_tuning import PromptTuning, is_prompt_tuning
 
 BASE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads")  # the base shape an Aligner file records
 
@@ -300,6 +307,103 @@ def _spread_gate(tensor, n_heads: int, path, key) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
+# every file the scripts take through --aligner
+
+def read_adapter(path, args: ModelArgs = None):
+    """What an --aligner file holds: a Prompt Tuning (prompt_tuning.py) where its "kind" says so,
+    else an Aligner or LLaMA-Adapter of either layout, or a LoRA file or PEFT folder (Aligner.read).
+    With `args`, refuses a file made for a base of another shape."""
+    if not Path(path).is_dir() and is_prompt_tuning(load_pt(path, "Aligner file")):
+        return PromptTuning.read(path, args)
+    return Aligner.read(path, args)
+
+
+def check_adapter_file(path):
+    """Refuse, before any model loads, an --aligner file that is no usable adapter of any kind;
+    returns the shape Aligner.check_file reads (AlignerShape or lora.LoRAShape), or the Prompt Tuning."""
+    if not Path(path).is_dir() and is_prompt_tuning(load_pt(path, "Aligner file")):
+        return PromptTuning.read(path)
+    return Aligner.check_file(path)
+
+
+# -----------------------------------------------------------------------------
+# the authors' starting prefix, drawn again on the CPU
+
+# The authors' finetune/aligner.py seeds every run alike, fabric.seed_everything(1337 + global_rank)
+# (line 103; devices = 1, line 39, so rank 0), and the first module their LLaMA builds
+# (lit_llama/aligner.py, line 246) is the prefix, nn.Embedding(N, dim), drawn by PyTorch's CUDA
+# normal_ in bf16 (precision="bf16-true", line 100).
+AUTHORS_SEED = 1337
+# PyTorch's CUDA normal_ launches one 256-thread block per 256 values, capped at the blocks the GPU
+# holds at once (ATen's cuda/DistributionTemplates.h, calc_execution_policy). 129,024 threads (84
+# SMs of 1,536, as an RTX A6000 or A40 has) is the cap that reproduces the released MetaMath
+# Aligners of 100 and 300 tokens, whose 409,600 and 1,228,800 values outnumber it (our inference
+# from those files; the cap changes nothing for N * dim up to 129,024).
+AUTHORS_GPU_THREADS = 129_024
+
+PHILOX_M = (np.uint64(0xD2511F53), np.uint64(0xCD9E8D57))  # Philox4x32's round multipliers
+PHILOX_W = (np.uint64(0x9E3779B9), np.uint64(0xBB67AE85))  # its key increments (golden ratio, sqrt(3) - 1)
+MASK32, SHIFT32 = np.uint64(0xFFFFFFFF), np.uint64(32)
+
+
+def philox4x32_10(counter, key):
+    """Philox4x32-10 (Salmon, Moraes, Dror, Shaw, "Parallel Random Numbers: As Easy as 1, 2, 3",
+    SC 2011): four 32-bit words out of a counter of four and a key of two, in ten rounds.
+
+    counter: four arrays (or ints) of 32-bit values, broadcast together; key: two ints.
+    Returns four uint64 arrays holding 32-bit words. Each round multiplies two counter words
+    into 64-bit products (exact in uint64) and mixes their halves with the other words and the key.
+    """
+    c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint64) for c in counter)
+    k0, k1 = np.uint64(key[0]), np.uint64(key[1])
+    for _ in range(10):
+        p0, p1 = PHILOX_M[0] * c0, PHILOX_M[1] * c2
+        c0, c1, c2, c3 = (p1 >> SHIFT32) ^ c1 ^ k0, p1 & MASK32, (p0 >> SHIFT32) ^ c3 ^ k1, p0 & MASK32
+        k0, k1 = (k0 + PHILOX_W[0]) & MASK32, (k1 + PHILOX_W[1]) & MASK32
+    return c0, c1, c2, c3
+
+
+def box_muller(x, y, cosine):
+    """curand's Box-Muller on two 32-bit words, in float32 as curand computes it: u and v are the
+    words' midpoints in (0, 1] and (0, 2 pi]; the value is sqrt(-2 ln u) sin v (cos v where `cosine`)."""
+    step, step_2pi = np.float32(2.0 ** -32), np.float32(2.0 ** -32) * np.float32(2 * np.pi)
+    u = x.astype(np.float32) * step + step / np.float32(2)
+    v = y.astype(np.float32) * step_2pi + step_2pi / np.float32(2)
+    return np.sqrt(np.float32(-2) * np.log(u)) * np.where(cosine, np.cos(v), np.sin(v))
+
+
+def cuda_normal(n: int, seed: int, threads: int = AUTHORS_GPU_THREADS) -> torch.Tensor:
+    """The n values, float32, that PyTorch's CUDA normal_ writes into a fresh tensor right after
+    torch.manual_seed(seed), reproduced on the CPU. numpy's float32 log, sin and cos stand in for
+    curand's, which may differ in the last bit; a cast to bf16 nearly always hides that.
+
+    How CUDA draws them (ATen's distribution_nullary_kernel, curand_normal4 over curand's
+    Philox4x32-10): T = min(threads, n) threads (rounded up to a block of 256) walk the tensor in
+    passes of 4 T values. In pass r, thread t takes the Philox words (x, y, z, w) of counter
+    (r, 0, t, 0) under key (the seed's low and high 32 bits) and makes four normals, sin and cos
+    from (x, y), then from (z, w), which land at r * 4T + t, + T, + 2T and + 3T. Where
+    n <= threads, value i is the sine of counter (0, 0, i, 0).
+    """
+    i = np.arange(n, dtype=np.uint64)
+    span = np.uint64(-(-min(threads, n) // 256) * 256)  # T, whole blocks
+    r, within = i // (np.uint64(4) * span), i % (np.uint64(4) * span)
+    which, t = within // span, within % span  # which of the thread's four values, and the thread
+    zero = np.zeros_like(i)
+    x, y, z, w = philox4x32_10((r, zero, t, zero), (seed & 0xFFFFFFFF, seed >> 32))
+    first_pair = which < 2
+    values = box_muller(np.where(first_pair, x, z), np.where(first_pair, y, w), cosine=which % 2 == 1)
+    return torch.from_numpy(values.astype(np.float32))
+
+
+def authors_prefix(n_tokens: int, dim: int) -> torch.Tensor:
+    """(N, dim) bf16: the prefix every one of the authors' Aligner runs started from, the seed-1337
+    CUDA draw of nn.Embedding(N, dim). Their runs trained it in pure bf16, where a step smaller than
+    half a bf16 step leaves a value exactly as drawn: 3,404 and 2,405 of the 4,096 values of the
+    released one-token Alpaca and MetaMath Aligners are these (tests/test_authors_prefix.py)."""
+    return cuda_normal(n_tokens * dim, AUTHORS_SEED).to(torch.bfloat16).view(n_tokens, dim)
+
+
+# -----------------------------------------------------------------------------
 # many Aligners over one base model
 
 @dataclass
@@ -324,9 +428,11 @@ class AlignerBank:
         real = [a for a in aligners if a is not None]
         if not real:
             raise ValueError("an AlignerBank needs at least one Aligner")
-        if any(a.kind == "LoRA" for a in real):
-            raise ValueError("a LoRA cannot share a batch with other LoRAs or with Aligners: its update is to "
-                             "the base's own projections, not a prefix a row can pick; run each LoRA alone")
+        for a in real:
+            if not isinstance(a, Aligner):
+                raise ValueError(f"a {a.kind} cannot share a batch with other adapters or the base model: "
+                                 "a LoRA changes the base's own projections, a Prompt Tuning lengthens every "
+                                 "row; generate with it in a batch of its own")
         first = real[0]
         for a in real[1:]:
             if shape_of(a) != shape_of(first):

@@ -24,7 +24,9 @@ When Aligning Large Language Models", arXiv 2312.05503.
   are 2408 numbers exactly the same" between the Aligners trained on Alpaca and on MetaMath, and
   for the LLaMA-Adapters "on average 2502.16 numbers that are the same for every token ... with
   standard deviation of 310.4, ranging from 1342 to 3321"; Fig. 16 is the histogram of the
-  absolute differences, Figs. 6b and 12-15 t-SNE maps of the prefix tokens.
+  absolute differences, Figs. 6b and 12-15 t-SNE maps of the prefix tokens. In the authors'
+  files the equal values are their runs' common starting draw, which bf16 steps left unmoved
+  (aligner.authors_prefix; the README's "Why values are exactly equal").
 - `params`: Table 1, the parameters of each method for LLaMA-2-7B and how many adapters fit in a
   24 GB GPU beside the base model; LoRA (lora.py) at r = 8 and at Appendix C's r = 4.
   `gates` and `compare` refuse a LoRA file: it has neither gates nor prefix tokens.
@@ -61,6 +63,7 @@ from aligner import Aligner
 from files import (atomic_text, atomic_write, check_writable, checkpoint_inputs, refuse_clashes, refuse_existing,
                    short_names)
 from llama import ModelArgs, Tokenizer, Transformer, find_tokenizer, read_params
+from prompt_tuning import PromptTuning
 
 INSTALL = "pip install -r requirements-analysis.txt"
 CHUNK = 1 << 24  # values of differences held at a time when every token pair is compared (64 MB in float32)
@@ -385,6 +388,9 @@ def table1(args: ModelArgs) -> tuple:
         ("LLaMA-Adapter, N = 10", aligner[10, True], f"{adapted} x (10 x {dim} + {heads})"),
         *((f"LoRA, r = {rank} on wq, wv", count, f"{args.n_layers} x {rank} x ({dim} + {wq} + {dim} + {wv})")
           for rank, count in loras.items()),
+        # not in Table 1: the input-only baseline of prompt_tuning.py, N soft tokens of width dim
+        ("Prompt Tuning, N = 1", PromptTuning(args, 1).num_params(), f"1 x {dim}"),
+        ("Prompt Tuning, N = 10", PromptTuning(args, 10).num_params(), f"10 x {dim}"),
     ]
     return base, [Method(name, n, formula, max(0, free // (BF16 * n))) for name, n, formula in methods]
 
@@ -400,7 +406,7 @@ def params_report(args: ModelArgs, where: str) -> tuple:
     base, methods = table1(args)
     paper = is_llama2_7b(args)
     header = ["method", "count", "parameters", "fit in 24 GiB"] + ["Table 1", "Table 1 fit"] * paper
-    rows = [[m.name, m.formula, f"{m.params:,}", f"{m.fit:,}"] + list(PAPER_TABLE1.get(m.name, ("-", "-"))) * paper
+    rows = [[m.name, m.formula, f"{m.params:,}", f"{m.fit:,}"] + list(PAPER_TABLE1.get(m.name, ("–", "–"))) * paper
             for m in methods]
     free = GPU_BYTES - BF16 * base
     text = (f"Table 1 for {where}: dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads "

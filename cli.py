@@ -7,7 +7,8 @@ share at the command line:
   before any model loads;
 - --device and --dtype, and the one place where their defaults are chosen:
   the base model runs in bfloat16 on a GPU and in float32 on CPU, while an
-  Aligner's own parameters and optimizer state always stay float32;
+  Aligner's own parameters and optimizer state stay float32 (unless a training
+  script is given --aligner-dtype bfloat16, as the authors trained theirs);
 - the one error path: `if __name__ == "__main__": cli.run(main)` turns any
   exception into one line on stderr, `<script>: error: <message>`, and exit
   code 1. --debug (or ALIGNER_DEBUG=1 in the environment) shows the traceback
@@ -217,7 +218,7 @@ def add_common_flags(parser):
                              "one, else cpu; under torchrun each process takes the GPU of its LOCAL_RANK)")
     parser.add_argument("--dtype", choices=DTYPES, default=argparse.SUPPRESS,
                         help="the base model's dtype (default: bfloat16 on CUDA, float32 elsewhere); "
-                             "the Aligner's own parameters stay float32")
+                             "the Aligner's own parameters stay float32 (training scripts: see --aligner-dtype)")
     parser.add_argument("--beyond-context", action="store_true",
                         help="allow --max-seq-len past the checkpoint's context (config.json's "
                              "max_position_embeddings; 4096, LLaMA-2's, for Meta's params.json, which records none)")

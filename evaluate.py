@@ -91,7 +91,7 @@ import torch
 import cli
 import distributed
 import lora
-from aligner import Aligner
+from aligner import check_adapter_file, read_adapter
 from data import (DEMO_CKPT, DEMO_DATA, TEMPLATES, DataError, check_demo, encode_prompt, format_prompt, read_records,
                   string_fields)
 from generate import generate
@@ -795,7 +795,7 @@ def main(argv=None):
         if path != "base":
             if not Path(path).exists():
                 raise FileNotFoundError(f"--aligner {path}: no such file")
-            shapes.append(Aligner.check_file(path))  # a damaged or unusable file stops here, before the model loads
+            shapes.append(check_adapter_file(path))  # a damaged or unusable file stops here, before the model loads
         else:
             shapes.append(None)
     if args.merge_lora:
@@ -817,7 +817,7 @@ def main(argv=None):
     lockstep = distributed.Lockstep(model, d) if d.fsdp else None  # under FSDP each rank takes its share
     aligners = {}
     for path in args.aligner or ["base"]:
-        aligners[path] = None if path == "base" else Aligner.read(path, model.args).to(device)
+        aligners[path] = None if path == "base" else read_adapter(path, model.args).to(device)
     if args.merge_lora:  # W + (alpha / r) B A in the base's own wq and wv; the model then runs as it is
         lora.merge(model, aligners[args.aligner[0]])
         aligners[args.aligner[0]] = None

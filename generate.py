@@ -14,9 +14,10 @@ Text generation with a frozen LLaMA and any number of Aligners, through the KV c
 
 Each instruction is put in --template (data.TEMPLATES) and tokenized alone,
 BOS first, by data.encode_prompt: the same ids that training puts before the response. Any Aligner
-file is read by Aligner.read, this project's or the paper's authors'; so is a LoRA (lora.py: ours,
-lit-llama's, a PEFT adapter folder), which decodes in batches of its own, applied beside wq and wv
-or, with --merge-lora, written into them first.
+file is read by aligner.read_adapter, this project's or the paper's authors'; so is a LoRA (lora.py:
+ours, lit-llama's, a PEFT adapter folder), which decodes in batches of its own, applied beside wq and
+wv or, with --merge-lora, written into them first; and a Prompt Tuning (prompt_tuning.py), also in
+batches of its own.
 
 --prompts-file also reads the question files of the paper's GPT-4 judges as they
 are published (FastChat's Vicuna and MT-bench questions, the Beaver safety
@@ -64,10 +65,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import cli
 import distributed
 import lora
-from aligner import Aligner, AlignerBank, AlignerRows, shape_of
+from aligner import Aligner, AlignerBank, AlignerRows, check_adapter_file, read_adapter, shape_of
 from data import DEMO_CKPT, TEMPLATES, check_demo, encode_prompt, format_prompt
 from files import atomic_text, check_writable, checkpoint_inputs, refuse_clashes, refuse_existing, short_names
 from llama import KVCache, ModelArgs, check_context, load, read_params
+from prompt_tuning import PromptTuning, SoftTokens
 from questions import (Question, answer_files, answers_path, check_model_ids, check_unique_ids,
                        next_turn_prompt, question_file, read_questions)
 
@@ -324,6 +326,8 @@ def rows_of(aligner, rows: slice, device, dtype=None):
     """What forward takes as `aligner=` for these batch rows, on the model's device (and in its dtype)."""
     if aligner is None:
         return None
+    if isinstance(aligner, PromptTuning):
+        return aligner.rows(device, dtype)
     if isinstance(aligner, AlignerRows):
         return AlignerRows(aligner.prefix[rows].to(device, dtype), aligner.gates[rows].to(device, dtype),
                            aligner.start_layer, aligner.layer_specific)
@@ -403,10 +407,11 @@ def generate_batch(model, tokenizer, prompts, aligner, first_row, max_new_tokens
     if min(lengths) == 0:
         raise ValueError(f"prompt {first_row + lengths.index(0)} is empty; it needs at least the BOS token")
     longest = max(lengths)
-    if longest >= args.max_seq_len:
-        raise ValueError(f"a prompt of {longest} tokens leaves no room to generate within "
-                         f"max_seq_len {args.max_seq_len}")
-    n_new = min(max_new_tokens, args.max_seq_len - longest)  # as Meta does, stop at the context's end
+    n_soft = aligner.soft_tokens.shape[0] if isinstance(aligner, SoftTokens) else 0  # Prompt Tuning's, in the cache
+    if n_soft + longest >= args.max_seq_len:
+        raise ValueError(f"a prompt of {longest} tokens" + f" after {n_soft} soft tokens" * (n_soft > 0)
+                         + f" leaves no room to generate within max_seq_len {args.max_seq_len}")
+    n_new = min(max_new_tokens, args.max_seq_len - n_soft - longest)  # as Meta does, stop at the context's end
     if n_new <= 0:
         return ["" for _ in prompts]
 
@@ -416,21 +421,24 @@ def generate_batch(model, tokenizer, prompts, aligner, first_row, max_new_tokens
         tokens[b, longest - len(p):] = torch.tensor(p)
     pad = None if min(lengths) == longest else torch.tensor([longest - n for n in lengths], device=device)
     if compile:
-        cache = static_cache(args, len(prompts), longest + n_new - 1, device, weight.dtype)
+        cache = static_cache(args, len(prompts), n_soft + longest + n_new - 1, device, weight.dtype)
         cache.reset(pad)
     else:
-        cache = KVCache(args, len(prompts), longest + n_new - 1, device=device, dtype=weight.dtype, pad=pad)
+        cache = KVCache(args, len(prompts), n_soft + longest + n_new - 1, device=device, dtype=weight.dtype, pad=pad)
 
     # --- prefill, eager in both modes ---------------------------------------------
     with attention_kernels(EAGER_ATTENTION):
         if lockstep is not None:
             lockstep.turn()
         logits = prefill(model, tokens.to(device), aligner, cache)  # (B, V)
+    if n_soft:
+        aligner = None  # the soft tokens are in the cache now; the decode steps need nothing else of them
     positions = None
     if compile:
         pin_rope(model, device)
         aligner = cache.pin(aligner)
-        positions = torch.arange(longest, longest + n_new, device=device)  # step s feeds position longest + s
+        # step s feeds slot n_soft + longest + s
+        positions = torch.arange(n_soft + longest, n_soft + longest + n_new, device=device)
 
     # --- decode ----------------------------------------------------------------------
     ahead = device.type in READ_AHEAD and lockstep is None  # in lockstep, a rank forwards only on its turn
@@ -471,21 +479,20 @@ def aligner_names(paths) -> list:
 
 def same_shape_groups(aligners: list) -> list:
     """The indices of `aligners` in groups that one AlignerBank can hold: Aligners of the same
-    kind, number of tokens and start layer. None (the base model) joins the first group of
-    Aligners. A LoRA changes the base's own projections, so each LoRA is a group alone."""
+    kind, number of tokens and start layer. A LoRA (it changes the base's own projections) and a
+    Prompt Tuning (its soft tokens lengthen every row) each stand alone. None (the base model)
+    joins the first group of Aligners, or stands alone."""
     groups = {}
     for k, aligner in enumerate(aligners):
-        shape = None if aligner is None else ("LoRA", k) if aligner.kind == "LoRA" else shape_of(aligner)
+        shape = None if aligner is None else shape_of(aligner) if isinstance(aligner, Aligner) else ("alone", k)
         groups.setdefault(shape, []).append(k)
     base = groups.pop(None, [])
-    if not groups:
-        return [base]
     shaped = list(groups.values())
-    banked = [g for g in shaped if aligners[g[0]].kind != "LoRA"]
-    if not banked:
-        return [base] * bool(base) + shaped
-    banked[0][:] = sorted(base + banked[0])
-    return shaped
+    for group in shaped:
+        if base and isinstance(aligners[group[0]], Aligner):
+            group[:] = sorted(base + group)
+            base = []
+    return [base] * bool(base) + shaped
 
 
 def generate_side_by_side(model, tokenizer, prompts: list, aligners: list, lockstep=None, **options) -> list:
@@ -618,7 +625,7 @@ def main(argv=None):
         if path != "base":
             if not Path(path).exists():
                 raise FileNotFoundError(f"--aligner {path}: no such file")
-            shapes.append(Aligner.check_file(path))  # a damaged or unusable file stops here, before the model loads
+            shapes.append(check_adapter_file(path))  # a damaged or unusable file stops here, before the model loads
         else:
             shapes.append(None)
     if args.merge_lora:
@@ -643,7 +650,7 @@ def main(argv=None):
     model, tokenizer = (distributed.load_sharded if d.fsdp else load)(ckpt, device=device, dtype=dtype,
                                                                       tokenizer_path=args.tokenizer,
                                                                       max_seq_len=args.max_seq_len)
-    aligners = [None if p == "base" else Aligner.read(p, model.args) for p in args.aligner] or [None]
+    aligners = [None if p == "base" else read_adapter(p, model.args) for p in args.aligner] or [None]
     if args.merge_lora:  # W + (alpha / r) B A in the base's own wq and wv; the model then runs as it is
         lora.merge(model, aligners[0])
         aligners = [None]
@@ -677,7 +684,7 @@ def demo_aligners() -> list:
     Aligner, DEMO_ALIGNER, where one for the demo model is there, since the difference is what
     the demo is about; else the base alone, with a line on how to train that Aligner."""
     try:
-        Aligner.read(DEMO_ALIGNER, ModelArgs(**read_params(DEMO_CKPT)))
+        read_adapter(DEMO_ALIGNER, ModelArgs(**read_params(DEMO_CKPT)))
     except (OSError, ValueError):  # not there yet, or trained for another base
         print(f"the base model alone: `python train_sft.py` trains an Aligner into {DEMO_ALIGNER} in a few "
               "minutes, and this then shows the two side by side", file=sys.stderr)

@@ -346,6 +346,30 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+# -----------------------------------------------------------------------------
+# Prompt Tuning (Lester et al. 2021; prompt_tuning.py): the baseline that acts at the input only.
+# Its N soft tokens are ordinary sequence positions, the first N of each row; no layer reads
+# anything else of it. Transformer.forward places them on a sequence's first forward and keeps
+# them in the KV cache after it.
+
+def place_soft_tokens(h: torch.Tensor, soft: torch.Tensor, pad: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The token embeddings h (B, T, dim) with the soft tokens (N, dim) before them: (B, N + T, dim).
+
+    With left padding, row b's soft tokens come right after its pad[b] padding slots, so they take
+    its first N positions as they would alone, and the mask that hides the padding leaves them be.
+    """
+    bsz, seqlen, dim = h.shape
+    n_soft = soft.shape[0]
+    x = torch.cat([soft.to(h.dtype).expand(bsz, n_soft, dim), h], dim=1)  # (B, N + T, dim), soft tokens first
+    if pad is None:
+        return x
+    slot = torch.arange(n_soft + seqlen, device=h.device)[None]  # (1, N + T)
+    before = pad[:, None]  # (B, 1)
+    # each slot's index in x: padding, then the soft tokens, then the real tokens
+    source = torch.where(slot < before, slot + n_soft, torch.where(slot < before + n_soft, slot - before, slot))
+    return x.gather(1, source[..., None].expand(bsz, n_soft + seqlen, dim))  # (B, N + T, dim)
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -439,15 +463,25 @@ class Transformer(nn.Module):
                 positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, vocab_size) in float32.
 
-        aligner: None for the base model. cache: None for a whole sequence from
+        aligner: None for the base model; or anything with `soft_tokens` (N, dim),
+        Prompt Tuning, whose soft tokens go before the tokens on a sequence's first
+        forward (place_soft_tokens) and whose positions' logits are left out.
+        cache: None for a whole sequence from
         position 0 (training); a KVCache to continue where the last call stopped.
         positions: None, or the (T,) cache slots of the tokens given by the
         caller, for decoding with static shapes (torch.compile): the whole cache
         is then attended under a mask, and cache.length is left alone.
         """
-        bsz, seqlen = tokens.shape
-        span = self.span(seqlen, tokens.device, cache, positions)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
+        soft = getattr(aligner, "soft_tokens", None)  # Prompt Tuning's (N, dim): at the input only
+        if soft is not None:
+            aligner = None
+            if positions is None and (cache is None or cache.length == 0):  # a sequence's first forward
+                h = place_soft_tokens(h, soft, None if cache is None else cache.pad)  # (B, N + T, dim)
+            else:
+                soft = None  # they are in the cache already
+        seqlen = h.shape[1]
+        span = self.span(seqlen, tokens.device, cache, positions)
         for layer, layer_aligner in zip(self.layers, self.aligner_layers(aligner)):
             if self.grad_checkpointing and torch.is_grad_enabled() and (h.requires_grad or layer_aligner is not None):
                 h = checkpoint(layer, h, span, layer_aligner, cache, use_reentrant=False)
@@ -455,6 +489,9 @@ class Transformer(nn.Module):
                 h = layer(h, span, layer_aligner, cache)
         if cache is not None and positions is None:
             cache.length += seqlen
+        if soft is not None:
+            # the tokens given: row b's real tokens sit N slots on (its padding's logits mean nothing)
+            h = h[:, soft.shape[0]:]  # (B, T, dim)
         return self.output(self.norm(h)).float()  # (B, T, vocab_size)
 
 

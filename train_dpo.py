@@ -187,7 +187,10 @@ def main(argv=None):
                                     "for DPO")
     args = trainer.parse_args(parser, argv, demo_defaults=DEMO_DEFAULTS, demo_data="pku_saferlhf.jsonl")
     demo = args.ckpt == str(data.DEMO_CKPT)
-    if demo and args.init_aligner is None and Path(DEMO_INIT).is_file():
+    if args.prefix_init == "authors" and args.init_aligner is not None:
+        raise ValueError(f"--prefix-init authors starts a fresh Aligner; --init-aligner {args.init_aligner} "
+                         "starts from a file: give one or the other")
+    if demo and args.init_aligner is None and args.prefix_init == "randn" and Path(DEMO_INIT).is_file():
         args.init_aligner = DEMO_INIT
 
     # --- processes and devices; every rank given the same run, the files checked, before anything loads
@@ -203,8 +206,10 @@ def main(argv=None):
     check_context(args.ckpt, args.max_seq_len, args.beyond_context)
     say = print if d.rank == 0 else (lambda *a, **k: None)
     if demo:
+        fresh = ("a fresh Aligner from the authors' starting prefix" if args.prefix_init == "authors"
+                 else f"a fresh Aligner (no {DEMO_INIT} yet: run `{DEMO_SFT}` first)")
         say(f"{trainer.demo_line(args.ckpt, args.data, 'pku_saferlhf.jsonl')}, "
-            f"from {args.init_aligner or f'a fresh Aligner (no {DEMO_INIT} yet: run `{DEMO_SFT}` first)'}.")
+            f"from {args.init_aligner or fresh}.")
     args.micro_batch_size = trainer.micro_batch_size(args, d)
 
     # --- load the frozen base model: policy and reference share it
@@ -231,18 +236,17 @@ def main(argv=None):
     train_idx, val_idx = trainer.split(len(pairs), args.val, args.seed)
     say(f"{cli.plural(len(train_idx), 'pair')} for training, {len(val_idx)} held out for validation")
 
-    # --- the policy's Aligner (trained, fp32) and the reference's (frozen)
+    # --- the policy's Aligner (trained, fp32 or --aligner-dtype) and the reference's (frozen)
     torch.manual_seed(args.seed)
     if args.init_aligner:
         aligner = Aligner.read(args.init_aligner, model.args).train()
     elif args.lora:
         aligner = LoRA(model.args, args.lora_rank, args.lora_alpha, args.lora_dropout)
     else:
-        aligner = Aligner(model.args, n_tokens=args.n_tokens, start_layer=args.start_layer,
-                          layer_specific=args.llama_adapter)
+        aligner = trainer.new_aligner(args, model.args)
     if args.lora:
         aligner.dropout = args.lora_dropout  # this run's, whatever the initial file trained with
-    aligner = aligner.to(d.device)
+    aligner = aligner.to(d.device, getattr(torch, args.aligner_dtype))
     if args.reference == "init":
         reference = copy.deepcopy(aligner).requires_grad_(False).eval()
     elif args.reference == "base":

@@ -7,10 +7,15 @@ responses from which the authors' code starts Experiment 2's DPO
 Aligner (Zhou, Wu, Zhu, Terzopoulos, arXiv 2312.05503): N learnable tokens
 attended by every layer from layer 2 on. Only the Aligner trains; the base
 model is frozen (bf16 on a GPU, fp32 on CPU), the Aligner's own parameters stay
-in fp32. `--llama-adapter` trains the paper's baseline, LLaMA-Adapter V1,
-instead: a prefix of N tokens in each adapted layer; `--lora` its other
+in fp32 (bf16, as the authors trained theirs, with --aligner-dtype bfloat16).
+`--llama-adapter` trains the paper's baseline, LLaMA-Adapter V1, instead: a
+prefix of N tokens in each adapted layer; `--lora` its other
 baseline, LoRA, a rank-r update of wq and wv in every layer (lora.py), with
 the learning rate, warm-up and weight decay of LORA_DEFAULTS below.
+`--prompt-tuning` trains Prompt Tuning (Lester et al., arXiv 2104.08691;
+prompt_tuning.py): N soft tokens at the input only, which the paper's
+Section 2 says it failed to make produce meaningful responses; the soft tokens
+count towards --max-seq-len, so examples are cut to --max-seq-len - N tokens.
 
 Where each default comes from:
 - the paper: start layer 2 (Appendix A), lr 9e-3 and one warmup epoch
@@ -24,7 +29,9 @@ Where each default comes from:
   --schedule constant --warmup-epochs 16), 5% held out for
   validation (the authors hold out 2,000 records: --val 2000), the loss on the
   response only, as Stanford Alpaca's train.py does (the authors' preparation
-  scripts put it on every token: --train-on-prompt).
+  scripts put it on every token: --train-on-prompt), the prefix drawn from
+  N(0, 1) seeded by --seed (the authors' runs all began from one draw:
+  --prefix-init authors).
 The README's "Reproducing the paper" has every departure and the authors' run.
 
 Commands:
@@ -32,6 +39,7 @@ Commands:
     python train_sft.py --ckpt llama-2-7b --data alpaca_data.json --n-tokens 1
     python train_sft.py --ckpt llama-2-7b --data alpaca_data.json --llama-adapter   # the baseline
     python train_sft.py --ckpt llama-2-7b --data alpaca_data.json --lora            # the other baseline
+    python train_sft.py --prompt-tuning --n-tokens 10 --out runs/pt10   # Prompt Tuning on the demo
     python train_sft.py --ckpt llama-2-7b --data MetaMathQA-395K.json --template metamath --epochs 3
     torchrun --nproc_per_node 8 train_sft.py --ckpt llama-2-7b --data alpaca_data.json
     python train_sft.py --ckpt llama-2-7b --data alpaca_data.json --resume   # continue a stopped run
@@ -52,9 +60,9 @@ import cli
 import data
 import distributed
 import trainer
-from aligner import Aligner
 from llama import check_context
 from lora import LoRA
+from prompt_tuning import PromptTuning
 
 
 # The demo's SFT set is small (1,625 examples): the authors' batch of 64 gives only about 200 optimizer
@@ -82,10 +90,23 @@ def main(argv=None):
                              "(mask_inputs=False), not on the response only")
     parser.add_argument("--template", choices=list(data.TEMPLATES), default="alpaca",
                         help="the prompt format of instruction/input/output records (data.TEMPLATES)")
+    parser.add_argument("--prompt-tuning", action="store_true",
+                        help="train Prompt Tuning instead (Lester et al. 2021): --n-tokens soft tokens before "
+                             "the input, nothing in the layers; --start-layer does not apply")
     trainer.add_arguments(parser, n_tokens=10, lr=9e-3, batch_size=64, epochs=8, warmup_epochs=1.0,
                           max_seq_len=512, out="runs/sft", lora_note=LORA_NOTE)
     args = trainer.parse_args(parser, argv, demo_defaults=DEMO_DEFAULTS, demo_data="alpaca.json",
                               lora_defaults=LORA_DEFAULTS)
+    n_soft = args.n_tokens if args.prompt_tuning else 0  # sequence positions the soft tokens take
+    if args.prompt_tuning:
+        if args.llama_adapter or args.lora:
+            raise ValueError(f"--prompt-tuning and {'--lora' if args.lora else '--llama-adapter'}: choose one")
+        if args.fsdp:
+            raise ValueError("--prompt-tuning does not run under --fsdp (its soft tokens start as rows of the "
+                             "embedding table, which FSDP shards); run it without")
+        if n_soft >= args.max_seq_len:
+            raise ValueError(f"--n-tokens {n_soft} soft tokens leave no room for the text within "
+                             f"--max-seq-len {args.max_seq_len}")
 
     # --- processes and devices; every rank given the same run, --out checked, before anything loads
     d = distributed.init_distributed(torch.device(args.device), args.fsdp)
@@ -104,13 +125,14 @@ def main(argv=None):
     pairs, n_unsafe = data.read_sft(args.data, args.template)
     examples, n_cut = [], 0
     for pair in pairs:
-        example = data.encode_example(tokenizer, pair.prompt, pair.response, args.max_seq_len, args.train_on_prompt)
+        example = data.encode_example(tokenizer, pair.prompt, pair.response, args.max_seq_len - n_soft,
+                                      args.train_on_prompt)
         n_cut += example.truncated
         if data.n_targets(example) > 0:  # else the prompt alone filled max_seq_len: nothing to learn
             examples.append(example)
     if not examples:
         raise ValueError(f"{args.data}: no examples left: in every one the prompt alone fills "
-                         f"--max-seq-len {args.max_seq_len}")
+                         f"--max-seq-len {args.max_seq_len}" + f" less the {n_soft} soft tokens" * (n_soft > 0))
     lengths = [len(e.tokens) for e in examples]
     units = [data.n_targets(e) for e in examples]  # the loss is a mean over these tokens
     say(f"{args.data}: {cli.plural(len(pairs), 'example')}"
@@ -121,19 +143,21 @@ def main(argv=None):
     say(f"{len(train_idx)} for training, {len(val_idx)} held out for validation; "
         f"{sum(units[i] for i in train_idx)} loss tokens per epoch")
 
-    # --- the Aligner (or LoRA): the only trained parameters, fp32
+    # --- the Aligner (or the baseline): the only trained parameters, fp32 (or bf16: --aligner-dtype)
     torch.manual_seed(args.seed)
     if args.lora:
-        aligner = LoRA(model.args, args.lora_rank, args.lora_alpha, args.lora_dropout).to(d.device)
+        aligner = LoRA(model.args, args.lora_rank, args.lora_alpha, args.lora_dropout)
+    elif args.prompt_tuning:  # its soft tokens start as embeddings of vocabulary tokens (prompt_tuning.py)
+        aligner = PromptTuning(model.args, args.n_tokens, model.tok_embeddings.weight)
     else:
-        aligner = Aligner(model.args, n_tokens=args.n_tokens, start_layer=args.start_layer,
-                          layer_specific=args.llama_adapter).to(d.device)
+        aligner = trainer.new_aligner(args, model.args)
+    aligner = aligner.to(d.device, getattr(torch, args.aligner_dtype))
     say(aligner.describe())
 
     def batch_loss(indices):
         """Cross-entropy summed over the response tokens of these examples (float32 logits)."""
         tokens, targets = data.collate([examples[i] for i in indices])  # (B, T-1) each
-        logits = model(tokens.to(d.device), aligner=aligner)  # (B, T-1, V)
+        logits = model(tokens.to(d.device), aligner=aligner)  # (B, T-1, V): Prompt Tuning's positions left out
         loss = F.cross_entropy(logits.flatten(0, 1), targets.to(d.device).flatten(),
                                ignore_index=data.IGNORE, reduction="sum")
         return loss, {}

@@ -12,6 +12,10 @@ an Aligner file per epoch plus the best by validation loss. An epoch is one pass
 over the training split, or with --epoch-size that many examples drawn with
 replacement, as the authors' scripts draw them.
 
+The Aligner trains in float32, or with --aligner-dtype bfloat16 in bf16 as the
+authors' runs did (parameters and AdamW state); its files then hold the bf16
+values as trained, which Aligner.read widens to float32 without loss.
+
 What a run leaves in --out: settings.json, metrics.jsonl (one line per
 optimizer step and per validation), epoch-E.pt and best.pt (Aligner files),
 state.pt (everything --resume needs: Aligner, optimizer, step, RNG). The data
@@ -50,6 +54,7 @@ its total count of loss units (response tokens for SFT, pairs for DPO) before
 backward, so summing the ranks' gradients gives the one-process gradient.
 """
 
+import argparse
 import copy
 import fnmatch
 import json
@@ -67,6 +72,7 @@ import torch
 from tqdm import tqdm
 
 import cli
+from aligner import Aligner, authors_prefix
 from data import DEMO_CKPT, DEMO_DATA, check_demo
 from files import (FileError, append_line, atomic_save, atomic_text, bad_value, check_values,
                    check_writable, checkpoint_inputs, fingerprint, load_pt, read_text, refuse_clashes,
@@ -107,6 +113,13 @@ def add_arguments(parser, *, n_tokens, lr, batch_size, epochs, warmup_epochs, ma
            + (f" (default: {shape_from}'s, else 16)" if shape_from else ""))
     a("--lora-dropout", type=cli.dropout, default=0.05,
       help="dropout on the input of --lora's A path while training (the authors' finetune/lora.py, line 44)")
+    a("--prefix-init", choices=("randn", "authors"), default="randn",
+      help="the prefix's start: randn, N(0, 1) from torch's CPU generator seeded by --seed; authors, the "
+           "draw all the authors' runs started from (seed 1337 on CUDA, reproduced on any device: "
+           "aligner.authors_prefix), whatever --seed")
+    a("--aligner-dtype", choices=("float32", "bfloat16"), default="float32",
+      help="the Aligner's parameters and AdamW state; bfloat16 trains as the authors' runs did "
+           "(bf16-true), where a step smaller than half a bf16 step is rounded away")
     a("--lr", type=cli.positive_float, default=lr, help="peak learning rate of AdamW")
     a("--weight-decay", type=cli.non_negative_float, default=0.02, help="AdamW's weight decay")
     a("--batch-size", type=cli.positive_int, default=batch_size,
@@ -170,6 +183,9 @@ def parse_args(parser, argv, demo_defaults: dict, demo_data: str, lora_defaults:
     args = parser.parse_args(argv)
     if args.lora and args.llama_adapter:
         parser.error("--lora and --llama-adapter are two baselines; give one")
+    if args.lora:
+        for flag in given_flags(parser, argv, ("n_tokens", "start_layer")):
+            parser.error(f"{flag} shapes an Aligner's prefix; a --lora run has none (its shape is --lora-rank)")
     if args.lora and lora_defaults:
         parser.set_defaults(**lora_defaults)
         args = parser.parse_args(argv)
@@ -183,8 +199,22 @@ def parse_args(parser, argv, demo_defaults: dict, demo_data: str, lora_defaults:
             check_demo(args.data)
     elif args.data is None:
         parser.error("--data is required with --ckpt")
+    baseline = ("LLaMA-Adapter" if args.llama_adapter else "LoRA" if args.lora
+                else "Prompt Tuning" if getattr(args, "prompt_tuning", False) else None)
+    if args.prefix_init == "authors" and baseline:
+        parser.error(f"--prefix-init authors: the authors' draw is of the Aligner's one shared prefix; "
+                     f"a {baseline} starts as its own module does")
     cli.place(args)
     return args
+
+
+def given_flags(parser, argv, dests) -> list:
+    """The flags of `dests` that the command line sets itself, not by their defaults."""
+    unset = object()
+    # argparse fills in a default only where the namespace it is handed lacks the name
+    parsed = vars(parser.parse_args(argv, namespace=argparse.Namespace(**{dest: unset for dest in dests})))
+    return [action.option_strings[0] for action in parser._actions
+            if action.dest in dests and parsed[action.dest] is not unset]
 
 
 def demo_line(ckpt, data, demo_data: str) -> str:
@@ -193,6 +223,18 @@ def demo_line(ckpt, data, demo_data: str) -> str:
     if Path(data).resolve() == (DEMO_DATA / demo_data).resolve():
         return f"Training on the built-in demo ({ckpt}, {data})"
     return f"Training on {data}, with the built-in demo's model {ckpt} as the base (no --ckpt given)"
+
+
+def new_aligner(args, model_args) -> Aligner:
+    """A fresh Aligner (or LLaMA-Adapter) of the run's shape, its prefix started as --prefix-init
+    says: N(0, 1) from torch's generator as the caller seeded it, or the authors' draw (widened to
+    float32 unless --aligner-dtype bfloat16: the same values either way)."""
+    aligner = Aligner(model_args, n_tokens=args.n_tokens, start_layer=args.start_layer,
+                      layer_specific=args.llama_adapter)
+    if args.prefix_init == "authors":
+        with torch.no_grad():
+            aligner.prefix.copy_(authors_prefix(args.n_tokens, model_args.dim))
+    return aligner
 
 
 def load_base(args, d: "Dist"):
@@ -231,6 +273,8 @@ FREE = ("out", "device", "micro_batch_size", "save_every", "grad_checkpointing",
 # Files and folders the run reads: compared on resume by their content (settings["inputs"]), not by path,
 # so that a run whose folder or inputs moved still resumes.
 INPUTS = ("ckpt", "tokenizer", "data", "init_aligner", "reference")
+# Settings newer than some runs (and than some callers of train): the value a run lacking one ran with.
+ADDED = {"prefix_init": "randn", "aligner_dtype": "float32"}
 
 
 RUN_NAMES = ("settings.json", "metrics.jsonl", "state.pt", "best.pt")
@@ -280,6 +324,7 @@ def run_settings(args) -> dict:
 
 def check_same_run(path, old: dict, new: dict):
     """Refuse to resume with settings or inputs that would change the result."""
+    old, new = {**ADDED, **old}, {**ADDED, **new}
     keys = (old.keys() | new.keys()) - set(FREE) - set(INPUTS) - {"inputs"}
     changed = [f"--{k.replace('_', '-')} {old.get(k)} (now {new.get(k)})" for k in sorted(keys)
                if old.get(k) != new.get(k)]

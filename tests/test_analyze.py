@@ -256,12 +256,14 @@ def test_params_llama2_7b_are_table_1s(tmp_path, capsys):
                       "Aligner, N = 10": 41_920,  # 40,960 + 960
                       "LLaMA-Adapter, N = 10": 1_229_760,  # 30 x (40,960 + 32)
                       "LoRA, r = 8 on wq, wv": 4_194_304,  # 32 layers x 2 matrices x 8 x (4,096 + 4,096)
-                      "LoRA, r = 4 on wq, wv": 2_097_152}  # Appendix C's rank for the value experiment
+                      "LoRA, r = 4 on wq, wv": 2_097_152,  # Appendix C's rank for the value experiment
+                      "Prompt Tuning, N = 1": 4_096, "Prompt Tuning, N = 10": 40_960}  # not in Table 1: N x 4,096
     assert figures["base_params"] == 6_738_415_616  # LLaMA-2-7B
     # 24 x 2^30 - 2 x 6,738,415,616 = 12,292,972,544 bytes left; each adapter takes 2 bytes a parameter
     fits = {m["name"]: m["fit"] for m in figures["methods"]}
     assert fits == {"Aligner, N = 1": 1_215_681, "Aligner, N = 10": 146_624, "LLaMA-Adapter, N = 10": 4_998,
-                    "LoRA, r = 8 on wq, wv": 1_465, "LoRA, r = 4 on wq, wv": 2_930}
+                    "LoRA, r = 8 on wq, wv": 1_465, "LoRA, r = 4 on wq, wv": 2_930, "Prompt Tuning, N = 1": 1_500_607,
+                    "Prompt Tuning, N = 10": 150_060}
     for printed in ("5,056", "41,920", "1,229,760", "4,194,304", "5.06K", "4.19K", "1.23M", "4.19M",
                     "1.25M", "125K", "4.17K", "1.2K", "(Section 4.1: \"42K\")"):
         assert printed in out
@@ -271,7 +273,8 @@ def test_params_of_a_checkpoint_with_grouped_key_value_heads(tiny_ckpt, tmp_path
     # TINY: dim 64, 4 layers, 4 heads of 16, 2 key/value heads; adapters on layers 2 and 3
     expected = {"Aligner, N = 1": 64 + 2 * 4, "Aligner, N = 10": 640 + 2 * 4, "LLaMA-Adapter, N = 10": 2 * (640 + 4),
                 "LoRA, r = 8 on wq, wv": 4 * 8 * ((64 + 64) + (64 + 2 * 16)),  # wv: 64 in, 32 out
-                "LoRA, r = 4 on wq, wv": 4 * 4 * ((64 + 64) + (64 + 2 * 16))}
+                "LoRA, r = 4 on wq, wv": 4 * 4 * ((64 + 64) + (64 + 2 * 16)),
+                "Prompt Tuning, N = 1": 64, "Prompt Tuning, N = 10": 640}
     for argv in (["--ckpt", tiny_ckpt], ["--params", tiny_ckpt / "params.json"]):
         out_json = tmp_path / f"{argv[0][2:]}.json"
         code, out, err = run(["params", *argv, "--json", out_json], capsys)

@@ -177,7 +177,9 @@ def test_fsdp_training_gives_the_one_process_aligner(tmp_path):
 def test_fsdp_trains_the_one_process_lora(tmp_path):
     """A LoRA (dropout 0: each rank's masks would differ from one process's) trained by SFT on two
     ranks under FSDP ends as the one trained in one process; its B left zero, and it trained."""
-    flags = [str(f) for f in SFT + ["--lora", "--lora-rank", "2", "--lora-dropout", "0", "--lr", "0.01"]]
+    at = SFT.index("--n-tokens")  # an Aligner's shape, which a LoRA has not
+    flags = [str(f) for f in SFT[:at] + SFT[at + 2:] + ["--lora", "--lora-rank", "2", "--lora-dropout", "0",
+                                                         "--lr", "0.01"]]
     torch.set_num_threads(1)
     train_sft.main([*flags, "--out", str(tmp_path / "one")])
     torchrun(ROOT / "train_sft.py", *flags, "--out", tmp_path / "fsdp", "--fsdp")

@@ -414,6 +414,19 @@ def test_lora_defaults_are_appendix_cs_unless_given(tiny_ckpt, task, tmp_path):
     assert settings("c") == (9e-3, 1.0, 0.02)
 
 
+def test_prefix_shape_flags_are_refused_with_lora(tiny_ckpt, task, tmp_path, capsys):
+    """--n-tokens and --start-layer shape an Aligner; given with --lora (in any spelling argparse takes)
+    they are refused in one line, before anything loads, rather than silently ignored."""
+    for flags, culprit in ((["--n-tokens", "3"], "--n-tokens"), (["--start-layer=1"], "--start-layer"),
+                           (["--n-tok", "3"], "--n-tokens")):
+        argv = sft_args(tiny_ckpt, task, tmp_path / "out", "--max-steps", "1") + flags
+        code, _, err = run_script(train_sft, argv, capsys)
+        check_failure(code, err, "train_sft", [culprit], expected_code=2)
+        assert not (tmp_path / "out").exists()
+    code, _, err = run_script(train_sft, sft_args(tiny_ckpt, task, tmp_path / "ok", "--max-steps", "1"), capsys)
+    assert code == 0, err
+
+
 def test_generate_answers_a_lora_beside_aligners_as_it_answers_alone(tiny_ckpt, tmp_path):
     args = ModelArgs(**read_params(tiny_ckpt))
     trained_lora(args).save(tmp_path / "lora.pt")
