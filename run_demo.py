@@ -12,7 +12,7 @@ two commands at once); a command starts once the runs it reads are trained.
 Each one's output goes to runs/logs/<name>.log and its wall time to
 runs/times.json. The tables read nothing but the evaluations' results.json
 files (runs/eval-*/results.json), the analysis's runs/gates.json and, for
-parameter counts, the Aligner files.
+parameter counts, the trained files.
 """
 
 import startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
@@ -43,7 +43,7 @@ class Step(NamedTuple):
 
 class Row(NamedTuple):
     """A row of the table: the --aligner value the evaluations report it under, its label, and whether
-    it has gates for analyze.py gates (an Aligner or LLaMA-Adapter; a LoRA has none)."""
+    it has gates for analyze.py gates (an Aligner or LLaMA-Adapter; a LoRA or Prompt Tuning has none)."""
     aligner: str
     label: str
     gated: bool = True
@@ -55,6 +55,8 @@ ROWS = [
     Row("runs/sft10/best.pt", "Aligner, 10 tokens: Alpaca-style SFT"),
     Row("runs/adapter10/best.pt", "LLaMA-Adapter, 10 tokens per layer: Alpaca-style SFT"),
     Row("runs/lora8/best.pt", "LoRA, r = 8 on wq and wv: Alpaca-style SFT", gated=False),
+    Row("runs/pt1/best.pt", "Prompt Tuning, 1 soft token: Alpaca-style SFT", gated=False),
+    Row("runs/pt10/best.pt", "Prompt Tuning, 10 soft tokens: Alpaca-style SFT", gated=False),
     Row("runs/pku-sft/best.pt", "Aligner, 1 token: SFT on the PKU-style rows' safe responses"),
     Row("runs/dpo/best.pt", "Aligner, 1 token: that SFT, then DPO on the same rows"),
     Row("runs/lora4/best.pt", "LoRA, r = 4 on wq and wv: Alpaca-style SFT", gated=False),
@@ -67,8 +69,9 @@ QA_FILES = ["test_ordinary", "train_ordinary", "test_secret", "test_harmful"]
 ALIGNERS = " ".join(f"--aligner {row.aligner}" for row in ROWS)
 
 # the steps whose files the table's rows are (the others, pku-sft and lora4, are read by these)
-TRAINING = ("sft1", "sft10", "adapter10", "lora8", "dpo", "dpo-lora", "math", "math-lora")
-MATH = "--data demo/data/metamathqa.json --template metamath --epochs 32"
+TRAINING = ("sft1", "sft10", "adapter10", "lora8", "pt1", "pt10", "dpo", "dpo-lora", "math", "math-lora")
+MATH = "--data demo/data/metamathqa.json --template metamath --epochs 32"  # the Aligner's and the LoRA's alike
+DPO = "--precompute-ref"  # the settings of both DPO runs: they differ in what they start from alone
 STEPS = [
     Step("math", f"python train_sft.py {MATH} --out runs/math"),
     Step("math-lora", f"python train_sft.py --lora {MATH} --out runs/math-lora"),
@@ -76,11 +79,12 @@ STEPS = [
     Step("sft10", "python train_sft.py --out runs/sft10"),
     Step("adapter10", "python train_sft.py --llama-adapter --out runs/adapter10"),
     Step("lora8", "python train_sft.py --lora --out runs/lora8"),
+    Step("pt1", "python train_sft.py --prompt-tuning --n-tokens 1 --out runs/pt1"),
+    Step("pt10", "python train_sft.py --prompt-tuning --out runs/pt10"),
     Step("lora4", "python train_sft.py --lora --lora-rank 4 --out runs/lora4"),
     Step("pku-sft", "python train_sft.py --data demo/data/pku_saferlhf.jsonl --n-tokens 1 --out runs/pku-sft"),
-    Step("dpo", "python train_dpo.py --init-aligner runs/pku-sft/best.pt --precompute-ref --out runs/dpo", needs=("pku-sft",)),
-    Step("dpo-lora", "python train_dpo.py --init-aligner runs/lora4/best.pt --precompute-ref --out runs/dpo-lora",
-         needs=("lora4",)),
+    Step("dpo", f"python train_dpo.py --init-aligner runs/pku-sft/best.pt {DPO} --out runs/dpo", needs=("pku-sft",)),
+    Step("dpo-lora", f"python train_dpo.py --init-aligner runs/lora4/best.pt {DPO} --out runs/dpo-lora", needs=("lora4",)),
     Step("eval-math", "python evaluate.py gsm8k --template metamath --aligner base --aligner runs/math/best.pt "
                       "--aligner runs/math-lora/best.pt --out runs/eval-math", needs=("math", "math-lora")),
     Step("eval-qa", "python evaluate.py qa $A --data " + " ".join(f"demo/data/qa/{f}.jsonl" for f in QA_FILES)
