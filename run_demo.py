@@ -58,9 +58,12 @@ ROWS = [
     Row("runs/pt1/best.pt", "Prompt Tuning, 1 soft token: Alpaca-style SFT", gated=False),
     Row("runs/pt10/best.pt", "Prompt Tuning, 10 soft tokens: Alpaca-style SFT", gated=False),
     Row("runs/pku-sft/best.pt", "Aligner, 1 token: SFT on the PKU-style rows' safe responses"),
-    Row("runs/dpo/best.pt", "Aligner, 1 token: that SFT, then DPO on the same rows"),
+    Row("runs/dpo/best.pt", "Aligner, 1 token: Alpaca-style SFT, then DPO on the PKU-style rows"),
     Row("runs/lora4/best.pt", "LoRA, r = 4 on wq and wv: Alpaca-style SFT", gated=False),
-    Row("runs/dpo-lora/best.pt", "LoRA, r = 4: that SFT, then DPO on the PKU-style rows", gated=False),
+    Row("runs/dpo-lora/best.pt", "LoRA, r = 4: that SFT, then DPO on the PKU-style rows, the Aligner's settings",
+        gated=False),
+    Row("runs/dpo-lora-own/best.pt", "LoRA, r = 4: that SFT, then DPO on the PKU-style rows, its own settings",
+        gated=False),
     Row("runs/math/best.pt", "Aligner, 10 tokens: MetaMath-style SFT"),
     Row("runs/math-lora/best.pt", "LoRA, r = 8 on wq and wv: MetaMath-style SFT", gated=False),
 ]
@@ -68,10 +71,12 @@ GATED = [row for row in ROWS if row.gated and row.aligner != "base"]  # the rows
 QA_FILES = ["test_ordinary", "train_ordinary", "test_secret", "test_harmful"]
 ALIGNERS = " ".join(f"--aligner {row.aligner}" for row in ROWS)
 
-# the steps whose files the table's rows are (the others, pku-sft and lora4, are read by these)
-TRAINING = ("sft1", "sft10", "adapter10", "lora8", "pt1", "pt10", "dpo", "dpo-lora", "math", "math-lora")
+# the steps whose files the table's rows are (the other, lora4, is read by the LoRA's DPO)
+TRAINING = ("sft1", "sft10", "adapter10", "lora8", "pt1", "pt10", "pku-sft", "dpo", "dpo-lora", "dpo-lora-own",
+            "math", "math-lora")
 MATH = "--data demo/data/metamathqa.json --template metamath --epochs 32"  # the Aligner's and the LoRA's alike
-DPO = "--precompute-ref"  # the settings of both DPO runs: they differ in what they start from alone
+DPO = "--precompute-ref"  # the Aligner's DPO settings, chosen on the dev split, also given to the LoRA
+DPO_LORA = "--precompute-ref --batch-size 16 --epochs 5 --beta 0.5 --lr 3e-4"  # the LoRA's own, chosen on dev
 STEPS = [
     Step("math", f"python train_sft.py {MATH} --out runs/math"),
     Step("math-lora", f"python train_sft.py --lora {MATH} --out runs/math-lora"),
@@ -83,8 +88,10 @@ STEPS = [
     Step("pt10", "python train_sft.py --prompt-tuning --out runs/pt10"),
     Step("lora4", "python train_sft.py --lora --lora-rank 4 --out runs/lora4"),
     Step("pku-sft", "python train_sft.py --data demo/data/pku_saferlhf.jsonl --n-tokens 1 --out runs/pku-sft"),
-    Step("dpo", f"python train_dpo.py --init-aligner runs/pku-sft/best.pt {DPO} --out runs/dpo", needs=("pku-sft",)),
+    Step("dpo", f"python train_dpo.py --init-aligner runs/sft1/best.pt {DPO} --out runs/dpo", needs=("sft1",)),
     Step("dpo-lora", f"python train_dpo.py --init-aligner runs/lora4/best.pt {DPO} --out runs/dpo-lora", needs=("lora4",)),
+    Step("dpo-lora-own", f"python train_dpo.py --init-aligner runs/lora4/best.pt {DPO_LORA} --out runs/dpo-lora-own",
+         needs=("lora4",)),
     Step("eval-math", "python evaluate.py gsm8k --template metamath --aligner base --aligner runs/math/best.pt "
                       "--aligner runs/math-lora/best.pt --out runs/eval-math", needs=("math", "math-lora")),
     Step("eval-qa", "python evaluate.py qa $A --data " + " ".join(f"demo/data/qa/{f}.jsonl" for f in QA_FILES)

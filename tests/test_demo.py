@@ -318,13 +318,16 @@ def test_pipeline_commands_run_end_to_end_on_a_miniature_world(mini_pipeline):
     for folder in {c.folder for c in run_demo.COLUMNS}:
         assert (mini_pipeline / folder / "results.json").is_file(), folder
     assert (mini_pipeline / "runs" / "gates.json").is_file()
-    # the DPO run started from the SFT Aligner on the PKU rows, the chain of the authors' code
-    settings = json.loads((mini_pipeline / "runs" / "dpo" / "settings.json").read_text())
-    assert settings["init_aligner"] == "runs/pku-sft/best.pt"
-    # the LoRA's DPO started from its Alpaca-style SFT at r = 4, Appendix C's rank for the value comparison
-    settings = json.loads((mini_pipeline / "runs" / "dpo-lora" / "settings.json").read_text())
-    assert settings["init_aligner"] == "runs/lora4/best.pt"
-    assert torch.load(mini_pipeline / "runs" / "dpo-lora" / "best.pt", weights_only=True)["rank"] == 4
+    # DPO alone: the Aligner's from the Alpaca-style one-token Aligner, the LoRA's from its Alpaca-style
+    # SFT at r = 4, Appendix C's rank for the value comparison; at the Aligner's settings, one LoRA run too
+    dpo = {name: json.loads((mini_pipeline / "runs" / name / "settings.json").read_text())
+           for name in ("dpo", "dpo-lora", "dpo-lora-own")}
+    assert dpo["dpo"]["init_aligner"] == "runs/sft1/best.pt"
+    assert dpo["dpo-lora"]["init_aligner"] == dpo["dpo-lora-own"]["init_aligner"] == "runs/lora4/best.pt"
+    same = ("beta", "lr", "batch_size", "epochs", "loss", "reference", "data")
+    assert {k: dpo["dpo-lora"][k] for k in same} == {k: dpo["dpo"][k] for k in same}
+    for name in ("dpo-lora", "dpo-lora-own"):
+        assert torch.load(mini_pipeline / "runs" / name / "best.pt", weights_only=True)["rank"] == 4
 
 
 def test_table_figures_are_the_results_files_figures(mini_pipeline):
