@@ -318,9 +318,9 @@ def test_pipeline_commands_run_end_to_end_on_a_miniature_world(mini_pipeline):
     for folder in {c.folder for c in run_demo.COLUMNS}:
         assert (mini_pipeline / folder / "results.json").is_file(), folder
     assert (mini_pipeline / "runs" / "gates.json").is_file()
-    # the DPO run started from the SFT Aligner on the PKU rows, the paper's chain
+    # the DPO run started from the Alpaca-style one-token Aligner, which does not yet refuse
     settings = json.loads((mini_pipeline / "runs" / "dpo" / "settings.json").read_text())
-    assert settings["init_aligner"] == "runs/pku-sft/best.pt"
+    assert settings["init_aligner"] == "runs/sft1/best.pt"
 
 
 def test_table_figures_are_the_results_files_figures(mini_pipeline):
