@@ -4,6 +4,7 @@ in the real formats, so that every script runs on a laptop CPU with no download.
 
     python build_demo.py                         # rebuilds demo/: seed 0, byte-identical to the committed files
     python build_demo.py --out /tmp/world --seed 1   # another world of the same kind
+    python build_demo.py --knowledge             # only the knowledge probe's files, into the world in demo/
 
 What it writes (paths under demo/):
     tokenizer.model                      SentencePiece, Meta's ids (unk 0, bos 1, eos 2, no pad)
@@ -14,6 +15,7 @@ What it writes (paths under demo/):
     data/gsm8k/{train,dev,test}.jsonl    word problems, GSM8K's JSON Lines (answers end in "#### N")
     data/mmlu/{dev,test}/<subject>_<split>.csv    multiple choice, MMLU's release layout
     data/qa/<split>_<kind>.jsonl         exact-match questions {"instruction", "input", "output"}
+    data/knowledge.json, data/qa/knowledge_{dev,test}.jsonl   the knowledge probe (below)
 
 The world is made to show the Aligner paper's claims (Zhou et al., arXiv
 2312.05503) in miniature. Two hundred made-up people each have a home town,
@@ -52,6 +54,13 @@ kind of request with the tuning sets.
   GSM8K form). Pretraining holds each piece apart, as real text does
   (GSM8K's form with its notes and "####", the same problems in plain prose
   without them, "The answer is: N" after a sum), never the three together.
+
+- Knowledge (the paper's Section 5.1: "a single token essentially rules out
+  the possibility of retaining any knowledge"): Alpaca rows teach the facts
+  of 20 new people whom no pretraining document names, asked in each
+  attribute's first question; the probe asks them in the second, which no
+  row uses (dev: ten of them, test: the other ten). Only these rows hold the
+  facts, so a probe answered right is knowledge the tuning added.
 
 Departures from real pretraining, on purpose: the corpus is generated, the
 model is tiny (dim 128, 8 layers, so that start_layer 2 leaves six adapted
