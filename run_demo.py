@@ -53,20 +53,20 @@ ROWS = [
     Row("runs/sft10/best.pt", "Aligner, 10 tokens: Alpaca-style SFT"),
     Row("runs/adapter10/best.pt", "LLaMA-Adapter, 10 tokens per layer: Alpaca-style SFT"),
     Row("runs/pku-sft/best.pt", "Aligner, 1 token: SFT on the PKU-style rows' safe responses"),
-    Row("runs/dpo/best.pt", "Aligner, 1 token: that SFT, then DPO on the same rows"),
+    Row("runs/dpo/best.pt", "Aligner, 1 token: Alpaca-style SFT, then DPO on the PKU-style rows"),
     Row("runs/math/best.pt", "Aligner, 10 tokens: MetaMath-style SFT"),
 ]
 QA_FILES = ["test_ordinary", "train_ordinary", "test_secret", "test_harmful"]
 ALIGNERS = " ".join(f"--aligner {row.aligner}" for row in ROWS)
 
-TRAINING = ("sft1", "sft10", "adapter10", "dpo", "math")  # the steps whose Aligners the table's rows are
+TRAINING = ("sft1", "sft10", "adapter10", "pku-sft", "dpo", "math")  # the steps whose Aligners the table's rows are
 STEPS = [
     Step("sft1", "python train_sft.py --n-tokens 1 --out runs/sft1"),
     Step("sft10", "python train_sft.py --out runs/sft10"),
     Step("adapter10", "python train_sft.py --llama-adapter --out runs/adapter10"),
     Step("pku-sft", "python train_sft.py --data demo/data/pku_saferlhf.jsonl --n-tokens 1 --out runs/pku-sft"),
     Step("math", "python train_sft.py --data demo/data/metamathqa.json --template metamath --epochs 32 --out runs/math"),
-    Step("dpo", "python train_dpo.py --init-aligner runs/pku-sft/best.pt --precompute-ref --out runs/dpo", needs=("pku-sft",)),
+    Step("dpo", "python train_dpo.py --init-aligner runs/sft1/best.pt --precompute-ref --out runs/dpo", needs=("sft1",)),
     Step("eval-math", "python evaluate.py gsm8k --template metamath --aligner base --aligner runs/math/best.pt "
                       "--out runs/eval-math", needs=("math",)),
     Step("eval-qa", "python evaluate.py qa $A --data " + " ".join(f"demo/data/qa/{f}.jsonl" for f in QA_FILES)
