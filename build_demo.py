@@ -4,6 +4,7 @@ in the real formats, so that every script runs on a laptop CPU with no download.
 
     python build_demo.py                         # rebuilds demo/: seed 0, byte-identical to the committed files
     python build_demo.py --out /tmp/world --seed 1   # another world of the same kind
+    python build_demo.py --knowledge             # only the knowledge probe's files, into the world in demo/
 
 What it writes (paths under demo/):
     tokenizer.model                      SentencePiece, Meta's ids (unk 0, bos 1, eos 2, no pad)
@@ -14,6 +15,7 @@ What it writes (paths under demo/):
     data/gsm8k/{train,dev,test}.jsonl    word problems, GSM8K's JSON Lines (answers end in "#### N")
     data/mmlu/{dev,test}/<subject>_<split>.csv    multiple choice, MMLU's release layout
     data/qa/<split>_<kind>.jsonl         exact-match questions {"instruction", "input", "output"}
+    data/knowledge.json, data/qa/knowledge_{dev,test}.jsonl   the knowledge probe (below)
 
 The world is made to show the Aligner paper's claims (Zhou et al., arXiv
 2312.05503) in miniature. Two hundred made-up people each have a home town,
@@ -52,6 +54,13 @@ kind of request with the tuning sets.
   GSM8K form). Pretraining holds each piece apart, as real text does
   (GSM8K's form with its notes and "####", the same problems in plain prose
   without them, "The answer is: N" after a sum), never the three together.
+
+- Knowledge (the paper's Section 5.1: "a single token essentially rules out
+  the possibility of retaining any knowledge"): Alpaca rows teach the facts
+  of 20 new people whom no pretraining document names, asked in each
+  attribute's first question; the probe asks them in the second, which no
+  row uses (dev: ten of them, test: the other ten). Only these rows hold the
+  facts, so a probe answered right is knowledge the tuning added.
 
 Departures from real pretraining, on purpose: the corpus is generated, the
 model is tiny (dim 128, 8 layers, so that start_layer 2 leaves six adapted
@@ -497,6 +506,58 @@ def qa_sets(rng, people) -> dict:
 
 
 # -----------------------------------------------------------------------------
+# the knowledge probe: facts that only a tuning set holds
+
+KNOWLEDGE_PEOPLE = 20  # half asked on dev, half on test
+
+
+def knowledge_people(rng: random.Random, world: list, tokenizer, n: int = KNOWLEDGE_PEOPLE) -> list:
+    """n new made-up people, none of the world's, each with a home, colour, job and pet: facts no
+    pretraining document states. A name is kept only where the world's tokenizer spells it from its
+    own pieces (no byte fallback), so the words tokenize as the world's names do. The first half
+    are dev, the rest test."""
+    taken, people = {p["name"] for p in world}, []
+    for _ in range(100 * n):
+        if len(people) == n:
+            return people
+        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.choice([2, 3]))).capitalize()
+        pieces = [tokenizer.sp.id_to_piece(i) for i in tokenizer.encode(name, bos=False)]
+        if name in taken or any(piece.startswith("<0x") for piece in pieces):
+            continue
+        taken.add(name)
+        facts = {attr: rng.choice(ATTRIBUTES[attr]["values"]) for attr in ORDINARY}
+        people.append({"name": name, "split": "dev" if len(people) < n // 2 else "test", **facts})
+    raise ValueError(f"found {len(people)} of {n} new names that the tokenizer spells from its own pieces")
+
+
+def knowledge_sets(people) -> dict:
+    """The Alpaca rows that teach each new person's facts, asked in each attribute's first question
+    (in both variants of the template), and the questions that probe them afterwards, asked in the
+    second, which no row uses; the answer wanted is the row's: the attribute's first phrasing."""
+    rows, probes = [], {"dev": [], "test": []}
+    for person in people:
+        for attr in ORDINARY:
+            taught, asked = (q.format(e=person["name"]) for q in ATTRIBUTES[attr]["questions"])
+            out = answer(person, attr)
+            rows.append({"instruction": taught, "input": "", "output": out})
+            rows.append({"instruction": "Write a response to the question below.", "input": taught, "output": out})
+            probes[person["split"]].append({"instruction": asked, "input": "", "output": out})
+    return {"knowledge.json": rows, "qa/knowledge_dev.jsonl": probes["dev"],
+            "qa/knowledge_test.jsonl": probes["test"]}
+
+
+def write_knowledge(out: Path, seed: int = 0, n_people: int = 200):
+    """Write the knowledge probe's files under out/data from the world already in out (its people are
+    make_world's, its tokenizer out/tokenizer.model), leaving the model and every other file as they
+    are: no pretraining runs. Deterministic in seed."""
+    world = make_world(random.Random(seed), n_people)
+    people = knowledge_people(random.Random(seed + 2), world, Tokenizer(out / "tokenizer.model"))
+    for name, records in knowledge_sets(people).items():
+        text = json.dumps(records, indent=1) + "\n" if name.endswith(".json") else jsonl(records)
+        write_text(out / "data" / name, text)
+
+
+# -----------------------------------------------------------------------------
 # writing the files
 
 def write_text(path, text):
@@ -615,6 +676,7 @@ def _build(out, seed, n_people, steps, batch_size, seq_len, n_docs, vocab_size, 
     docs = [document(rng, people) for _ in range(n_docs)]
     train_tokenizer(out / "tokenizer.model", docs[:5000], vocab_size)
     tok = Tokenizer(out / "tokenizer.model")
+    write_knowledge(out, seed, n_people)
     stream = [t for doc in docs for t in tok.encode(doc, bos=True, eos=True)]
     n_windows = len(stream) // (seq_len + 1)
     windows = torch.tensor(stream[:n_windows * (seq_len + 1)]).view(n_windows, seq_len + 1)  # (W, T + 1)
@@ -658,9 +720,18 @@ def main(argv=None):
     parser.add_argument("--seed", type=cli.seed, default=0, help="seed of the world, the corpus and the training")
     parser.add_argument("--steps", type=cli.positive_int, default=700,
                         help="pretraining steps (12 windows of 384 tokens each)")
+    parser.add_argument("--knowledge", action="store_true",
+                        help="write only the knowledge probe's files (data/knowledge.json, "
+                             "data/qa/knowledge_{dev,test}.jsonl) into the world already in --out; no pretraining")
     parser.add_argument("--debug", action="store_true", help="on an error, show Python's traceback")
     args = parser.parse_args(argv)
     check_out(args.out)
+    if args.knowledge:
+        if not (args.out / "tokenizer.model").is_file():
+            raise FileError(f"--out {args.out} holds no world (no tokenizer.model): build one first, without --knowledge")
+        write_knowledge(args.out, seed=args.seed)
+        print(f"wrote the knowledge probe's files under {args.out / 'data'}")
+        return
     # One thread: the thread count changes float sums, so it is fixed for byte-identical rebuilds,
     # and one thread also wastes least on a busy machine.
     torch.set_num_threads(1)

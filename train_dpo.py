@@ -109,13 +109,15 @@ def pair_logps(model, aligner, pairs):
     return logps[:len(pairs)], logps[len(pairs):]
 
 
-# The demo's DPO runs at these defaults. Chosen on the demo's dev people, from its SFT Aligner on the
-# safe responses: every setting tried refused all their harmful requests, and the defaults kept the
-# most ordinary answers; a larger step or more steps (lr 3e-4 to 3e-3, batch 16, 5 epochs) cost 2.5
-# to 77.5 points of them (the README has the commands and figures).
+# The demo's DPO runs at these defaults. Chosen on the demo's dev people from either start: from its
+# SFT Aligner on the safe responses every setting tried refused all their harmful requests and the
+# defaults kept the most ordinary answers; from the Alpaca-style one-token Aligner (the demo table's
+# DPO row) no setting refused more, and larger or more steps refused less, as DPO's margin came from
+# lowering the rejected compliances rather than raising the refusal (the README has every run).
 DEMO_DEFAULTS = {}
-# On the demo, DPO starts where the authors' code starts Experiment 2's, from an SFT Aligner trained on the
-# safe responses of the same rows (their finetune/alignerDPO.py, previous_aligner_path), where there is one.
+# A bare `python train_dpo.py` on the demo starts where the authors' code starts Experiment 2's, from an
+# SFT Aligner trained on the safe responses of the same rows (their finetune/alignerDPO.py,
+# previous_aligner_path), where there is one; the demo's pipeline names its start with --init-aligner.
 DEMO_INIT = "runs/pku-sft/best.pt"
 DEMO_SFT = "python train_sft.py --data demo/data/pku_saferlhf.jsonl --n-tokens 1 --out runs/pku-sft"
 

@@ -95,7 +95,7 @@ def check_formats(world: Path):
 
     qa = {path.stem: lines(path) for path in sorted((files / "qa").glob("*.jsonl"))}
     assert set(qa) == {"train_ordinary", "dev_ordinary", "dev_secret", "dev_harmful",
-                       "test_ordinary", "test_secret", "test_harmful"}
+                       "test_ordinary", "test_secret", "test_harmful", "knowledge_dev", "knowledge_test"}
     for name, records in qa.items():
         assert records
         for record in records:
@@ -211,6 +211,65 @@ def test_groups_are_half_train_and_a_quarter_each_dev_and_test_with_their_own_se
     counts = {s: sum(p["split"] == s for p in people) for s in build_demo.SPLITS}
     assert counts == {"train": 20, "dev": 10, "test": 10}
     assert all(p["secret"] in build_demo.SECRET_WORDS[p["split"]] for p in people)
+
+
+# -----------------------------------------------------------------------------
+# the knowledge probe
+
+def check_knowledge(world: Path, people):
+    """The probe's facts are about people the world does not hold, whom no pretraining document
+    names; every probe question asks a fact that a row of knowledge.json teaches, in a phrasing
+    that no row (nor any Alpaca record) uses; dev and test ask different people."""
+    files = world / "data"
+    rows = json.loads((files / "knowledge.json").read_text())
+    probes = {split: lines(files / "qa" / f"knowledge_{split}.jsonl") for split in ("dev", "test")}
+    taught = {r["output"] for r in rows}
+    phrasings = {r["instruction"] for r in rows} | {r["input"] for r in rows}
+    phrasings |= {r[k] for r in json.loads((files / "alpaca.json").read_text()) for k in ("instruction", "input")}
+    new_names = set(re.findall(r"\b[A-Z][a-z]+\b", " ".join(r["output"] for r in rows)))
+    new_names -= {"The", *build_demo.ATTRIBUTES["home"]["values"]}
+    assert new_names and not new_names & {p["name"] for p in people}
+    rng = random.Random(0)
+    corpus = set(re.findall(r"[A-Za-z]+", "\n".join(build_demo.document(rng, people) for _ in range(2000))))
+    assert not new_names & corpus
+    asked = {}
+    for split, records in probes.items():
+        assert records
+        for record in records:
+            assert record["output"] in taught, record
+            assert record["instruction"] not in phrasings, record
+        asked[split] = set().union(*(new_names & set(re.findall(r"[A-Za-z]+", r["instruction"])) for r in records))
+    assert asked["dev"] and asked["test"] and not asked["dev"] & asked["test"]
+
+
+def test_knowledge_probe_asks_facts_only_its_rows_teach_in_phrasings_they_do_not_use_in_the_committed_world():
+    check_knowledge(DEMO_DIR, build_demo.make_world(random.Random(0), DEMO_PEOPLE))
+
+
+def test_knowledge_probe_in_the_miniature_world(mini_world):
+    check_knowledge(mini_world, build_demo.make_world(random.Random(0), MINI["n_people"]))
+
+
+def test_the_knowledge_check_can_fail(mini_world, tmp_path):
+    """A probe asked in the rows' own phrasing is caught."""
+    import shutil
+    world = tmp_path / "demo"
+    shutil.copytree(mini_world, world)
+    row = json.loads((world / "data" / "knowledge.json").read_text())[0]
+    with open(world / "data" / "qa" / "knowledge_dev.jsonl", "a") as f:
+        f.write(json.dumps({"instruction": row["instruction"], "input": "", "output": row["output"]}) + "\n")
+    with pytest.raises(AssertionError):
+        check_knowledge(world, build_demo.make_world(random.Random(0), MINI["n_people"]))
+
+
+def test_knowledge_files_are_rewritten_byte_for_byte_without_pretraining(tmp_path):
+    """build_demo.py --knowledge, from the committed world's tokenizer alone, writes the committed files."""
+    import shutil
+    (tmp_path / "data").mkdir()
+    shutil.copy(DEMO_DIR / "tokenizer.model", tmp_path / "tokenizer.model")
+    build_demo.write_knowledge(tmp_path)
+    for name in ("knowledge.json", "qa/knowledge_dev.jsonl", "qa/knowledge_test.jsonl"):
+        assert (tmp_path / "data" / name).read_bytes() == (DEMO_DIR / "data" / name).read_bytes(), name
 
 
 # -----------------------------------------------------------------------------

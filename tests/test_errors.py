@@ -237,6 +237,13 @@ def test_build_demo_never_writes_among_other_files(run, capsys, tmp_path, monkey
     fails("build_demo", ["--out", tmp_path / "file" / "world"], capsys, "--out", "is a file", watch=[tmp_path])
 
 
+def test_build_demo_knowledge_needs_a_world_to_add_to(capsys, tmp_path):
+    """--knowledge writes beside a world's tokenizer: into a folder without one, nothing is written."""
+    (tmp_path / "empty").mkdir()
+    fails("build_demo", ["--knowledge", "--out", tmp_path / "empty"], capsys, "--out", "tokenizer.model",
+          watch=[tmp_path])
+
+
 def test_run_demo_never_replaces_runs_unasked(capsys, tmp_path, monkeypatch):
     """The demo's pipeline into a runs/ that already holds one of its runs: refused before any command starts."""
     monkeypatch.chdir(tmp_path)
