@@ -71,13 +71,12 @@ GATED = [row for row in ROWS if row.gated and row.aligner != "base"]  # the rows
 QA_FILES = ["test_ordinary", "train_ordinary", "test_secret", "test_harmful"]
 ALIGNERS = " ".join(f"--aligner {row.aligner}" for row in ROWS)
 
-# the steps whose files the table's rows are (the other, lora4, is read by the LoRA's DPO)
-TRAINING = ("sft1", "sft10", "adapter10", "lora8", "pt1", "pt10", "pku-sft", "dpo", "dpo-lora", "dpo-lora-own",
-            "math", "math-lora")
+TRAINING = ("sft1", "sft10", "adapter10", "lora8", "pt1", "pt10", "pku-sft", "dpo", "lora4", "dpo-lora",
+            "dpo-lora-own", "math", "math-lora")  # the steps whose files the table's rows are
 MATH = "--data demo/data/metamathqa.json --template metamath --epochs 32"  # the Aligner's and the LoRA's alike
 DPO = "--precompute-ref"  # the Aligner's DPO settings, chosen on the dev split, also given to the LoRA
 DPO_LORA = "--precompute-ref --batch-size 16 --epochs 5 --beta 0.5 --lr 3e-4"  # the LoRA's own, chosen on dev
-STEPS = [
+STEPS = [  # started in this order where their needs allow: the two longest trainings first
     Step("math", f"python train_sft.py {MATH} --out runs/math"),
     Step("math-lora", f"python train_sft.py --lora {MATH} --out runs/math-lora"),
     Step("sft1", "python train_sft.py --n-tokens 1 --out runs/sft1"),

@@ -448,6 +448,17 @@ def test_run_steps_starts_a_step_after_the_steps_it_needs_and_stops_at_a_failure
         run_demo.run_steps([run_demo.Step("bad", 'python -c "import sys; sys.exit(3)"')], jobs=2, overwrite=False)
 
 
+def test_evaluations_start_after_the_training_of_every_row():
+    """Each row's file is some step's --out, and that step is among those every evaluation waits for."""
+    made_by = {run_demo.outputs(step): step.name for step in run_demo.STEPS}
+    for row in run_demo.ROWS[1:]:
+        step = made_by[Path(row.aligner).parent]
+        assert step in run_demo.TRAINING, row.aligner
+    for step in run_demo.STEPS:
+        if step.name.startswith(("eval-qa", "eval-gsm8k", "eval-mmlu", "gates")):
+            assert set(step.needs) == set(run_demo.TRAINING), step.name
+
+
 def test_readme_prints_the_pipelines_commands_and_its_table_header():
     readme = (ROOT / "README.md").read_text()
     for line in run_demo.listing().splitlines():
