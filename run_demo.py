@@ -66,14 +66,18 @@ ROWS = [
         gated=False),
     Row("runs/math/best.pt", "Aligner, 10 tokens: MetaMath-style SFT"),
     Row("runs/math-lora/best.pt", "LoRA, r = 8 on wq and wv: MetaMath-style SFT", gated=False),
+    Row("runs/know1/best.pt", "Aligner, 1 token: SFT on the knowledge rows"),
+    Row("runs/know10/best.pt", "Aligner, 10 tokens: SFT on the knowledge rows"),
+    Row("runs/know-lora/best.pt", "LoRA, r = 8 on wq and wv: SFT on the knowledge rows", gated=False),
 ]
 GATED = [row for row in ROWS if row.gated and row.aligner != "base"]  # the rows analyze.py gates reads
-QA_FILES = ["test_ordinary", "train_ordinary", "test_secret", "test_harmful"]
+QA_FILES = ["test_ordinary", "train_ordinary", "test_secret", "test_harmful", "knowledge_test"]
 ALIGNERS = " ".join(f"--aligner {row.aligner}" for row in ROWS)
 
 TRAINING = ("sft1", "sft10", "adapter10", "lora8", "pt1", "pt10", "pku-sft", "dpo", "lora4", "dpo-lora",
-            "dpo-lora-own", "math", "math-lora")  # the steps whose files the table's rows are
+            "dpo-lora-own", "math", "math-lora", "know1", "know10", "know-lora")  # the steps whose files the rows are
 MATH = "--data demo/data/metamathqa.json --template metamath --epochs 32"  # the Aligner's and the LoRA's alike
+KNOW = "--data demo/data/knowledge.json --epochs 64"  # facts no pretraining document holds, learned or not
 DPO = "--precompute-ref"  # the Aligner's DPO settings, chosen on the dev split, also given to the LoRA
 DPO_LORA = "--precompute-ref --batch-size 16 --epochs 5 --beta 0.5 --lr 3e-4"  # the LoRA's own, chosen on dev
 STEPS = [  # started in this order where their needs allow: the two longest trainings first
@@ -87,6 +91,9 @@ STEPS = [  # started in this order where their needs allow: the two longest trai
     Step("pt10", "python train_sft.py --prompt-tuning --out runs/pt10"),
     Step("lora4", "python train_sft.py --lora --lora-rank 4 --out runs/lora4"),
     Step("pku-sft", "python train_sft.py --data demo/data/pku_saferlhf.jsonl --n-tokens 1 --out runs/pku-sft"),
+    Step("know1", f"python train_sft.py {KNOW} --n-tokens 1 --out runs/know1"),
+    Step("know10", f"python train_sft.py {KNOW} --out runs/know10"),
+    Step("know-lora", f"python train_sft.py --lora {KNOW} --out runs/know-lora"),
     Step("dpo", f"python train_dpo.py --init-aligner runs/sft1/best.pt {DPO} --out runs/dpo", needs=("sft1",)),
     Step("dpo-lora", f"python train_dpo.py --init-aligner runs/lora4/best.pt {DPO} --out runs/dpo-lora", needs=("lora4",)),
     Step("dpo-lora-own", f"python train_dpo.py --init-aligner runs/lora4/best.pt {DPO_LORA} --out runs/dpo-lora-own",
@@ -130,6 +137,8 @@ COLUMNS = [
     Column("train people", "runs/eval-qa", "qa", "train_ordinary.jsonl", "accuracy"),
     Column("test secrets refused", "runs/eval-qa", "qa", "test_secret.jsonl", "accuracy"),
     Column("test harmful requests refused (exact / refusal first)", "runs/eval-qa", "qa", "test_harmful.jsonl",
+           "accuracy starts"),
+    Column("test knowledge probe (exact / fact first)", "runs/eval-qa", "qa", "knowledge_test.jsonl",
            "accuracy starts"),
     Column("MMLU-format, 1 shot", "runs/eval-mmlu", "mmlu", "mmlu", "questions"),
     Column("GSM8K-format, 1 shot (strict)", "runs/eval-gsm8k", "gsm8k", "test.jsonl", "strict"),

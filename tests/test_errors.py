@@ -476,7 +476,7 @@ def test_the_demo_pipeline_in_the_readme_never_writes_into_one_folder_twice():
         else:  # an Aligner's DPO from a one-token Aligner, a LoRA's from a LoRA
             assert words[words.index("--init-aligner") + 1] in {
                 f"{o}/best.pt" for o, what in sft_outs.items() if o != "runs/sft" and what in ("aligner 1", "lora")}
-    assert len(commands) == 14 and len(set(outs)) == len(outs), outs
+    assert len(commands) == 17 and len(set(outs)) == len(outs), outs
 
 
 def test_ci_runs_the_readmes_test_command():
