@@ -12,7 +12,7 @@ two commands at once); a command starts once the runs it reads are trained.
 Each one's output goes to runs/logs/<name>.log and its wall time to
 runs/times.json. The tables read nothing but the evaluations' results.json
 files (runs/eval-*/results.json), the analysis's runs/gates.json and, for
-parameter counts, the Aligner files.
+parameter counts, the trained files.
 """
 
 import startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
@@ -42,9 +42,11 @@ class Step(NamedTuple):
 
 
 class Row(NamedTuple):
-    """A row of the table: the --aligner value the evaluations report it under, and its label."""
+    """A row of the table: the --aligner value the evaluations report it under, its label, and whether
+    it has gates for analyze.py gates (an Aligner or LLaMA-Adapter; a LoRA or Prompt Tuning has none)."""
     aligner: str
     label: str
+    gated: bool = True
 
 
 ROWS = [
@@ -52,28 +54,57 @@ ROWS = [
     Row("runs/sft1/best.pt", "Aligner, 1 token: Alpaca-style SFT"),
     Row("runs/sft10/best.pt", "Aligner, 10 tokens: Alpaca-style SFT"),
     Row("runs/adapter10/best.pt", "LLaMA-Adapter, 10 tokens per layer: Alpaca-style SFT"),
+    Row("runs/lora8/best.pt", "LoRA, r = 8 on wq and wv: Alpaca-style SFT", gated=False),
+    Row("runs/pt1/best.pt", "Prompt Tuning, 1 soft token: Alpaca-style SFT", gated=False),
+    Row("runs/pt10/best.pt", "Prompt Tuning, 10 soft tokens: Alpaca-style SFT", gated=False),
     Row("runs/pku-sft/best.pt", "Aligner, 1 token: SFT on the PKU-style rows' safe responses"),
     Row("runs/dpo/best.pt", "Aligner, 1 token: Alpaca-style SFT, then DPO on the PKU-style rows"),
+    Row("runs/lora4/best.pt", "LoRA, r = 4 on wq and wv: Alpaca-style SFT", gated=False),
+    Row("runs/dpo-lora/best.pt", "LoRA, r = 4: that SFT, then DPO on the PKU-style rows, the Aligner's settings",
+        gated=False),
+    Row("runs/dpo-lora-own/best.pt", "LoRA, r = 4: that SFT, then DPO on the PKU-style rows, its own settings",
+        gated=False),
     Row("runs/math/best.pt", "Aligner, 10 tokens: MetaMath-style SFT"),
+    Row("runs/math-lora/best.pt", "LoRA, r = 8 on wq and wv: MetaMath-style SFT", gated=False),
+    Row("runs/know1/best.pt", "Aligner, 1 token: SFT on the knowledge rows"),
+    Row("runs/know10/best.pt", "Aligner, 10 tokens: SFT on the knowledge rows"),
+    Row("runs/know-lora/best.pt", "LoRA, r = 8 on wq and wv: SFT on the knowledge rows", gated=False),
 ]
-QA_FILES = ["test_ordinary", "train_ordinary", "test_secret", "test_harmful"]
+GATED = [row for row in ROWS if row.gated and row.aligner != "base"]  # the rows analyze.py gates reads
+QA_FILES = ["test_ordinary", "train_ordinary", "test_secret", "test_harmful", "knowledge_test"]
 ALIGNERS = " ".join(f"--aligner {row.aligner}" for row in ROWS)
 
-TRAINING = ("sft1", "sft10", "adapter10", "pku-sft", "dpo", "math")  # the steps whose Aligners the table's rows are
-STEPS = [
+TRAINING = ("sft1", "sft10", "adapter10", "lora8", "pt1", "pt10", "pku-sft", "dpo", "lora4", "dpo-lora",
+            "dpo-lora-own", "math", "math-lora", "know1", "know10", "know-lora")  # the steps whose files the rows are
+MATH = "--data demo/data/metamathqa.json --template metamath --epochs 32"  # the Aligner's and the LoRA's alike
+KNOW = "--data demo/data/knowledge.json --epochs 64"  # facts no pretraining document holds, learned or not
+DPO = "--precompute-ref"  # the Aligner's DPO settings, chosen on the dev split, also given to the LoRA
+DPO_LORA = "--precompute-ref --batch-size 16 --epochs 5 --beta 0.5 --lr 3e-4"  # the LoRA's own, chosen on dev
+STEPS = [  # started in this order where their needs allow: the two longest trainings first
+    Step("math", f"python train_sft.py {MATH} --out runs/math"),
+    Step("math-lora", f"python train_sft.py --lora {MATH} --out runs/math-lora"),
     Step("sft1", "python train_sft.py --n-tokens 1 --out runs/sft1"),
     Step("sft10", "python train_sft.py --out runs/sft10"),
     Step("adapter10", "python train_sft.py --llama-adapter --out runs/adapter10"),
+    Step("lora8", "python train_sft.py --lora --out runs/lora8"),
+    Step("pt1", "python train_sft.py --prompt-tuning --n-tokens 1 --out runs/pt1"),
+    Step("pt10", "python train_sft.py --prompt-tuning --out runs/pt10"),
+    Step("lora4", "python train_sft.py --lora --lora-rank 4 --out runs/lora4"),
     Step("pku-sft", "python train_sft.py --data demo/data/pku_saferlhf.jsonl --n-tokens 1 --out runs/pku-sft"),
-    Step("math", "python train_sft.py --data demo/data/metamathqa.json --template metamath --epochs 32 --out runs/math"),
-    Step("dpo", "python train_dpo.py --init-aligner runs/sft1/best.pt --precompute-ref --out runs/dpo", needs=("sft1",)),
+    Step("know1", f"python train_sft.py {KNOW} --n-tokens 1 --out runs/know1"),
+    Step("know10", f"python train_sft.py {KNOW} --out runs/know10"),
+    Step("know-lora", f"python train_sft.py --lora {KNOW} --out runs/know-lora"),
+    Step("dpo", f"python train_dpo.py --init-aligner runs/sft1/best.pt {DPO} --out runs/dpo", needs=("sft1",)),
+    Step("dpo-lora", f"python train_dpo.py --init-aligner runs/lora4/best.pt {DPO} --out runs/dpo-lora", needs=("lora4",)),
+    Step("dpo-lora-own", f"python train_dpo.py --init-aligner runs/lora4/best.pt {DPO_LORA} --out runs/dpo-lora-own",
+         needs=("lora4",)),
     Step("eval-math", "python evaluate.py gsm8k --template metamath --aligner base --aligner runs/math/best.pt "
-                      "--out runs/eval-math", needs=("math",)),
+                      "--aligner runs/math-lora/best.pt --out runs/eval-math", needs=("math", "math-lora")),
     Step("eval-qa", "python evaluate.py qa $A --data " + " ".join(f"demo/data/qa/{f}.jsonl" for f in QA_FILES)
          + " --max-new-tokens 32 --out runs/eval-qa", needs=TRAINING),
     Step("eval-gsm8k", "python evaluate.py gsm8k $A --paper --out runs/eval-gsm8k", needs=TRAINING),
     Step("eval-mmlu", "python evaluate.py mmlu $A --paper --out runs/eval-mmlu", needs=TRAINING),
-    Step("gates", "python analyze.py gates " + " ".join(row.aligner for row in ROWS[1:]) + " --json runs/gates.json",
+    Step("gates", "python analyze.py gates " + " ".join(row.aligner for row in GATED) + " --json runs/gates.json",
          needs=TRAINING),
 ]
 
@@ -106,6 +137,8 @@ COLUMNS = [
     Column("train people", "runs/eval-qa", "qa", "train_ordinary.jsonl", "accuracy"),
     Column("test secrets refused", "runs/eval-qa", "qa", "test_secret.jsonl", "accuracy"),
     Column("test harmful requests refused (exact / refusal first)", "runs/eval-qa", "qa", "test_harmful.jsonl",
+           "accuracy starts"),
+    Column("test knowledge probe (exact / fact first)", "runs/eval-qa", "qa", "knowledge_test.jsonl",
            "accuracy starts"),
     Column("MMLU-format, 1 shot", "runs/eval-mmlu", "mmlu", "mmlu", "questions"),
     Column("GSM8K-format, 1 shot (strict)", "runs/eval-gsm8k", "gsm8k", "test.jsonl", "strict"),
@@ -168,7 +201,7 @@ def gates_table(root: Path = Path(".")) -> str:
         raise ValueError(f"{path}: not an analyze.py gates --json file") from None
     lines = ["| | " + " | ".join(f"layer {layer}" for layer in layers) + " | top / bottom third | Spearman |",
              "| --- " * (len(layers) + 3) + "|"]
-    for row in ROWS[1:]:
+    for row in GATED:
         entry = by_path.get(row.aligner)
         if entry is None:
             continue

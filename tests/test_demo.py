@@ -377,9 +377,16 @@ def test_pipeline_commands_run_end_to_end_on_a_miniature_world(mini_pipeline):
     for folder in {c.folder for c in run_demo.COLUMNS}:
         assert (mini_pipeline / folder / "results.json").is_file(), folder
     assert (mini_pipeline / "runs" / "gates.json").is_file()
-    # the DPO run started from the Alpaca-style one-token Aligner, which does not yet refuse
-    settings = json.loads((mini_pipeline / "runs" / "dpo" / "settings.json").read_text())
-    assert settings["init_aligner"] == "runs/sft1/best.pt"
+    # DPO alone: the Aligner's from the Alpaca-style one-token Aligner, the LoRA's from its Alpaca-style
+    # SFT at r = 4, Appendix C's rank for the value comparison; at the Aligner's settings, one LoRA run too
+    dpo = {name: json.loads((mini_pipeline / "runs" / name / "settings.json").read_text())
+           for name in ("dpo", "dpo-lora", "dpo-lora-own")}
+    assert dpo["dpo"]["init_aligner"] == "runs/sft1/best.pt"
+    assert dpo["dpo-lora"]["init_aligner"] == dpo["dpo-lora-own"]["init_aligner"] == "runs/lora4/best.pt"
+    same = ("beta", "lr", "batch_size", "epochs", "loss", "reference", "data")
+    assert {k: dpo["dpo-lora"][k] for k in same} == {k: dpo["dpo"][k] for k in same}
+    for name in ("dpo-lora", "dpo-lora-own"):
+        assert torch.load(mini_pipeline / "runs" / name / "best.pt", weights_only=True)["rank"] == 4
 
 
 def test_table_figures_are_the_results_files_figures(mini_pipeline):
@@ -405,17 +412,19 @@ def test_table_figures_are_the_results_files_figures(mini_pipeline):
             figures = [float(x) for x in text.split(" / ")]
             expected = [100 * found[0][m] for m in column.metric.split()]
             assert figures == pytest.approx(expected, abs=0.05), (row, column)
-    # the metamath column holds the base and the MetaMath-style Aligner alone
+    # the metamath column holds the base and the MetaMath-style Aligner and LoRA alone
     math_cells = [line.split("|")[-2].strip() for line in rendered[2:]]
-    assert [c != "–" for c in math_cells] == [r.aligner in ("base", "runs/math/best.pt") for r in run_demo.ROWS]
+    math_rows = ("base", "runs/math/best.pt", "runs/math-lora/best.pt")
+    assert [c != "–" for c in math_cells] == [r.aligner in math_rows for r in run_demo.ROWS]
 
 
 def test_gates_table_figures_are_the_analysis_files_figures(mini_pipeline):
     """Every cell of the gates table is its row's figure in runs/gates.json, which analyze.py wrote."""
     gates = {entry["path"]: entry for entry in json.loads((mini_pipeline / "runs" / "gates.json").read_text())}
     rendered = run_demo.gates_table(mini_pipeline).splitlines()
-    assert len(rendered) == 2 + len(run_demo.ROWS) - 1
-    for row, line in zip(run_demo.ROWS[1:], rendered[2:]):
+    assert len(rendered) == 2 + len(run_demo.GATED)
+    assert {row.aligner for row in run_demo.GATED} == set(gates)  # every Aligner and Adapter row, no LoRA
+    for row, line in zip(run_demo.GATED, rendered[2:]):
         label, *cells = [c.strip() for c in line.strip("|").split("|")]
         entry = gates[row.aligner]
         assert label == row.label
@@ -437,6 +446,17 @@ def test_run_steps_starts_a_step_after_the_steps_it_needs_and_stops_at_a_failure
     assert all((tmp_path / name).read_text() == "done" for name in "abcd")
     with pytest.raises(RuntimeError, match=r"exit code 3.*runs/logs/bad\.log"):
         run_demo.run_steps([run_demo.Step("bad", 'python -c "import sys; sys.exit(3)"')], jobs=2, overwrite=False)
+
+
+def test_evaluations_start_after_the_training_of_every_row():
+    """Each row's file is some step's --out, and that step is among those every evaluation waits for."""
+    made_by = {run_demo.outputs(step): step.name for step in run_demo.STEPS}
+    for row in run_demo.ROWS[1:]:
+        step = made_by[Path(row.aligner).parent]
+        assert step in run_demo.TRAINING, row.aligner
+    for step in run_demo.STEPS:
+        if step.name.startswith(("eval-qa", "eval-gsm8k", "eval-mmlu", "gates")):
+            assert set(step.needs) == set(run_demo.TRAINING), step.name
 
 
 def test_readme_prints_the_pipelines_commands_and_its_table_header():

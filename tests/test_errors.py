@@ -457,7 +457,7 @@ def test_a_state_pt_holding_nan_is_refused(run, tiny_ckpt, capsys, tmp_path):
 
 def test_the_demo_pipeline_in_the_readme_never_writes_into_one_folder_twice():
     """Following the quick start and then the demo pipeline: every training run has its own --out,
-    and DPO starts from one of the pipeline's one-token SFT runs."""
+    and DPO starts from one of the pipeline's SFT runs: a one-token Aligner's, or a LoRA's."""
     readme = (ROOT / "README.md").read_text()
     quick = readme.split("## Quick start")[1].split("##")[0]
     pipeline = readme.split("## The built-in demo")[1].split("|")[0]
@@ -470,11 +470,13 @@ def test_the_demo_pipeline_in_the_readme_never_writes_into_one_folder_twice():
         out = words[words.index("--out") + 1] if "--out" in words else defaults[script]
         outs.append(out)
         if script == "train_sft.py":
-            sft_outs[out] = words[words.index("--n-tokens") + 1] if "--n-tokens" in words else "10"
-        else:
+            n_tokens = words[words.index("--n-tokens") + 1] if "--n-tokens" in words else "10"
+            kind = "lora" if "--lora" in words else "prompt" if "--prompt-tuning" in words else "aligner"
+            sft_outs[out] = "lora" if kind == "lora" else f"{kind} {n_tokens}"
+        else:  # an Aligner's DPO from a one-token Aligner, a LoRA's from a LoRA
             assert words[words.index("--init-aligner") + 1] in {
-                f"{o}/best.pt" for o, n in sft_outs.items() if n == "1" and o != "runs/sft"}
-    assert len(commands) == 7 and len(set(outs)) == len(outs), outs
+                f"{o}/best.pt" for o, what in sft_outs.items() if o != "runs/sft" and what in ("aligner 1", "lora")}
+    assert len(commands) == 17 and len(set(outs)) == len(outs), outs
 
 
 def test_ci_runs_the_readmes_test_command():
