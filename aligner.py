@@ -47,10 +47,9 @@ from torch import nn
 
 import lora
 from files import atomic_save, check_values, load_pt
-from llama import ModelArgs
+from llama import BASE_KEYS, ModelArgs
 from prompt_tuning import PromptTuning, is_prompt_tuning
 
-BASE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads")  # the base shape an Aligner file records
 
 
 class AlignerShape(NamedTuple):
@@ -70,7 +69,7 @@ class Aligner(nn.Module):
         self.n_tokens = n_tokens
         self.start_layer = start_layer
         self.layer_specific = layer_specific
-        self.base = {key: getattr(args, key) for key in BASE_KEYS}
+        self.base = args.base_shape()
         n_adapted = args.n_layers - start_layer
         # P (N, dim), shared by all adapted layers; LLaMA-Adapter: P^l (n_adapted, N, dim), one per layer
         self.prefix = nn.Parameter(torch.randn((n_adapted,) * layer_specific + (n_tokens, args.dim)))
@@ -93,7 +92,7 @@ class Aligner(nn.Module):
         return f"{self.kind}: {tokens} {where}, {self.num_params():,} parameters"
 
     def check_fits(self, args: ModelArgs, source="the Aligner"):
-        theirs = {key: getattr(args, key) for key in BASE_KEYS}
+        theirs = args.base_shape()
         if self.base != theirs:
             raise ValueError(f"{source} was made for a base with {self.base}, not {theirs}")
 

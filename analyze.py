@@ -60,9 +60,9 @@ import cli
 import hf_checkpoint
 import lora
 from aligner import Aligner
-from files import (atomic_text, atomic_write, check_writable, checkpoint_inputs, refuse_clashes, refuse_existing,
+from files import (atomic_text, atomic_write, check_writable, refuse_clashes, refuse_existing,
                    short_names)
-from llama import ModelArgs, Tokenizer, Transformer, find_tokenizer, read_params
+from llama import ModelArgs, Tokenizer, Transformer, checkpoint_inputs, find_tokenizer, read_params
 from prompt_tuning import PromptTuning
 
 INSTALL = "pip install -r requirements-analysis.txt"

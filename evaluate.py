@@ -95,8 +95,8 @@ from aligner import check_adapter_file, read_adapter
 from data import (DEMO_CKPT, DEMO_DATA, TEMPLATES, DataError, check_demo, encode_prompt, format_prompt, read_records,
                   string_fields)
 from generate import generate
-from files import atomic_write, check_writable, checkpoint_inputs, read_text, refuse_clashes, refuse_existing
-from llama import check_context, load
+from files import atomic_write, check_writable, read_text, refuse_clashes, refuse_existing
+from llama import check_context, checkpoint_inputs, load
 
 TASKS = ("gsm8k", "mmlu", "qa")
 LETTERS = ("A", "B", "C", "D")

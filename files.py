@@ -286,20 +286,6 @@ def input_files(flag: str, path) -> list:
     return [(f"{flag} {path}", path)] if path.is_file() else []
 
 
-def checkpoint_inputs(ckpt, tokenizer=None) -> list:
-    """(flag, path) for what a script reads of its base model: the --ckpt folder, and --tokenizer
-    or the tokenizer.model that llama.find_tokenizer finds for the folder (beside it, say)."""
-    if ckpt is None:
-        return []
-    if tokenizer is None:
-        from llama import find_tokenizer  # here, not at the top: llama imports this module
-        try:
-            tokenizer = find_tokenizer(ckpt)
-        except FileNotFoundError:
-            pass
-    return [("--ckpt", ckpt)] + ([("--tokenizer", tokenizer)] if tokenizer is not None else [])
-
-
 def refuse_clashes(inputs, outputs):
     """Stop, before anything is written, where an output would replace one of the command's own
     inputs (with --overwrite too: it replaces earlier results, never what the command reads) or

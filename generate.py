@@ -67,8 +67,8 @@ import distributed
 import lora
 from aligner import Aligner, AlignerBank, AlignerRows, check_adapter_file, read_adapter, shape_of
 from data import DEMO_CKPT, TEMPLATES, check_demo, encode_prompt, format_prompt
-from files import atomic_text, check_writable, checkpoint_inputs, refuse_clashes, refuse_existing, short_names
-from llama import KVCache, ModelArgs, check_context, load, read_params
+from files import atomic_text, check_writable, refuse_clashes, refuse_existing, short_names
+from llama import KVCache, ModelArgs, check_context, checkpoint_inputs, load, read_params
 from prompt_tuning import PromptTuning, SoftTokens
 from questions import (Question, answer_files, answers_path, check_model_ids, check_unique_ids,
                        next_turn_prompt, question_file, read_questions)

@@ -37,6 +37,11 @@ import hf_checkpoint
 from files import FileError, atomic_save, atomic_text, load_pt, read_text
 
 
+# The base shape that adapter files (aligner.py, lora.py, prompt_tuning.py) record, so that one made
+# for another base is refused.
+BASE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads")
+
+
 @dataclass
 class ModelArgs:
     # params.json's own keys, so that ModelArgs(**params) just works
@@ -74,6 +79,10 @@ class ModelArgs:
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def base_shape(self) -> dict:
+        """What an adapter file records of the base it was made for, and is refused by another (BASE_KEYS)."""
+        return {key: getattr(self, key) for key in BASE_KEYS}
 
     def params(self) -> dict:
         """The keys written to params.json (the runtime settings are left out, and hidden_dim when unset)."""
@@ -537,6 +546,19 @@ def find_tokenizer(ckpt_dir) -> Path:
             return place / "tokenizer.model"
     where = ", in ".join(str(p) for p in places[:-1]) + f" or in {places[-1]}"
     raise FileNotFoundError(f"no tokenizer.model in {where}; name it with --tokenizer")
+
+
+def checkpoint_inputs(ckpt, tokenizer=None) -> list:
+    """(flag, path) for what a script reads of its base model: the --ckpt folder, and --tokenizer
+    or the tokenizer.model that find_tokenizer finds for the folder (beside it, say)."""
+    if ckpt is None:
+        return []
+    if tokenizer is None:
+        try:
+            tokenizer = find_tokenizer(ckpt)
+        except FileNotFoundError:
+            pass
+    return [("--ckpt", ckpt)] + ([("--tokenizer", tokenizer)] if tokenizer is not None else [])
 
 
 # -----------------------------------------------------------------------------

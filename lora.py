@@ -41,9 +41,8 @@ from torch import nn
 
 import hf_checkpoint
 from files import FileError, atomic_save, check_values, load_pt
-from llama import ModelArgs
+from llama import BASE_KEYS, ModelArgs
 
-BASE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads")  # the base shape a LoRA file records
 TARGETS = ("wq", "wv")  # the projections adapted: lit_llama/lora.py's enable_lora=[True, False, True]
 # alpha where a file does not record it (lit-llama's): the authors' finetune/lora.py, line 43
 LIT_LLAMA_ALPHA = 16
@@ -67,7 +66,7 @@ class LoRA(nn.Module):
         if not 0 <= dropout < 1:
             raise ValueError(f"a LoRA's dropout must be in [0, 1), not {dropout}")
         self.rank, self.alpha, self.dropout = rank, alpha, dropout
-        self.base = {key: getattr(args, key) for key in BASE_KEYS}
+        self.base = args.base_shape()
         n_layers, dim = args.n_layers, args.dim
         q_out, v_out = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
         # one (A, B) pair per layer for wq and one for wv, stacked over the layers
@@ -93,7 +92,7 @@ class LoRA(nn.Module):
                 f"{self.num_params():,} parameters")
 
     def check_fits(self, args: ModelArgs, source="the LoRA"):
-        theirs = {key: getattr(args, key) for key in BASE_KEYS}
+        theirs = args.base_shape()
         if self.base != theirs:
             raise ValueError(f"{source}: 'base' is {self.base}; this model is {theirs}")
 

@@ -36,10 +36,9 @@ import torch
 from torch import nn
 
 from files import atomic_save, check_values, load_pt
-from llama import ModelArgs
+from llama import BASE_KEYS, ModelArgs
 
 KIND = "prompt-tuning"  # the file's "kind"
-BASE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads")  # the base shape a file records, as an Aligner's does
 
 
 class SoftTokens(NamedTuple):
@@ -57,7 +56,7 @@ class PromptTuning(nn.Module):
         if n_tokens < 1:
             raise ValueError(f"Prompt Tuning needs at least one token, not {n_tokens}")
         self.n_tokens = n_tokens
-        self.base = {key: getattr(args, key) for key in BASE_KEYS}
+        self.base = args.base_shape()
         if tok_embeddings is None:
             start = torch.zeros(n_tokens, args.dim)
         else:
@@ -75,7 +74,7 @@ class PromptTuning(nn.Module):
                 f"{self.num_params():,} parameters")
 
     def check_fits(self, args: ModelArgs, source="the Prompt Tuning"):
-        theirs = {key: getattr(args, key) for key in BASE_KEYS}
+        theirs = args.base_shape()
         if self.base != theirs:
             raise ValueError(f"{source} was made for a base with {self.base}, not {theirs}")
 

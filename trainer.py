@@ -75,10 +75,10 @@ import cli
 from aligner import Aligner, authors_prefix
 from data import DEMO_CKPT, DEMO_DATA, check_demo
 from files import (FileError, append_line, atomic_save, atomic_text, bad_value, check_values,
-                   check_writable, checkpoint_inputs, fingerprint, load_pt, read_text, refuse_clashes,
+                   check_writable, fingerprint, load_pt, read_text, refuse_clashes,
                    stray_temporaries)
 from distributed import Dist, all_reduce_max, all_reduce_sum, load_sharded
-from llama import load
+from llama import checkpoint_inputs, load
 
 
 # -----------------------------------------------------------------------------
