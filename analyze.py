@@ -26,7 +26,7 @@ When Aligning Large Language Models", arXiv 2312.05503.
   standard deviation of 310.4, ranging from 1342 to 3321"; Fig. 16 is the histogram of the
   absolute differences, Figs. 6b and 12-15 t-SNE maps of the prefix tokens. In the authors'
   files the equal values are their runs' common starting draw, which bf16 steps left unmoved
-  (aligner.authors_prefix; the README's "Why values are exactly equal").
+  (aligner.authors_prefix; docs/analysis.md, "Why values are exactly equal").
 - `params`: Table 1, the parameters of each method for LLaMA-2-7B and how many adapters fit in a
   24 GB GPU beside the base model; LoRA (lora.py) at r = 8 and at Appendix C's r = 4.
   `gates` and `compare` refuse a LoRA file: it has neither gates nor prefix tokens.

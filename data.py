@@ -30,7 +30,7 @@ prompt + output as one string. The two differ where SentencePiece would let
 the prompt's end and the response's start share or split pieces: the
 response's first piece carries the word-start marker ("### Response:" then
 "▁The", where one string gives "The"), and more rarely its first word splits
-otherwise, it gains a lone "▁", or the prompt's last piece changes (the README
+otherwise, it gains a lone "▁", or the prompt's last piece changes (docs/training.md
 has the shares on real Alpaca records). A prompt's trailing spaces are left to
 the response: SentencePiece writes a space as the "▁" that starts the next
 word, so "[Assistant] " + "The" is "]" "▁The" in one string, while the space

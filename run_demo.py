@@ -4,7 +4,7 @@ from, and print that table from the results files the evaluations write.
 
     python run_demo.py             # every command, two at a time, one thread each; then the table
     python run_demo.py --table     # the table again, from the results already under runs/
-    python run_demo.py --list      # the commands alone, as the README prints them
+    python run_demo.py --list      # the commands alone, as docs/demo.md prints them
 
 Each command is an ordinary call of train_sft.py, train_dpo.py, evaluate.py
 or analyze.py, run as its own process with OMP_NUM_THREADS=1 (two CPU cores,
@@ -110,7 +110,7 @@ STEPS = [  # started in this order where their needs allow: the two longest trai
 
 
 def listing() -> str:
-    """The commands as the README prints them: the $A line, then one command per line."""
+    """The commands as docs/demo.md prints them: the $A line, then one command per line."""
     return "\n".join([f'A="{ALIGNERS}"'] + [step.command for step in STEPS])
 
 

@@ -113,7 +113,7 @@ def pair_logps(model, aligner, pairs):
 # SFT Aligner on the safe responses every setting tried refused all their harmful requests and the
 # defaults kept the most ordinary answers; from the Alpaca-style one-token Aligner (the demo table's
 # DPO row) no setting refused more, and larger or more steps refused less, as DPO's margin came from
-# lowering the rejected compliances rather than raising the refusal (the README has every run).
+# lowering the rejected compliances rather than raising the refusal (docs/demo.md has every run).
 DEMO_DEFAULTS = {}
 # A bare `python train_dpo.py` on the demo starts where the authors' code starts Experiment 2's, from an
 # SFT Aligner trained on the safe responses of the same rows (their finetune/alignerDPO.py,

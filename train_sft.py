@@ -32,7 +32,7 @@ Where each default comes from:
   scripts put it on every token: --train-on-prompt), the prefix drawn from
   N(0, 1) seeded by --seed (the authors' runs all began from one draw:
   --prefix-init authors).
-The README's "Reproducing the paper" has every departure and the authors' run.
+docs/reproduce-the-paper.md has every departure and the authors' run.
 
 Commands:
     python train_sft.py                          # the built-in demo (build it with python build_demo.py)
@@ -68,7 +68,7 @@ from prompt_tuning import PromptTuning
 # The demo's SFT set is small (1,625 examples): the authors' batch of 64 gives only about 200 optimizer
 # steps in 8 epochs, and AdamW moves each parameter by about lr per step. Chosen on the demo's dev
 # people: a one-token Aligner answered 94.5% of their questions at batch 16, 89.5% at batch 64
-# (the README has the commands).
+# (docs/demo.md, "Which split chose what", has the commands).
 DEMO_DEFAULTS = dict(batch_size=16)
 # --lora's defaults where they differ from the Aligner's: Appendix C, "The learning rate is chosen to be
 # 3e-4 with 100 iteration warm up (approximately 0.1 epoch)"; weight decay 0.01, what the authors'

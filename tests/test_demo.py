@@ -459,8 +459,8 @@ def test_evaluations_start_after_the_training_of_every_row():
             assert set(step.needs) == set(run_demo.TRAINING), step.name
 
 
-def test_readme_prints_the_pipelines_commands_and_its_table_header():
-    readme = (ROOT / "README.md").read_text()
+def test_the_docs_print_the_pipelines_commands_and_the_front_page_its_table_header():
+    page = (ROOT / "docs" / "demo.md").read_text()
     for line in run_demo.listing().splitlines():
-        assert line in readme, line
-    assert run_demo.table(Path("/nonexistent")).splitlines()[0] in readme
+        assert line in page, line
+    assert run_demo.table(Path("/nonexistent")).splitlines()[0] in (ROOT / "README.md").read_text()

@@ -455,12 +455,13 @@ def test_a_state_pt_holding_nan_is_refused(run, tiny_ckpt, capsys, tmp_path):
           watch=[tmp_path])
 
 
-def test_the_demo_pipeline_in_the_readme_never_writes_into_one_folder_twice():
-    """Following the quick start and then the demo pipeline: every training run has its own --out,
-    and DPO starts from one of the pipeline's SFT runs: a one-token Aligner's, or a LoRA's."""
+def test_the_demo_pipeline_in_the_docs_never_writes_into_one_folder_twice():
+    """Following the README's quick start and then the demo pipeline of docs/demo.md: every training run
+    has its own --out, and DPO starts from one of the pipeline's SFT runs: a one-token Aligner's, or a LoRA's."""
     readme = (ROOT / "README.md").read_text()
     quick = readme.split("## Quick start")[1].split("##")[0]
-    pipeline = readme.split("## The built-in demo")[1].split("|")[0]
+    demo = (ROOT / "docs" / "demo.md").read_text()
+    pipeline = demo.split("The pipeline, as `python run_demo.py` runs it")[1].split("```bash\n")[1].split("```")[0]
     commands = [line.split("#")[0].split("&&")[-1].split() for block in (quick, pipeline)
                 for line in block.splitlines() if re.match(r".*python train_(sft|dpo)\.py", line)]
     defaults = {"train_sft.py": "runs/sft", "train_dpo.py": "runs/dpo"}

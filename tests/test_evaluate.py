@@ -237,7 +237,7 @@ def test_mmlu_prompt_with_two_shots_is_exact():
 
 def test_mmlu_fields_are_read_as_written(tmp_path):
     """"None" stays "None", as the release's pandas.read_csv kept it before pandas 2.0 (which reads
-    it as missing and prints "nan"); the README says so."""
+    it as missing and prints "nan"); docs/generate-and-evaluate.md says so."""
     write_csv(tmp_path / "t.csv", [["Which is printed?", "None", "0", "1", "nan", "A"]])
     (row,) = read_mmlu_csv(tmp_path / "t.csv")
     assert mmlu_prompt("college_computer_science", [], row) == (

@@ -1,4 +1,4 @@
-"""What a newcomer meets first: the README's demo pipeline as run_demo.py runs it, the demo's
+"""What a newcomer meets first: the demo's pipeline as docs/demo.md prints it and run_demo.py runs it, the demo's
 generate.py, names that tell files apart, progress that reads as progress, counts in the
 right number, and the shipped demo files tracked by git.
 """
@@ -24,9 +24,9 @@ from test_errors import model_args, run_script  # noqa: F401
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_readmes_pipeline_block_holds_run_demos_commands_and_no_others():
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("The pipeline, as `python run_demo.py` runs it")[1].split("```bash\n")[1].split("```")[0]
+def test_the_demo_pages_pipeline_block_holds_run_demos_commands_and_no_others():
+    page = (ROOT / "docs" / "demo.md").read_text()
+    block = page.split("The pipeline, as `python run_demo.py` runs it")[1].split("```bash\n")[1].split("```")[0]
     assert block.strip().splitlines() == run_demo.listing().splitlines()
 
 

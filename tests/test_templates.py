@@ -102,7 +102,7 @@ def one_string_difference(tok, prompt: str, response: str) -> str:
 
 
 def test_how_tokenizing_apart_differs_from_one_string_on_5000_real_alpaca_records(shared_data):
-    """The README's shares: 74.2% differ in the response's first piece only (":" "▁The" against ":" "The"),
+    """docs/training.md's shares: 74.2% differ in the response's first piece only (":" "▁The" against ":" "The"),
     14.4% split the first word otherwise, 8.4% gain a lone "▁", 3.0% change the prompt's last piece."""
     tok = llama.Tokenizer(shared_data / "llama-tokenizer" / "tokenizer.model")
     records = json.loads((shared_data / "alpaca" / "alpaca_5000.json").read_text())

@@ -463,7 +463,7 @@ def test_the_authors_beaver_sft_draws_two_epochs_of_50000_rows():
 
 def test_the_authors_alpaca_runs_never_reach_the_peak():
     """finetune/aligner.py (lines 43-53) and finetune/adapter.py (lines 43-53), written out: a warmup counted
-    in micro-batches, compared with optimizer steps; and our flags for each (the README's commands)."""
+    in micro-batches, compared with optimizer steps; and our flags for each (docs/reproduce-the-paper.md's commands)."""
     runs = ((8, 8, 2, (8, 16), 0.5), (4, 5, 2, (5, 32), 0.156))  # aligner.py, adapter.py
     for micro_batch_size, num_epochs, warmup_epoch, flags, ends_at in runs:
         epoch_size, batch_size = 50_000, 64
