@@ -397,12 +397,35 @@ def next_logits(model, token: torch.Tensor, aligner, cache: KVCache, positions) 
     return compiled_decode_one_token()(model, token[:, None], aligner, cache, positions)
 
 
+def left_padded(prompts: list, pad_id: int, device) -> tuple:
+    """(tokens (B, T), pad (B,) or None): the prompts left-padded with pad_id to the longest, T,
+    so that every row's last prompt token sits in the same column; pad, on the device, counts each
+    row's padding, None where no row has any."""
+    lengths = [len(p) for p in prompts]
+    longest = max(lengths)
+    tokens = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        tokens[b, longest - len(p):] = torch.tensor(p)
+    pad = None if min(lengths) == longest else torch.tensor([longest - n for n in lengths], device=device)
+    return tokens, pad
+
+
+def new_cache(model, batch_size: int, length: int, pad, compile: bool) -> KVCache:
+    """The KV cache of one batch's generation, `length` positions in the model's dtype, empty: for the
+    compiled step a pooled StaticCache (static_cache), else a KVCache of its own."""
+    weight = model.tok_embeddings.weight
+    if compile:
+        cache = static_cache(model.args, batch_size, length, weight.device, weight.dtype)
+        cache.reset(pad)
+        return cache
+    return KVCache(model.args, batch_size, length, device=weight.device, dtype=weight.dtype, pad=pad)
+
+
 def generate_batch(model, tokenizer, prompts, aligner, first_row, max_new_tokens, temperature, top_p, top_k,
                    stop, generator, on_token, compile=False, lockstep=None) -> list[str]:
     """`generate` for one batch: left-pad, prefill, then decode until every row has stopped."""
     args = model.args
-    weight = model.tok_embeddings.weight
-    device = weight.device
+    device = model.tok_embeddings.weight.device
     lengths = [len(p) for p in prompts]
     if min(lengths) == 0:
         raise ValueError(f"prompt {first_row + lengths.index(0)} is empty; it needs at least the BOS token")
@@ -415,16 +438,8 @@ def generate_batch(model, tokenizer, prompts, aligner, first_row, max_new_tokens
     if n_new <= 0:
         return ["" for _ in prompts]
 
-    # left padding: every row's last prompt token sits in the same column
-    tokens = torch.full((len(prompts), longest), tokenizer.bos_id, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        tokens[b, longest - len(p):] = torch.tensor(p)
-    pad = None if min(lengths) == longest else torch.tensor([longest - n for n in lengths], device=device)
-    if compile:
-        cache = static_cache(args, len(prompts), n_soft + longest + n_new - 1, device, weight.dtype)
-        cache.reset(pad)
-    else:
-        cache = KVCache(args, len(prompts), n_soft + longest + n_new - 1, device=device, dtype=weight.dtype, pad=pad)
+    tokens, pad = left_padded(prompts, tokenizer.bos_id, device)
+    cache = new_cache(model, len(prompts), n_soft + longest + n_new - 1, pad, compile)
 
     # --- prefill, eager in both modes ---------------------------------------------
     with attention_kernels(EAGER_ATTENTION):
