@@ -288,18 +288,18 @@ def new_reference(args, model, policy, device):
     return Aligner.read(args.reference, model.args).to(device).requires_grad_(False).eval()
 
 
-def reference_table(args, model, reference, ts: trainer.TrainingSet, d):
+def reference_table(args, model, reference, dataset: trainer.TrainingSet, d):
     """--precompute-ref: the reference's (chosen, rejected) log-probs of every pair, (P, 2), each
     rank scoring its share and the sum over ranks filling the table; else None."""
     if not args.precompute_ref:
         return None
-    pairs = ts.items
+    pairs, lengths = dataset.items, dataset.lengths
     ref_logps = torch.zeros(len(pairs), 2, device=d.device)
     everything = list(range(len(pairs)))
     with torch.no_grad():
-        for micro in trainer.my_micro_batches(everything, ts.lengths, d.rank, d.world, args.micro_batch_size):
+        for micro in trainer.my_micro_batches(everything, lengths, d.rank, d.world, args.micro_batch_size):
             ref_logps[micro] = torch.stack(pair_logps(model, reference, [pairs[i] for i in micro]), -1)
-        for filler in trainer.fillers(everything, ts.lengths, d, args.micro_batch_size):
+        for filler in trainer.fillers(everything, lengths, d, args.micro_batch_size):
             pair_logps(model, reference, [pairs[i] for i in filler])  # in step with the other ranks
     return distributed.all_reduce_sum(ref_logps, d.world)
 
@@ -340,12 +340,14 @@ def main(argv=None):
     d = start(args)
     say = trainer.speaker(d)
     model, tokenizer = trainer.load_base(args, d)  # the frozen base: policy and reference share it
-    ts = read_pairs(args, tokenizer, say)
+    dataset = read_pairs(args, tokenizer, say)
     policy = new_policy(args, model, d.device)
     reference = new_reference(args, model, policy, d.device)
     say(f"{policy.describe()}; reference: {args.reference}")
-    loss = PreferenceLoss(model, policy, reference, reference_table(args, model, reference, ts, d), ts.items, args)
-    trainer.train(args, policy, loss, ts.train_idx, ts.val_idx, ts.lengths, ts.units, d, STAT_NAMES)
+    ref_logps = reference_table(args, model, reference, dataset, d)
+    loss = PreferenceLoss(model, policy, reference, ref_logps, dataset.items, args)
+    trainer.train(args, policy, loss, dataset.train_idx, dataset.val_idx, dataset.lengths, dataset.units, d,
+                  STAT_NAMES)
     say(f"done: {args.out / 'best.pt'} (the best by validation loss), {args.out / 'metrics.jsonl'}")
     distributed.exit_distributed()
 

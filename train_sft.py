@@ -204,11 +204,11 @@ def main(argv=None):
     d = start(args)
     say = trainer.speaker(d)
     model, tokenizer = trainer.load_base(args, d)  # the frozen base
-    ts = read_examples(args, tokenizer, say)
+    dataset = read_examples(args, tokenizer, say)
     aligner = new_module(args, model, d.device)
     say(aligner.describe())
-    loss = functools.partial(batch_loss, model, aligner, ts.items, d.device)
-    trainer.train(args, aligner, loss, ts.train_idx, ts.val_idx, ts.lengths, ts.units, d)
+    loss = functools.partial(batch_loss, model, aligner, dataset.items, d.device)
+    trainer.train(args, aligner, loss, dataset.train_idx, dataset.val_idx, dataset.lengths, dataset.units, d)
     say(f"done: {args.out / 'best.pt'} (the best by validation loss), {args.out / 'metrics.jsonl'}")
     distributed.exit_distributed()
 
