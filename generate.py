@@ -572,7 +572,7 @@ def converse(questions: list, first_prompts: list, aligners: list, template: str
 # the command line: flags
 
 def make_parser():
-    """The command line."""
+    """The command line: every flag, with its help and its default."""
     parser = cli.ArgumentParser(description="Generate text with a LLaMA checkpoint and any number of Aligners.")
     cli.add_checkpoint_flag(parser)
     parser.add_argument("--aligner", action="append", default=[],
