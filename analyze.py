@@ -656,28 +656,38 @@ def check_outputs(args, files):
             refuse_existing([Path(plots) / name for name in plot_names(args.command, files)], "--plots")
 
 
-def main(argv=None):
-    args = make_parser().parse_args(argv)
+class Report(NamedTuple):
+    """What a command found: the files it read (none for params), its text, its figures for --json."""
+    files: list
+    text: str
+    figures: object
+
+
+def read_and_analyze(args) -> Report:
+    """Read the command's inputs, check its outputs before anything is written, and analyse."""
     if args.command == "compare" and len(args.files) < 2:
         raise ValueError(f"compare needs two files or more, got one: {args.files[0]}")
-
-    # --- read
     if args.command == "params":
         check_outputs(args, [])
-        text, figures = params_report(*shape_from(args.ckpt, args.params))
-        files = []
-    else:
-        files = read_files(args.files)
-        check_outputs(args, files)
-        text, figures = (gates_report if args.command == "gates" else compare_report)(files)
+        return Report([], *params_report(*shape_from(args.ckpt, args.params)))
+    files = read_files(args.files)
+    check_outputs(args, files)
+    return Report(files, *(gates_report if args.command == "gates" else compare_report)(files))
 
-    # --- report
-    print(text)
+
+def report(args, found: Report):
+    """Print the text; write --json and draw --plots where asked."""
+    print(found.text)
     if args.json:
-        atomic_text(args.json, json.dumps(figures, indent=1) + "\n")
+        atomic_text(args.json, json.dumps(found.figures, indent=1) + "\n")
         print(f"wrote {args.json}")
     if getattr(args, "plots", None):
-        draw(args.command, files, figures, Path(args.plots))
+        draw(args.command, found.files, found.figures, Path(args.plots))
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
+    report(args, read_and_analyze(args))
 
 
 if __name__ == "__main__":

@@ -589,28 +589,7 @@ def run_qa(model, tokenizer, aligner, name, prepared: Prepared, args, lockstep=N
 
 
 # -----------------------------------------------------------------------------
-# the script
-
-def default_data(task):
-    return {"gsm8k": [DEMO_DATA / "gsm8k" / "test.jsonl"], "mmlu": [DEMO_DATA / "mmlu"],
-            "qa": sorted((DEMO_DATA / "qa").glob("*.jsonl"))}[task]
-
-
-def print_table(task, results):
-    width = max(len(name) for result in results.values() for name in result["rows"])  # long paths stay aligned
-    for source, result in results.items():
-        print(f"\n{task}: {source}" + (f"  {json.dumps(result['info'])}" if result["info"] else ""))
-        for name, r in result["rows"].items():
-            if task == "gsm8k":
-                line = (f"strict {100 * r['strict']:6.2f}  flexible {100 * r['flexible']:6.2f}  "
-                        f"in the #### form {100 * r['strict_found']:6.2f}")
-            elif task == "mmlu":
-                line = (f"questions {100 * r['questions']:6.2f}  subjects {100 * r['subjects']:6.2f}  "
-                        + "  ".join(f"{c} {100 * a:5.2f}" for c, a in r["categories"].items()))
-            else:
-                line = f"exact match {100 * r['accuracy']:6.2f}  starts with the reference {100 * r['starts']:6.2f}"
-            print(f"  {name:<{width}}  {line}  (n={r['n']})")
-
+# the script: flags
 
 TASK_NAMES = {"gsm8k": "GSM8K", "mmlu": "MMLU", "qa": "QA"}  # as the module docstring's protocols name them
 WRITTEN = ("results.json", *(f"{task}.jsonl" for task in TASKS))  # every file a run writes in --out
@@ -716,6 +695,38 @@ def make_parser(task: str = "all"):
     return parser
 
 
+def parse_flags(argv) -> tuple:
+    """(args, tasks): the flags, parsed and checked against each other, and the tasks they ask for."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    tasks = TASKS if args.task == "all" else (args.task,)
+    if args.data and len(tasks) > 1:
+        parser.error("--data needs a single task (gsm8k, mmlu or qa)")
+    generating = {"gsm8k", "qa"} | ({"mmlu"} if args.scoring == "generate" else set())
+    if args.max_new_tokens >= args.max_seq_len and generating & set(tasks):
+        parser.error(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt within "
+                     f"--max-seq-len {args.max_seq_len}")
+    if args.paper and args.shots is not None:
+        parser.error("--paper sets the shots (one for gsm8k and mmlu); give either --paper or --shots")
+    if args.scoring == "generate" and (args.paper or args.shots is not None):
+        parser.error(f"{'--paper' if args.paper else '--shots'}: mmlu --scoring generate asks each question "
+                     "zero-shot; leave it out")
+    if args.template and tasks == ("mmlu",):
+        parser.error("--template applies to qa and gsm8k; mmlu uses the original release's prompt "
+                     "(Alpaca's under --scoring generate)")
+    if tasks == ("qa",) and (args.shots or args.paper):
+        parser.error(f"{'--paper' if args.paper else '--shots'}: qa takes no shots (gsm8k and mmlu do)")
+    return args, tasks
+
+
+# -----------------------------------------------------------------------------
+# what can be checked before anything loads
+
+def default_data(task):
+    return {"gsm8k": [DEMO_DATA / "gsm8k" / "test.jsonl"], "mmlu": [DEMO_DATA / "mmlu"],
+            "qa": sorted((DEMO_DATA / "qa").glob("*.jsonl"))}[task]
+
+
 def task_shots(task: str, args) -> int:
     """The shots a task runs with: --shots, --paper's, or LLaMA-2's setting; qa takes none."""
     if task == "qa":
@@ -747,32 +758,9 @@ def check_shots(task: str, path, shots: int):
         raise DataError(f"--shots {shots}: {where} holds {fewest} example{'s' * (fewest != 1)} to draw shots from")
 
 
-def main(argv=None):
-    parser = make_parser()
-    args = parser.parse_args(argv)
-    tasks = TASKS if args.task == "all" else (args.task,)
-    if args.data and len(tasks) > 1:
-        parser.error("--data needs a single task (gsm8k, mmlu or qa)")
-    generating = {"gsm8k", "qa"} | ({"mmlu"} if args.scoring == "generate" else set())
-    if args.max_new_tokens >= args.max_seq_len and generating & set(tasks):
-        parser.error(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt within "
-                     f"--max-seq-len {args.max_seq_len}")
-    if args.paper and args.shots is not None:
-        parser.error("--paper sets the shots (one for gsm8k and mmlu); give either --paper or --shots")
-    if args.scoring == "generate" and (args.paper or args.shots is not None):
-        parser.error(f"{'--paper' if args.paper else '--shots'}: mmlu --scoring generate asks each question "
-                     "zero-shot; leave it out")
-    if args.template and tasks == ("mmlu",):
-        parser.error("--template applies to qa and gsm8k; mmlu uses the original release's prompt "
-                     "(Alpaca's under --scoring generate)")
-    if tasks == ("qa",) and (args.shots or args.paper):
-        parser.error(f"{'--paper' if args.paper else '--shots'}: qa takes no shots (gsm8k and mmlu do)")
-
-    device, dtype = cli.place(args)
-    d = distributed.init_distributed(device, args.fsdp, args.compile)
-    distributed.check_ranks_agree(d, args, ("data", "aligner"))  # under torchrun, every rank the same run
-
-    # --- check what can be checked before anything loads
+def check_data(args, tasks: tuple):
+    """The checkpoint (with no --ckpt, the built-in demo's) and each task's data: there, of the
+    right kind, and holding the shots asked for."""
     if args.ckpt is None:
         check_demo(DEMO_CKPT, DEMO_DATA)
         args.ckpt = DEMO_CKPT
@@ -790,75 +778,88 @@ def main(argv=None):
                 raise FileNotFoundError(f"--data {path}: a folder; {task} reads a file of JSON records"
                                         + (", with train.jsonl beside it for the shots" if task == "gsm8k" else ""))
             check_shots(task, path, task_shots(task, args))
+
+
+def check_aligners(args):
+    """Each --aligner file readable and usable (aligner.check_adapter_file), and --merge-lora's
+    one LoRA mergeable: a damaged file stops the run here, before the model loads."""
     shapes = []
     for path in args.aligner:
         if path != "base":
             if not Path(path).exists():
                 raise FileNotFoundError(f"--aligner {path}: no such file")
-            shapes.append(check_adapter_file(path))  # a damaged or unusable file stops here, before the model loads
+            shapes.append(check_adapter_file(path))
         else:
             shapes.append(None)
     if args.merge_lora:
         lora.check_merge(args.aligner, shapes, args.fsdp)
-    if args.out:
-        check_writable(args.out, "--out")
-        refuse_clashes(checkpoint_inputs(args.ckpt, args.tokenizer)
-                       + [("--data", p) for task in tasks for p in args.data or default_data(task)]
-                       + [("--aligner", p) for p in args.aligner if p != "base"],
-                       [("--out", Path(args.out) / name) for name in WRITTEN])
-        if not args.overwrite:  # an earlier evaluation's files, whichever tasks it ran
-            refuse_existing([Path(args.out) / name for name in WRITTEN])
-    check_context(args.ckpt, args.max_seq_len, args.beyond_context)
 
-    # --- load
+
+def check_out(args, tasks: tuple):
+    """--out writable, none of its files an input, and no earlier evaluation there replaced unasked."""
+    if not args.out:
+        return
+    check_writable(args.out, "--out")
+    refuse_clashes(checkpoint_inputs(args.ckpt, args.tokenizer)
+                   + [("--data", p) for task in tasks for p in args.data or default_data(task)]
+                   + [("--aligner", p) for p in args.aligner if p != "base"],
+                   [("--out", Path(args.out) / name) for name in WRITTEN])
+    if not args.overwrite:  # an earlier evaluation's files, whichever tasks it ran
+        refuse_existing([Path(args.out) / name for name in WRITTEN])
+
+
+# -----------------------------------------------------------------------------
+# load
+
+class Models(NamedTuple):
+    """What a run evaluates with: the frozen base, its tokenizer, each row's Aligner by its
+    --aligner name (None: the base alone), and under FSDP the Lockstep that keeps the ranks' forwards in step."""
+    model: torch.nn.Module
+    tokenizer: object
+    aligners: dict
+    lockstep: distributed.Lockstep | None
+
+
+def load_models(args, d, dtype) -> Models:
+    """The base, and every --aligner (or with --merge-lora the base with its LoRA written into wq and wv)."""
     model, tokenizer = (distributed.load_sharded if d.fsdp else load)(
-        args.ckpt, device, dtype, tokenizer_path=args.tokenizer, max_seq_len=args.max_seq_len,
+        args.ckpt, d.device, dtype, tokenizer_path=args.tokenizer, max_seq_len=args.max_seq_len,
         max_batch_size=args.batch_size)
     lockstep = distributed.Lockstep(model, d) if d.fsdp else None  # under FSDP each rank takes its share
     aligners = {}
     for path in args.aligner or ["base"]:
-        aligners[path] = None if path == "base" else read_adapter(path, model.args).to(device)
+        aligners[path] = None if path == "base" else read_adapter(path, model.args).to(d.device)
     if args.merge_lora:  # W + (alpha / r) B A in the base's own wq and wv; the model then runs as it is
         lora.merge(model, aligners[args.aligner[0]])
         aligners[args.aligner[0]] = None
+    return Models(model, tokenizer, aligners, lockstep)
 
-    # --- evaluate: prompts are built once per file, then run under each Aligner
-    results, records = {}, {}
-    with torch.inference_mode():
-        for task in tasks:
-            shots = task_shots(task, args)
-            paths = [Path(p) for p in (args.data or default_data(task))]
-            prepare, run = {"gsm8k": (prepare_gsm8k, run_gsm8k), "mmlu": (prepare_mmlu, run_mmlu),
-                            "qa": (prepare_qa, run_qa)}[task]
-            if task == "mmlu" and args.scoring == "generate":
-                prepare, run = prepare_mmlu_generated, run_mmlu_generated
-            results[task], records[task] = {}, []
-            for path in paths:
-                prepared = prepare(path, tokenizer, shots, args)
-                if d.rank == 0:
-                    warn_if_shortened(task, path, prepared, args)
-                rows = {}
-                for name, aligner in aligners.items():
-                    rows[name], item_records = run(model, tokenizer, aligner, name, prepared, args, lockstep)
-                    records[task] += [{"data": str(path), **r} for r in item_records]
-                results[task][str(path)] = {"info": prepared.info, "rows": rows}
-            if d.rank == 0:
-                print_table(task, results[task])
 
-    # --- save
-    if args.out and d.rank == 0:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        summary = {"ckpt": str(args.ckpt), "aligners": list(aligners), "results": results}
-        atomic_write(out / "results.json", lambda f: json.dump(summary, f, indent=2), mode="w")
-        for task, task_records in records.items():
-            lines = "".join(json.dumps(r) + "\n" for r in task_records)
-            atomic_write(out / f"{task}.jsonl", lambda f: f.write(lines), mode="w")
-        for task in set(TASKS) - set(records):  # --overwrite: an earlier run's records of other tasks go too
-            (out / f"{task}.jsonl").unlink(missing_ok=True)
-        print(f"\nwrote {out / 'results.json'} and per-item records beside it")
-    distributed.exit_distributed()
-    return results
+# -----------------------------------------------------------------------------
+# evaluate
+
+def print_table(task, results):
+    """A task's scores: for each data file, a line per Aligner."""
+    width = max(len(name) for result in results.values() for name in result["rows"])  # long paths stay aligned
+    for source, result in results.items():
+        print(f"\n{task}: {source}" + (f"  {json.dumps(result['info'])}" if result["info"] else ""))
+        for name, r in result["rows"].items():
+            if task == "gsm8k":
+                line = (f"strict {100 * r['strict']:6.2f}  flexible {100 * r['flexible']:6.2f}  "
+                        f"in the #### form {100 * r['strict_found']:6.2f}")
+            elif task == "mmlu":
+                line = (f"questions {100 * r['questions']:6.2f}  subjects {100 * r['subjects']:6.2f}  "
+                        + "  ".join(f"{c} {100 * a:5.2f}" for c, a in r["categories"].items()))
+            else:
+                line = f"exact match {100 * r['accuracy']:6.2f}  starts with the reference {100 * r['starts']:6.2f}"
+            print(f"  {name:<{width}}  {line}  (n={r['n']})")
+
+
+def task_functions(task: str, args) -> tuple:
+    """(prepare, run) of a task: prepare builds a data file's items once, run scores them under one Aligner."""
+    if task == "mmlu" and args.scoring == "generate":
+        return prepare_mmlu_generated, run_mmlu_generated
+    return {"gsm8k": (prepare_gsm8k, run_gsm8k), "mmlu": (prepare_mmlu, run_mmlu), "qa": (prepare_qa, run_qa)}[task]
 
 
 def warn_if_shortened(task, path, prepared: Prepared, args):
@@ -870,6 +871,65 @@ def warn_if_shortened(task, path, prepared: Prepared, args):
     if info.get("prompts_cut"):
         print(f"warning: {task} {path}: {info['prompts_cut']} of {cli.plural(n, 'prompt')} were cut from the left "
               f"to fit --max-seq-len {args.max_seq_len} even without shots", file=sys.stderr)
+
+
+def evaluate_task(task: str, args, models: Models, d) -> tuple:
+    """(results, records) of one task, each data file's prompts built once, then run under each
+    Aligner; rank 0 prints the table. results: {data file: {"info", "rows": {Aligner: scores}}};
+    records: the per-item records of every file and Aligner."""
+    shots = task_shots(task, args)
+    prepare, run = task_functions(task, args)
+    results, records = {}, []
+    for path in [Path(p) for p in (args.data or default_data(task))]:
+        prepared = prepare(path, models.tokenizer, shots, args)
+        if d.rank == 0:
+            warn_if_shortened(task, path, prepared, args)
+        rows = {}
+        for name, aligner in models.aligners.items():
+            rows[name], item_records = run(models.model, models.tokenizer, aligner, name, prepared, args,
+                                           models.lockstep)
+            records += [{"data": str(path), **r} for r in item_records]
+        results[str(path)] = {"info": prepared.info, "rows": rows}
+    if d.rank == 0:
+        print_table(task, results)
+    return results, records
+
+
+# -----------------------------------------------------------------------------
+# save
+
+def save(out: Path, ckpt, aligners: list, results: dict, records: dict):
+    """results.json and a <task>.jsonl of per-item records per task run, in `out`; an earlier
+    run's records of the other tasks are removed (--overwrite replaces a whole evaluation)."""
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"ckpt": str(ckpt), "aligners": aligners, "results": results}
+    atomic_write(out / "results.json", lambda f: json.dump(summary, f, indent=2), mode="w")
+    for task, task_records in records.items():
+        lines = "".join(json.dumps(r) + "\n" for r in task_records)
+        atomic_write(out / f"{task}.jsonl", lambda f: f.write(lines), mode="w")
+    for task in set(TASKS) - set(records):
+        (out / f"{task}.jsonl").unlink(missing_ok=True)
+    print(f"\nwrote {out / 'results.json'} and per-item records beside it")
+
+
+def main(argv=None):
+    args, tasks = parse_flags(argv)
+    device, dtype = cli.place(args)
+    d = distributed.init_distributed(device, args.fsdp, args.compile)
+    distributed.check_ranks_agree(d, args, ("data", "aligner"))  # under torchrun, every rank the same run
+    check_data(args, tasks)
+    check_aligners(args)
+    check_out(args, tasks)
+    check_context(args.ckpt, args.max_seq_len, args.beyond_context)
+    models = load_models(args, d, dtype)
+    results, records = {}, {}
+    with torch.inference_mode():
+        for task in tasks:
+            results[task], records[task] = evaluate_task(task, args, models, d)
+    if args.out and d.rank == 0:
+        save(Path(args.out), args.ckpt, list(models.aligners), results, records)
+    distributed.exit_distributed()
+    return results
 
 
 if __name__ == "__main__":

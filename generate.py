@@ -397,12 +397,35 @@ def next_logits(model, token: torch.Tensor, aligner, cache: KVCache, positions) 
     return compiled_decode_one_token()(model, token[:, None], aligner, cache, positions)
 
 
+def left_padded(prompts: list, pad_id: int, device) -> tuple:
+    """(tokens (B, T), pad (B,) or None): the prompts left-padded with pad_id to the longest, T,
+    so that every row's last prompt token sits in the same column; pad, on the device, counts each
+    row's padding, None where no row has any."""
+    lengths = [len(p) for p in prompts]
+    longest = max(lengths)
+    tokens = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        tokens[b, longest - len(p):] = torch.tensor(p)
+    pad = None if min(lengths) == longest else torch.tensor([longest - n for n in lengths], device=device)
+    return tokens, pad
+
+
+def new_cache(model, batch_size: int, length: int, pad, compile: bool) -> KVCache:
+    """The KV cache of one batch's generation, `length` positions in the model's dtype, empty: for the
+    compiled step a pooled StaticCache (static_cache), else a KVCache of its own."""
+    weight = model.tok_embeddings.weight
+    if compile:
+        cache = static_cache(model.args, batch_size, length, weight.device, weight.dtype)
+        cache.reset(pad)
+        return cache
+    return KVCache(model.args, batch_size, length, device=weight.device, dtype=weight.dtype, pad=pad)
+
+
 def generate_batch(model, tokenizer, prompts, aligner, first_row, max_new_tokens, temperature, top_p, top_k,
                    stop, generator, on_token, compile=False, lockstep=None) -> list[str]:
     """`generate` for one batch: left-pad, prefill, then decode until every row has stopped."""
     args = model.args
-    weight = model.tok_embeddings.weight
-    device = weight.device
+    device = model.tok_embeddings.weight.device
     lengths = [len(p) for p in prompts]
     if min(lengths) == 0:
         raise ValueError(f"prompt {first_row + lengths.index(0)} is empty; it needs at least the BOS token")
@@ -415,16 +438,8 @@ def generate_batch(model, tokenizer, prompts, aligner, first_row, max_new_tokens
     if n_new <= 0:
         return ["" for _ in prompts]
 
-    # left padding: every row's last prompt token sits in the same column
-    tokens = torch.full((len(prompts), longest), tokenizer.bos_id, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        tokens[b, longest - len(p):] = torch.tensor(p)
-    pad = None if min(lengths) == longest else torch.tensor([longest - n for n in lengths], device=device)
-    if compile:
-        cache = static_cache(args, len(prompts), n_soft + longest + n_new - 1, device, weight.dtype)
-        cache.reset(pad)
-    else:
-        cache = KVCache(args, len(prompts), n_soft + longest + n_new - 1, device=device, dtype=weight.dtype, pad=pad)
+    tokens, pad = left_padded(prompts, tokenizer.bos_id, device)
+    cache = new_cache(model, len(prompts), n_soft + longest + n_new - 1, pad, compile)
 
     # --- prefill, eager in both modes ---------------------------------------------
     with attention_kernels(EAGER_ATTENTION):
@@ -466,16 +481,7 @@ def generate_batch(model, tokenizer, prompts, aligner, first_row, max_new_tokens
 
 
 # -----------------------------------------------------------------------------
-# the command line
-
-def aligner_names(paths) -> list:
-    """A short name for each --aligner, which also names its answer file (files.short_names): the
-    file's stem (a folder, a PEFT LoRA, by its whole name), led by its run folder for a training's
-    best.pt or epoch-E.pt ('sft10-best' for runs/sft10/best.pt), 'base' for the base model; where
-    names are alike, with as many of its folders as tell the files apart ('a-best' and 'b-best'
-    for runs/a/best.pt and runs/b/best.pt)."""
-    return short_names(paths)
-
+# every prompt answered by every model, turn by turn
 
 def same_shape_groups(aligners: list) -> list:
     """The indices of `aligners` in groups that one AlignerBank can hold: Aligners of the same
@@ -562,7 +568,11 @@ def converse(questions: list, first_prompts: list, aligners: list, template: str
     return dialogues
 
 
-def main(argv=None):
+# -----------------------------------------------------------------------------
+# the command line: flags
+
+def make_parser():
+    """The command line: every flag, with its help and its default."""
     parser = cli.ArgumentParser(description="Generate text with a LLaMA checkpoint and any number of Aligners.")
     cli.add_checkpoint_flag(parser)
     parser.add_argument("--aligner", action="append", default=[],
@@ -614,69 +624,25 @@ def main(argv=None):
                         help="write the one --aligner, a LoRA, into the base's wq and wv before generating "
                              "(the same answers to float rounding, no extra work per token), rather than apply "
                              "it beside them")
-    args = parser.parse_args(argv)
-    device, dtype = cli.place(args)
-    d = distributed.init_distributed(device, args.fsdp, args.compile)
-    distributed.check_ranks_agree(d, args, ("aligner", "prompts_file"))  # under torchrun, every rank the same run
+    return parser
 
-    # --- check what can be checked before anything loads -----------------------
+
+# -----------------------------------------------------------------------------
+# what can be checked before anything loads
+
+def check_aligners(args):
+    """Each --aligner file readable and usable (aligner.check_adapter_file), and --merge-lora's
+    one LoRA mergeable: a damaged file stops the run here, before the model loads."""
     shapes = []
     for path in args.aligner:
         if path != "base":
             if not Path(path).exists():
                 raise FileNotFoundError(f"--aligner {path}: no such file")
-            shapes.append(check_adapter_file(path))  # a damaged or unusable file stops here, before the model loads
+            shapes.append(check_adapter_file(path))
         else:
             shapes.append(None)
     if args.merge_lora:
         lora.check_merge(args.aligner, shapes, args.fsdp)
-    questions = [Question((p,), "", f"--prompt {n}", n) for n, p in enumerate(args.prompt, 1)]
-    if args.prompts_file is not None:
-        questions += read_questions(args.prompts_file)
-    if not questions and args.ckpt is not None:
-        parser.error("give --prompt or --prompts-file")
-    ckpt = args.ckpt
-    if ckpt is None:
-        check_demo(DEMO_CKPT)
-        ckpt = DEMO_CKPT
-        print(f"using the built-in demo model {ckpt} (pass --ckpt for another)", file=sys.stderr)
-        questions = questions or [Question((DEMO_PROMPT,), "", "the demo's prompt", 1)]
-        args.aligner = args.aligner or demo_aligners()
-    names = model_names(args)
-    check_outputs(args, questions, names, ckpt)
-    check_context(ckpt, args.max_seq_len, args.beyond_context)
-
-    # --- load -------------------------------------------------------------------
-    model, tokenizer = (distributed.load_sharded if d.fsdp else load)(ckpt, device=device, dtype=dtype,
-                                                                      tokenizer_path=args.tokenizer,
-                                                                      max_seq_len=args.max_seq_len)
-    aligners = [None if p == "base" else read_adapter(p, model.args) for p in args.aligner] or [None]
-    if args.merge_lora:  # W + (alpha / r) B A in the base's own wq and wv; the model then runs as it is
-        lora.merge(model, aligners[0])
-        aligners = [None]
-
-    # --- prompts ----------------------------------------------------------------
-    texts = [format_prompt(q.instruction, q.input, args.template) for q in questions]
-
-    def encode(texts, sources):
-        encoded = [encode_prompt(tokenizer, text) for text in texts]
-        for source, ids in zip(sources, encoded):
-            if len(ids) >= args.max_seq_len:
-                raise ValueError(f"{source}: the prompt is {len(ids)} tokens, and --max-seq-len "
-                                 f"{args.max_seq_len} leaves no room for an answer")
-        return encoded
-
-    # --- generate: question i's turns answered by Aligner k are dialogues[i * K + k] --
-    stream = len(questions) * len(aligners) == 1 and len(questions[0].turns) == 1 and sys.stdout.isatty() \
-        and d.world == 1
-    on_token = (lambda row, piece: print(piece, end="", flush=True)) if stream else None
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   top_k=args.top_k, stop=args.stop, seed=args.seed, on_token=on_token, compile=args.compile)
-    dialogues = converse(questions, texts, aligners, args.template, encode,
-                         lambda encoded, members: answer_all(model, tokenizer, encoded, members, d, options))
-    if d.rank == 0:
-        show_and_save(args, questions, names, dialogues, stream)
-    distributed.exit_distributed()
 
 
 def demo_aligners() -> list:
@@ -691,6 +657,33 @@ def demo_aligners() -> list:
         return []
     print(f"the base model beside the Aligner in {DEMO_ALIGNER} (pass --aligner for others)", file=sys.stderr)
     return ["base", DEMO_ALIGNER]
+
+
+def gather_questions(parser, args) -> tuple:
+    """(questions, checkpoint): --prompt's and --prompts-file's questions and --ckpt; with no
+    --ckpt, the built-in demo's model, and its prompt and models (demo_aligners) where none are given."""
+    questions = [Question((p,), "", f"--prompt {n}", n) for n, p in enumerate(args.prompt, 1)]
+    if args.prompts_file is not None:
+        questions += read_questions(args.prompts_file)
+    if not questions and args.ckpt is not None:
+        parser.error("give --prompt or --prompts-file")
+    ckpt = args.ckpt
+    if ckpt is None:
+        check_demo(DEMO_CKPT)
+        ckpt = DEMO_CKPT
+        print(f"using the built-in demo model {ckpt} (pass --ckpt for another)", file=sys.stderr)
+        questions = questions or [Question((DEMO_PROMPT,), "", "the demo's prompt", 1)]
+        args.aligner = args.aligner or demo_aligners()
+    return questions, ckpt
+
+
+def aligner_names(paths) -> list:
+    """A short name for each --aligner, which also names its answer file (files.short_names): the
+    file's stem (a folder, a PEFT LoRA, by its whole name), led by its run folder for a training's
+    best.pt or epoch-E.pt ('sft10-best' for runs/sft10/best.pt), 'base' for the base model; where
+    names are alike, with as many of its folders as tell the files apart ('a-best' and 'b-best'
+    for runs/a/best.pt and runs/b/best.pt)."""
+    return short_names(paths)
 
 
 def model_names(args) -> list:
@@ -733,6 +726,59 @@ def check_outputs(args, questions: list, names: list, ckpt):
             refuse_existing(paths, flag)
 
 
+# -----------------------------------------------------------------------------
+# load
+
+def load_models(args, ckpt, d, dtype) -> tuple:
+    """(model, tokenizer, aligners): the frozen base and every --aligner in turn (None for
+    'base'; the base alone where none is given), or with --merge-lora the base with its LoRA
+    written into wq and wv."""
+    model, tokenizer = (distributed.load_sharded if d.fsdp else load)(ckpt, device=d.device, dtype=dtype,
+                                                                      tokenizer_path=args.tokenizer,
+                                                                      max_seq_len=args.max_seq_len)
+    aligners = [None if p == "base" else read_adapter(p, model.args) for p in args.aligner] or [None]
+    if args.merge_lora:  # W + (alpha / r) B A in the base's own wq and wv; the model then runs as it is
+        lora.merge(model, aligners[0])
+        aligners = [None]
+    return model, tokenizer, aligners
+
+
+# -----------------------------------------------------------------------------
+# generate
+
+def encode_prompts(tokenizer, max_seq_len: int, texts: list, sources: list) -> list:
+    """Each prompt text as token ids (data.encode_prompt); one that leaves no room for an answer
+    within --max-seq-len is refused, named by its source."""
+    encoded = [encode_prompt(tokenizer, text) for text in texts]
+    for source, ids in zip(sources, encoded):
+        if len(ids) >= max_seq_len:
+            raise ValueError(f"{source}: the prompt is {len(ids)} tokens, and --max-seq-len "
+                             f"{max_seq_len} leaves no room for an answer")
+    return encoded
+
+
+def print_piece(row: int, piece: str):
+    """generate's on_token when the one answer streams to a terminal: each piece as it becomes final."""
+    print(piece, end="", flush=True)
+
+
+def answer_questions(args, questions: list, model, tokenizer, aligners: list, d) -> tuple:
+    """(dialogues, stream): question i's turns answered by model k are dialogues[i * K + k];
+    stream, whether the one answer was printed to a terminal as it came."""
+    texts = [format_prompt(q.instruction, q.input, args.template) for q in questions]
+    stream = (len(questions) * len(aligners) == 1 and len(questions[0].turns) == 1 and sys.stdout.isatty()
+              and d.world == 1)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   top_k=args.top_k, stop=args.stop, seed=args.seed, on_token=print_piece if stream else None,
+                   compile=args.compile)
+    encode = functools.partial(encode_prompts, tokenizer, args.max_seq_len)
+    answer = functools.partial(answer_all, model, tokenizer, d=d, options=options)
+    return converse(questions, texts, aligners, args.template, encode, answer), stream
+
+
+# -----------------------------------------------------------------------------
+# show and save
+
 def show_and_save(args, questions: list, names: list, dialogues: list, stream: bool):
     """Print the answers (each question's, turn by turn, model by model), and write --out,
     --answers-dir and --questions-out."""
@@ -769,6 +815,24 @@ def write(path: Path, text: str, what: str):
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_text(path, text)
     print(f"wrote {what} to {path}", file=sys.stderr)
+
+
+def main(argv=None):
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    device, dtype = cli.place(args)
+    d = distributed.init_distributed(device, args.fsdp, args.compile)
+    distributed.check_ranks_agree(d, args, ("aligner", "prompts_file"))  # under torchrun, every rank the same run
+    check_aligners(args)
+    questions, ckpt = gather_questions(parser, args)
+    names = model_names(args)
+    check_outputs(args, questions, names, ckpt)
+    check_context(ckpt, args.max_seq_len, args.beyond_context)
+    model, tokenizer, aligners = load_models(args, ckpt, d, dtype)
+    dialogues, stream = answer_questions(args, questions, model, tokenizer, aligners, d)
+    if d.rank == 0:
+        show_and_save(args, questions, names, dialogues, stream)
+    distributed.exit_distributed()
 
 
 if __name__ == "__main__":

@@ -121,6 +121,107 @@ def argv(step: Step) -> list:
 
 
 # -----------------------------------------------------------------------------
+# running the steps, two at a time
+
+class Running(NamedTuple):
+    step: Step
+    process: subprocess.Popen
+    start: float
+    log: object
+
+
+def outputs(step: Step) -> Path:
+    """What a step writes: its --out folder (the trainings and evaluations) or its --json file (the analysis)."""
+    words = shlex.split(step.command)
+    flag = "--out" if "--out" in words else "--json"
+    return Path(words[words.index(flag) + 1])
+
+
+class Terminated(Exception):
+    """SIGTERM reached this process (a scheduler's, `kill`'s): the running commands are ended first."""
+
+
+def terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the commands' ending short
+    raise Terminated
+
+
+def run_steps(steps: list, jobs: int, overwrite: bool) -> dict:
+    """Run every step, at most `jobs` at once, each once the steps it needs are done; stop at the
+    first that fails. Returns {name: wall seconds}. Stopped early (a failure, Ctrl-C, SIGTERM), it
+    passes SIGTERM on to the commands still running and waits for them to end: a training saves
+    its state first (trainer.stop_requests), so that --resume continues it."""
+    logs = Path("runs/logs")
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    pending, running, times = list(steps), [], {}
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        while pending or running:
+            ready = [s for s in pending if all(n in times for n in s.needs)]
+            for step in ready[:jobs - len(running)]:
+                pending.remove(step)
+                log = open(logs / f"{step.name}.log", "w")
+                process = subprocess.Popen(argv(step) + ["--overwrite"] * overwrite, stdout=log,
+                                           stderr=subprocess.STDOUT, env=env)
+                running.append(Running(step, process, time.perf_counter(), log))
+                print(f"started  {step.command}", flush=True)
+            time.sleep(0.2)
+            for job in [j for j in running if j.process.poll() is not None]:
+                running.remove(job)
+                job.log.close()
+                if job.process.returncode != 0:
+                    raise RuntimeError(f"{job.step.command} failed (exit code {job.process.returncode}); "
+                                       f"its output is in {logs / job.step.name}.log")
+                times[job.step.name] = round(time.perf_counter() - job.start, 1)
+                print(f"{times[job.step.name]:6.0f} s  {job.step.command}", flush=True)
+    except Terminated:
+        names = ", ".join(job.step.name for job in running) or "none"
+        raise Terminated(f"terminated (SIGTERM): passed it on to the commands still running ({names}), "
+                         f"waited for them to end; their output is in {logs}") from None
+    finally:
+        for job in running:  # stopped early: end the commands still running, which this started
+            job.process.terminate()
+            job.process.wait()
+            job.log.close()
+        signal.signal(signal.SIGTERM, previous)
+    return times
+
+
+def cpu_name() -> str:
+    """The processor's model name as Linux reports it (/proc/cpuinfo), else what Python knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_pipeline(jobs: int, overwrite: bool):
+    """Run every step (run_steps), after checking that no run already in runs/ is replaced
+    unasked; write their times and the machine's to runs/times.json."""
+    taken = [str(outputs(s)) for s in STEPS if outputs(s).exists()]
+    if taken and not overwrite:
+        raise FileExistsError(f"{', '.join(taken)} already exist; pass --overwrite to replace those runs")
+    for step in STEPS:
+        check_writable(outputs(step), "--out", folder="--out" in step.command)
+    start, load_before = time.perf_counter(), os.getloadavg()
+    try:
+        times = run_steps(STEPS, jobs, overwrite)
+    except Terminated as e:
+        cli.say(f"run_demo.py: {e}")
+        cli.leave(128 + signal.SIGTERM)  # the shell's code for a process that SIGTERM ended
+    total = round(time.perf_counter() - start, 1)
+    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "load_average_before": load_before,
+               "load_average_after": os.getloadavg()}  # what the times depend on: other work slows them
+    atomic_text(Path("runs/times.json"), json.dumps({"seconds": times, "total": total, "machine": machine},
+                                                    indent=2) + "\n")
+    print(f"all {len(STEPS)} commands in {total:.0f} s, {jobs} at a time (runs/times.json)\n")
+
+
+# -----------------------------------------------------------------------------
 # the table: every figure read from an evaluation's results.json
 
 class Column(NamedTuple):
@@ -211,85 +312,6 @@ def gates_table(root: Path = Path(".")) -> str:
     return "\n".join(lines)
 
 
-# -----------------------------------------------------------------------------
-# running the steps, two at a time
-
-class Running(NamedTuple):
-    step: Step
-    process: subprocess.Popen
-    start: float
-    log: object
-
-
-def outputs(step: Step) -> Path:
-    """What a step writes: its --out folder (the trainings and evaluations) or its --json file (the analysis)."""
-    words = shlex.split(step.command)
-    flag = "--out" if "--out" in words else "--json"
-    return Path(words[words.index(flag) + 1])
-
-
-class Terminated(Exception):
-    """SIGTERM reached this process (a scheduler's, `kill`'s): the running commands are ended first."""
-
-
-def terminate(signum, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the commands' ending short
-    raise Terminated
-
-
-def run_steps(steps: list, jobs: int, overwrite: bool) -> dict:
-    """Run every step, at most `jobs` at once, each once the steps it needs are done; stop at the
-    first that fails. Returns {name: wall seconds}. Stopped early (a failure, Ctrl-C, SIGTERM), it
-    passes SIGTERM on to the commands still running and waits for them to end: a training saves
-    its state first (trainer.stop_requests), so that --resume continues it."""
-    logs = Path("runs/logs")
-    logs.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    pending, running, times = list(steps), [], {}
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        while pending or running:
-            ready = [s for s in pending if all(n in times for n in s.needs)]
-            for step in ready[:jobs - len(running)]:
-                pending.remove(step)
-                log = open(logs / f"{step.name}.log", "w")
-                process = subprocess.Popen(argv(step) + ["--overwrite"] * overwrite, stdout=log,
-                                           stderr=subprocess.STDOUT, env=env)
-                running.append(Running(step, process, time.perf_counter(), log))
-                print(f"started  {step.command}", flush=True)
-            time.sleep(0.2)
-            for job in [j for j in running if j.process.poll() is not None]:
-                running.remove(job)
-                job.log.close()
-                if job.process.returncode != 0:
-                    raise RuntimeError(f"{job.step.command} failed (exit code {job.process.returncode}); "
-                                       f"its output is in {logs / job.step.name}.log")
-                times[job.step.name] = round(time.perf_counter() - job.start, 1)
-                print(f"{times[job.step.name]:6.0f} s  {job.step.command}", flush=True)
-    except Terminated:
-        names = ", ".join(job.step.name for job in running) or "none"
-        raise Terminated(f"terminated (SIGTERM): passed it on to the commands still running ({names}), "
-                         f"waited for them to end; their output is in {logs}") from None
-    finally:
-        for job in running:  # stopped early: end the commands still running, which this started
-            job.process.terminate()
-            job.process.wait()
-            job.log.close()
-        signal.signal(signal.SIGTERM, previous)
-    return times
-
-
-def cpu_name() -> str:
-    """The processor's model name as Linux reports it (/proc/cpuinfo), else what Python knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv=None):
     parser = cli.ArgumentParser(description=__doc__)
     what = parser.add_mutually_exclusive_group()
@@ -303,23 +325,7 @@ def main(argv=None):
         print(listing())
         return
     if not args.table:
-        taken = [str(outputs(s)) for s in STEPS if outputs(s).exists()]
-        if taken and not args.overwrite:
-            raise FileExistsError(f"{', '.join(taken)} already exist; pass --overwrite to replace those runs")
-        for step in STEPS:
-            check_writable(outputs(step), "--out", folder="--out" in step.command)
-        start, load_before = time.perf_counter(), os.getloadavg()
-        try:
-            times = run_steps(STEPS, args.jobs, args.overwrite)
-        except Terminated as e:
-            cli.say(f"run_demo.py: {e}")
-            cli.leave(128 + signal.SIGTERM)  # the shell's code for a process that SIGTERM ended
-        total = round(time.perf_counter() - start, 1)
-        machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "load_average_before": load_before,
-                   "load_average_after": os.getloadavg()}  # what the times depend on: other work slows them
-        atomic_text(Path("runs/times.json"), json.dumps({"seconds": times, "total": total, "machine": machine},
-                                                        indent=2) + "\n")
-        print(f"all {len(STEPS)} commands in {total:.0f} s, {args.jobs} at a time (runs/times.json)\n")
+        run_pipeline(args.jobs, args.overwrite)
     print(table())
     print()
     print(gates_table())

@@ -161,7 +161,11 @@ def lora_shape(args, init) -> tuple:
     return True, init.rank, float(init.alpha)
 
 
-def main(argv=None):
+# -----------------------------------------------------------------------------
+# flags: checked before anything loads
+
+def make_parser():
+    """The command line: the flags both training scripts take, with DPO's defaults, and DPO's own."""
     parser = trainer.make_parser("Train an Aligner on preference pairs (DPO, Eq. 10).", DEMO_DEFAULTS,
                                  "PKU-SafeRLHF rows or prompt/chosen/rejected, JSON Lines")
     parser.add_argument("--init-aligner", type=cli.path, default=None,
@@ -187,15 +191,28 @@ def main(argv=None):
                           max_seq_len=1024, out="runs/dpo", shape_from="--init-aligner",
                           lora_note="the other settings stay this script's: the sources give no LoRA settings "
                                     "for DPO")
-    args = trainer.parse_args(parser, argv, demo_defaults=DEMO_DEFAULTS, demo_data="pku_saferlhf.jsonl")
-    demo = args.ckpt == str(data.DEMO_CKPT)
+    return parser
+
+
+def parse_flags(argv):
+    """The run's flags, parsed (trainer.parse_args) and checked; on the demo, --init-aligner
+    defaults to DEMO_INIT where that file is there."""
+    args = trainer.parse_args(make_parser(), argv, demo_defaults=DEMO_DEFAULTS, demo_data="pku_saferlhf.jsonl")
     if args.prefix_init == "authors" and args.init_aligner is not None:
         raise ValueError(f"--prefix-init authors starts a fresh Aligner; --init-aligner {args.init_aligner} "
                          "starts from a file: give one or the other")
-    if demo and args.init_aligner is None and args.prefix_init == "randn" and Path(DEMO_INIT).is_file():
+    if (args.ckpt == str(data.DEMO_CKPT) and args.init_aligner is None and args.prefix_init == "randn"
+            and Path(DEMO_INIT).is_file()):
         args.init_aligner = DEMO_INIT
+    return args
 
-    # --- processes and devices; every rank given the same run, the files checked, before anything loads
+
+# -----------------------------------------------------------------------------
+# processes, devices and the Aligner files
+
+def start(args) -> distributed.Dist:
+    """Join the processes, every rank given the same run; the Aligner files, --out and the context
+    checked before anything loads, the shape of what trains settled; the micro-batch settled."""
     d = distributed.init_distributed(torch.device(args.device), args.fsdp)
     distributed.check_ranks_agree(d, args, trainer.INPUTS)
     if args.reference not in ("init", "base"):
@@ -206,18 +223,21 @@ def main(argv=None):
     args.lora, args.lora_rank, args.lora_alpha = lora_shape(args, init)
     trainer.open_run(args)  # a finished run in --out is refused, and --resume checked
     check_context(args.ckpt, args.max_seq_len, args.beyond_context)
-    say = print if d.rank == 0 else (lambda *a, **k: None)
-    if demo:
+    if args.ckpt == str(data.DEMO_CKPT):
         fresh = ("a fresh Aligner from the authors' starting prefix" if args.prefix_init == "authors"
                  else f"a fresh Aligner (no {DEMO_INIT} yet: run `{DEMO_SFT}` first)")
-        say(f"{trainer.demo_line(args.ckpt, args.data, 'pku_saferlhf.jsonl')}, "
-            f"from {args.init_aligner or fresh}.")
+        trainer.speaker(d)(f"{trainer.demo_line(args.ckpt, args.data, 'pku_saferlhf.jsonl')}, "
+                           f"from {args.init_aligner or fresh}.")
     args.micro_batch_size = trainer.micro_batch_size(args, d)
+    return d
 
-    # --- load the frozen base model: policy and reference share it
-    model, tokenizer = trainer.load_base(args, d)
 
-    # --- data: read, tokenise, split
+# -----------------------------------------------------------------------------
+# data: read, tokenise, split
+
+def read_pairs(args, tokenizer, say) -> trainer.TrainingSet:
+    """--data's preference pairs, tokenised (each response after the same prompt, cut to
+    --max-seq-len) and split; a pair counts one unit of the loss."""
     triples, n_unsafe = data.read_preferences(args.data, args.pair, args.keep_unsafe, args.template)
     pairs, n_cut = [], 0
     for t in triples:
@@ -237,8 +257,15 @@ def main(argv=None):
                                         if len(pairs) < len(triples) else ""))
     train_idx, val_idx = trainer.split(len(pairs), args.val, args.seed)
     say(f"{cli.plural(len(train_idx), 'pair')} for training, {len(val_idx)} held out for validation")
+    return trainer.TrainingSet(pairs, lengths, units, train_idx, val_idx)
 
-    # --- the policy's Aligner (trained, fp32 or --aligner-dtype) and the reference's (frozen)
+
+# -----------------------------------------------------------------------------
+# the policy's Aligner, the reference's, and the loss
+
+def new_policy(args, model, device):
+    """The policy's Aligner, the one trained (fp32 or --aligner-dtype): --init-aligner's, or a
+    fresh one drawn after torch.manual_seed(--seed)."""
     torch.manual_seed(args.seed)
     if args.init_aligner:
         aligner = Aligner.read(args.init_aligner, model.args).train()
@@ -248,45 +275,79 @@ def main(argv=None):
         aligner = trainer.new_aligner(args, model.args)
     if args.lora:
         aligner.dropout = args.lora_dropout  # this run's, whatever the initial file trained with
-    aligner = aligner.to(d.device, getattr(torch, args.aligner_dtype))
+    return aligner.to(device, getattr(torch, args.aligner_dtype))
+
+
+def new_reference(args, model, policy, device):
+    """The frozen reference Aligner of --reference: a copy of the initial policy, none (the
+    base), or an Aligner file."""
     if args.reference == "init":
-        reference = copy.deepcopy(aligner).requires_grad_(False).eval()
-    elif args.reference == "base":
-        reference = None
-    else:
-        reference = Aligner.read(args.reference, model.args).to(d.device).requires_grad_(False).eval()
-    say(f"{aligner.describe()}; reference: {args.reference}")
+        return copy.deepcopy(policy).requires_grad_(False).eval()
+    if args.reference == "base":
+        return None
+    return Aligner.read(args.reference, model.args).to(device).requires_grad_(False).eval()
 
-    ref_logps = None
-    if args.precompute_ref:
-        # each rank scores its share; the sum over ranks fills the table
-        ref_logps = torch.zeros(len(pairs), 2, device=d.device)
-        everything = list(range(len(pairs)))
-        with torch.no_grad():
-            for micro in trainer.my_micro_batches(everything, lengths, d.rank, d.world, args.micro_batch_size):
-                ref_logps[micro] = torch.stack(pair_logps(model, reference, [pairs[i] for i in micro]), -1)
-            for filler in trainer.fillers(everything, lengths, d, args.micro_batch_size):
-                pair_logps(model, reference, [pairs[i] for i in filler])  # in step with the other ranks
-        ref_logps = distributed.all_reduce_sum(ref_logps, d.world)
 
-    def batch_loss(indices):
-        """Eq. 10 summed over these pairs, with the reward statistics summed likewise."""
-        batch = [pairs[i] for i in indices]
-        policy_chosen, policy_rejected = pair_logps(model, aligner, batch)
-        if ref_logps is not None:
-            ref_chosen, ref_rejected = ref_logps[indices].unbind(-1)
+def reference_table(args, model, reference, dataset: trainer.TrainingSet, d):
+    """--precompute-ref: the reference's (chosen, rejected) log-probs of every pair, (P, 2), each
+    rank scoring its share and the sum over ranks filling the table; else None."""
+    if not args.precompute_ref:
+        return None
+    pairs, lengths = dataset.items, dataset.lengths
+    ref_logps = torch.zeros(len(pairs), 2, device=d.device)
+    everything = list(range(len(pairs)))
+    with torch.no_grad():
+        for micro in trainer.my_micro_batches(everything, lengths, d.rank, d.world, args.micro_batch_size):
+            ref_logps[micro] = torch.stack(pair_logps(model, reference, [pairs[i] for i in micro]), -1)
+        for filler in trainer.fillers(everything, lengths, d, args.micro_batch_size):
+            pair_logps(model, reference, [pairs[i] for i in filler])  # in step with the other ranks
+    return distributed.all_reduce_sum(ref_logps, d.world)
+
+
+STAT_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
+
+
+class PreferenceLoss(NamedTuple):
+    """trainer.train's batch_loss: called with the indices of some pairs, it returns Eq. 10 summed
+    over them, with the reward statistics (STAT_NAMES) summed likewise."""
+    model: torch.nn.Module
+    policy: torch.nn.Module
+    reference: torch.nn.Module | None
+    ref_logps: torch.Tensor | None  # (P, 2) from reference_table, or None: the reference runs at every step
+    pairs: list
+    args: object  # --beta, --label-smoothing, --loss
+
+    def __call__(self, indices: list):
+        batch = [self.pairs[i] for i in indices]
+        policy_chosen, policy_rejected = pair_logps(self.model, self.policy, batch)
+        if self.ref_logps is not None:
+            ref_chosen, ref_rejected = self.ref_logps[indices].unbind(-1)
         else:
             with torch.no_grad():
-                ref_chosen, ref_rejected = pair_logps(model, reference, batch)
+                ref_chosen, ref_rejected = pair_logps(self.model, self.reference, batch)
         losses, chosen, rejected = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                                            args.beta, args.label_smoothing, args.loss == "ipo")
+                                            self.args.beta, self.args.label_smoothing, self.args.loss == "ipo")
         return losses.sum(), {"rewards/chosen": chosen.sum(), "rewards/rejected": rejected.sum(),
                               "rewards/accuracy": (chosen > rejected).float().sum(),
                               "rewards/margin": (chosen - rejected).sum()}
 
-    # --- train; the Aligner files are written as it goes
-    stat_names = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
-    trainer.train(args, aligner, batch_loss, train_idx, val_idx, lengths, units, d, stat_names)
+
+# -----------------------------------------------------------------------------
+# the run: train; the Aligner files are written as it goes
+
+def main(argv=None):
+    args = parse_flags(argv)
+    d = start(args)
+    say = trainer.speaker(d)
+    model, tokenizer = trainer.load_base(args, d)  # the frozen base: policy and reference share it
+    dataset = read_pairs(args, tokenizer, say)
+    policy = new_policy(args, model, d.device)
+    reference = new_reference(args, model, policy, d.device)
+    say(f"{policy.describe()}; reference: {args.reference}")
+    ref_logps = reference_table(args, model, reference, dataset, d)
+    loss = PreferenceLoss(model, policy, reference, ref_logps, dataset.items, args)
+    trainer.train(args, policy, loss, dataset.train_idx, dataset.val_idx, dataset.lengths, dataset.units, d,
+                  STAT_NAMES)
     say(f"done: {args.out / 'best.pt'} (the best by validation loss), {args.out / 'metrics.jsonl'}")
     distributed.exit_distributed()
 

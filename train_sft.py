@@ -53,6 +53,8 @@ land in --out (runs/sft): best.pt, epoch-E.pt.
 
 import startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -82,7 +84,11 @@ LORA_NOTE = ("with it --lr, --warmup-epochs and --weight-decay, where not given,
              "with: torch's own AdamW setting)")
 
 
-def main(argv=None):
+# -----------------------------------------------------------------------------
+# flags: checked before anything loads
+
+def make_parser():
+    """The command line: the flags both training scripts take, with SFT's defaults, and SFT's own."""
     parser = trainer.make_parser("Train an Aligner on instruction data (SFT).", DEMO_DEFAULTS,
                                  "Alpaca JSON, Alpaca JSON Lines, or prompt/response JSON Lines")
     parser.add_argument("--train-on-prompt", action="store_true",
@@ -95,33 +101,52 @@ def main(argv=None):
                              "the input, nothing in the layers; --start-layer does not apply")
     trainer.add_arguments(parser, n_tokens=10, lr=9e-3, batch_size=64, epochs=8, warmup_epochs=1.0,
                           max_seq_len=512, out="runs/sft", lora_note=LORA_NOTE)
-    args = trainer.parse_args(parser, argv, demo_defaults=DEMO_DEFAULTS, demo_data="alpaca.json",
+    return parser
+
+
+def soft_tokens(args) -> int:
+    """The sequence positions that Prompt Tuning's soft tokens take: --n-tokens with it, else none."""
+    return args.n_tokens if args.prompt_tuning else 0
+
+
+def parse_flags(argv):
+    """The run's flags, parsed (trainer.parse_args) and checked against each other."""
+    args = trainer.parse_args(make_parser(), argv, demo_defaults=DEMO_DEFAULTS, demo_data="alpaca.json",
                               lora_defaults=LORA_DEFAULTS)
-    n_soft = args.n_tokens if args.prompt_tuning else 0  # sequence positions the soft tokens take
     if args.prompt_tuning:
         if args.llama_adapter or args.lora:
             raise ValueError(f"--prompt-tuning and {'--lora' if args.lora else '--llama-adapter'}: choose one")
         if args.fsdp:
             raise ValueError("--prompt-tuning does not run under --fsdp (its soft tokens start as rows of the "
                              "embedding table, which FSDP shards); run it without")
-        if n_soft >= args.max_seq_len:
-            raise ValueError(f"--n-tokens {n_soft} soft tokens leave no room for the text within "
+        if soft_tokens(args) >= args.max_seq_len:
+            raise ValueError(f"--n-tokens {soft_tokens(args)} soft tokens leave no room for the text within "
                              f"--max-seq-len {args.max_seq_len}")
+    return args
 
-    # --- processes and devices; every rank given the same run, --out checked, before anything loads
+
+# -----------------------------------------------------------------------------
+# processes and devices
+
+def start(args) -> distributed.Dist:
+    """Join the processes, every rank given the same run; --out and the context checked before
+    anything loads; the micro-batch settled."""
     d = distributed.init_distributed(torch.device(args.device), args.fsdp)
     distributed.check_ranks_agree(d, args, trainer.INPUTS)
     trainer.open_run(args)  # a finished run in --out is refused, and --resume checked
     check_context(args.ckpt, args.max_seq_len, args.beyond_context)
-    say = print if d.rank == 0 else (lambda *a, **k: None)
     if args.ckpt == str(data.DEMO_CKPT):
-        say(trainer.demo_line(args.ckpt, args.data, "alpaca.json") + ".")
+        trainer.speaker(d)(trainer.demo_line(args.ckpt, args.data, "alpaca.json") + ".")
     args.micro_batch_size = trainer.micro_batch_size(args, d)
+    return d
 
-    # --- load the frozen base model
-    model, tokenizer = trainer.load_base(args, d)
 
-    # --- data: read, tokenise, split
+# -----------------------------------------------------------------------------
+# data: read, tokenise, split
+
+def read_examples(args, tokenizer, say) -> trainer.TrainingSet:
+    """--data's records, tokenised (cut to --max-seq-len, less any soft tokens) and split."""
+    n_soft = soft_tokens(args)
     pairs, n_unsafe = data.read_sft(args.data, args.template)
     examples, n_cut = [], 0
     for pair in pairs:
@@ -142,8 +167,15 @@ def main(argv=None):
     train_idx, val_idx = trainer.split(len(examples), args.val, args.seed)
     say(f"{len(train_idx)} for training, {len(val_idx)} held out for validation; "
         f"{sum(units[i] for i in train_idx)} loss tokens per epoch")
+    return trainer.TrainingSet(examples, lengths, units, train_idx, val_idx)
 
-    # --- the Aligner (or the baseline): the only trained parameters, fp32 (or bf16: --aligner-dtype)
+
+# -----------------------------------------------------------------------------
+# what trains, and its loss
+
+def new_module(args, model, device):
+    """The Aligner (or the baseline): the only trained parameters, fp32 (or bf16: --aligner-dtype),
+    drawn after torch.manual_seed(--seed)."""
     torch.manual_seed(args.seed)
     if args.lora:
         aligner = LoRA(model.args, args.lora_rank, args.lora_alpha, args.lora_dropout)
@@ -151,19 +183,32 @@ def main(argv=None):
         aligner = PromptTuning(model.args, args.n_tokens, model.tok_embeddings.weight)
     else:
         aligner = trainer.new_aligner(args, model.args)
-    aligner = aligner.to(d.device, getattr(torch, args.aligner_dtype))
+    return aligner.to(device, getattr(torch, args.aligner_dtype))
+
+
+def batch_loss(model, aligner, examples: list, device, indices: list):
+    """trainer.train's batch_loss: cross-entropy summed over the response tokens of the examples
+    at `indices` (float32 logits), and no statistics."""
+    tokens, targets = data.collate([examples[i] for i in indices])  # (B, T-1) each
+    logits = model(tokens.to(device), aligner=aligner)  # (B, T-1, V): Prompt Tuning's positions left out
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(),
+                           ignore_index=data.IGNORE, reduction="sum")
+    return loss, {}
+
+
+# -----------------------------------------------------------------------------
+# the run: train; the Aligner files are written as it goes
+
+def main(argv=None):
+    args = parse_flags(argv)
+    d = start(args)
+    say = trainer.speaker(d)
+    model, tokenizer = trainer.load_base(args, d)  # the frozen base
+    dataset = read_examples(args, tokenizer, say)
+    aligner = new_module(args, model, d.device)
     say(aligner.describe())
-
-    def batch_loss(indices):
-        """Cross-entropy summed over the response tokens of these examples (float32 logits)."""
-        tokens, targets = data.collate([examples[i] for i in indices])  # (B, T-1) each
-        logits = model(tokens.to(d.device), aligner=aligner)  # (B, T-1, V): Prompt Tuning's positions left out
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.to(d.device).flatten(),
-                               ignore_index=data.IGNORE, reduction="sum")
-        return loss, {}
-
-    # --- train; the Aligner files are written as it goes
-    trainer.train(args, aligner, batch_loss, train_idx, val_idx, lengths, units, d)
+    loss = functools.partial(batch_loss, model, aligner, dataset.items, d.device)
+    trainer.train(args, aligner, loss, dataset.train_idx, dataset.val_idx, dataset.lengths, dataset.units, d)
     say(f"done: {args.out / 'best.pt'} (the best by validation loss), {args.out / 'metrics.jsonl'}")
     distributed.exit_distributed()
 

@@ -66,7 +66,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -249,6 +249,11 @@ def load_base(args, d: "Dist"):
     return model, tokenizer
 
 
+def speaker(d: "Dist") -> Callable:
+    """What a script says with: print on rank 0; nothing on the other ranks, which would repeat it."""
+    return print if d.rank == 0 else (lambda *a, **k: None)
+
+
 # -----------------------------------------------------------------------------
 # micro-batches
 
@@ -423,6 +428,16 @@ def trim_metrics(path: Path, step: int):
 # -----------------------------------------------------------------------------
 # the data's order and the schedule: pure functions of (seed, epoch, step)
 
+class TrainingSet(NamedTuple):
+    """A task's tokenized items (examples, or pairs) as the loop reads them: lengths[i] (tokens)
+    groups micro-batches, units[i] (loss tokens or pairs) normalises a global batch's loss."""
+    items: list
+    lengths: list
+    units: list
+    train_idx: list
+    val_idx: list
+
+
 def split(n: int, val: str, seed: int):
     """Seeded (train, val) index lists; `val` is a fraction ('0.05') or a count ('500')."""
     n_val = round(float(val) * n) if "." in val else int(val)
@@ -524,7 +539,8 @@ class Schedule:
 @dataclass
 class Run:
     """What stays fixed while a run trains: its flags and recorded settings, the Aligner and
-    its optimizer, the task's loss and its examples' sizes, the processes and the schedule."""
+    its optimizer, the task's loss and its examples' sizes, the processes and the schedule;
+    and the order of the epoch under way, drawn once (batch_at)."""
     args: object
     settings: dict
     aligner: torch.nn.Module
@@ -538,6 +554,7 @@ class Run:
     stat_names: tuple
     d: Dist
     schedule: Schedule
+    order: dict = field(default_factory=dict)  # {epoch: its global batches}, the epoch under way alone
 
     @property
     def out(self) -> Path:
@@ -601,6 +618,17 @@ def log(run: Run, record: dict):
         append_line(run.out / "metrics.jsonl", json.dumps(record))
 
 
+def batch_at(run: Run, step: int) -> list:
+    """The global batch of optimizer step `step` (from 0). Each epoch's order is drawn once, by its
+    first step (global_batches), and kept while the epoch lasts: a draw orders the whole split."""
+    epoch, i = divmod(step, run.schedule.steps_per_epoch)
+    if epoch not in run.order:
+        run.order.clear()  # a finished epoch's order is never read again
+        run.order[epoch] = global_batches(run.train_idx, run.args.batch_size, run.args.seed, epoch,
+                                          run.schedule.epoch_size)
+    return run.order[epoch][i]
+
+
 def optimizer_step(run: Run, progress: Progress) -> dict:
     """One optimizer step over the global batch at progress.step; returns its metrics record.
 
@@ -609,8 +637,7 @@ def optimizer_step(run: Run, progress: Progress) -> dict:
     one where the update leaves a parameter NaN, infinite or exploded (files.EXPLODED) undoes it.
     """
     args, d, schedule, step = run.args, run.d, run.schedule, progress.step
-    epoch, i = divmod(step, schedule.steps_per_epoch)
-    batch = global_batches(run.train_idx, args.batch_size, args.seed, epoch, schedule.epoch_size)[i]
+    batch = batch_at(run, step)
     for group in run.optimizer.param_groups:
         group["lr"] = SCHEDULES[args.schedule](step, args.lr, schedule.warmup_steps, schedule.total_steps)
     batch_units = sum(run.units[j] for j in batch)

@@ -297,6 +297,32 @@ def test_a_weight_file_is_hashed_by_its_size_and_fixed_slices(tmp_path):
     assert set(fingerprint(tmp_path / "x.json")) == {"bytes", "sha256"}
 
 
+def test_each_epochs_order_is_drawn_once_and_its_steps_take_its_batches_in_turn(tmp_path, monkeypatch):
+    """The loop draws an epoch's order (global_batches) at the epoch's first step, not at every step,
+    and step i of epoch e trains on batch i of global_batches(..., e): in a run of 3 epochs of 3 steps,
+    and in the same run stopped by --max-steps inside epoch 1 and resumed there."""
+    real, drawn = trainer.global_batches, []
+    monkeypatch.setattr(trainer, "global_batches", lambda *a, **k: drawn.append(a[3]) or real(*a, **k))
+    expected = [sorted(batch) for epoch in range(3) for batch in real(list(range(10)), 4, 0, epoch)]
+    args = llama.ModelArgs(dim=4, n_layers=2, n_heads=2, vocab_size=8)
+    for stops in ([None], [4, None]):
+        aligner, seen, draws = Aligner(args, n_tokens=1, start_layer=1), [], []
+
+        def batch_loss(indices):  # one micro-batch a step, its examples in the loop's (sorted) order
+            seen.append(list(indices))
+            return (aligner.prefix.sum() + aligner.gates.sum()) * len(indices), {}
+
+        out = tmp_path / f"run{len(stops)}"
+        for max_steps in stops:
+            drawn.clear()
+            trainer.train(loop_settings(out, epochs=3, micro_batch_size=4, max_steps=max_steps,
+                                        resume=max_steps is None and len(stops) > 1), aligner, batch_loss,
+                          list(range(10)), [], [1] * 10, [1] * 10, distributed.Dist(0, 1, torch.device("cpu")))
+            draws.append(list(drawn))
+        assert seen == expected
+        assert draws == ([[0, 1, 2]] if stops == [None] else [[0, 1], [1, 2]])
+
+
 def test_an_error_inside_a_step_keeps_every_step_before_it(tmp_path):
     """An error as step 3 runs (a device lost, a peer gone), with --save-every 100: state.pt is
     brought to step 2, the last step logged, and the error goes on as it was."""
