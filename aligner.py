@@ -46,9 +46,9 @@ import torch
 from torch import nn
 
 import lora
-from files import atomic_save, check_values, load_pt
 from llama import BASE_KEYS, ModelArgs
 from prompt_tuning import PromptTuning, is_prompt_tuning
+from support.files import atomic_save, check_values, load_pt
 
 
 

@@ -42,7 +42,7 @@ Our choices where the paper says nothing:
   by side.
 """
 
-import startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
+import support.startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
 
 import argparse
 import importlib
@@ -56,14 +56,14 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-import cli
 import hf_checkpoint
 import lora
 from aligner import Aligner
-from files import (atomic_text, atomic_write, check_writable, refuse_clashes, refuse_existing,
-                   short_names)
 from llama import ModelArgs, Tokenizer, Transformer, checkpoint_inputs, find_tokenizer, read_params
 from prompt_tuning import PromptTuning
+from support import cli
+from support.files import (atomic_text, atomic_write, check_writable, refuse_clashes, refuse_existing,
+                           short_names)
 
 INSTALL = "pip install -r requirements-analysis.txt"
 CHUNK = 1 << 24  # values of differences held at a time when every token pair is compared (64 MB in float32)

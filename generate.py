@@ -50,7 +50,7 @@ Departures from Meta's generation.py: left padding instead of right padding
 it would alone); stop strings besides EOS; top-k beside top-p.
 """
 
-import startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
+import support.startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
 
 import functools
 import json
@@ -62,16 +62,15 @@ from typing import NamedTuple
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import cli
-import distributed
 import lora
 from aligner import Aligner, AlignerBank, AlignerRows, check_adapter_file, read_adapter, shape_of
-from data import DEMO_CKPT, TEMPLATES, check_demo, encode_prompt, format_prompt
-from files import atomic_text, check_writable, refuse_clashes, refuse_existing, short_names
 from llama import KVCache, ModelArgs, check_context, checkpoint_inputs, load, read_params
 from prompt_tuning import PromptTuning, SoftTokens
-from questions import (Question, answer_files, answers_path, check_model_ids, check_unique_ids,
-                       next_turn_prompt, question_file, read_questions)
+from support import cli, distributed
+from support.data import DEMO_CKPT, TEMPLATES, check_demo, encode_prompt, format_prompt
+from support.files import atomic_text, check_writable, refuse_clashes, refuse_existing, short_names
+from support.questions import (Question, answer_files, answers_path, check_model_ids, check_unique_ids,
+                               next_turn_prompt, question_file, read_questions)
 
 DEMO_PROMPT = "What is the home of Belrosvor?"  # a test person of the demo world, whom tuning never saw
 DEMO_ALIGNER = "runs/sft/best.pt"  # where the quick start's `python train_sft.py` saves its Aligner

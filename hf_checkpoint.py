@@ -44,7 +44,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from files import FileError, load_pt
+from support.files import FileError, load_pt
 
 
 def is_hf_folder(path) -> bool:

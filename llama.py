@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import hf_checkpoint
-from files import FileError, atomic_save, atomic_text, load_pt, read_text
+from support.files import FileError, atomic_save, atomic_text, load_pt, read_text
 
 
 # The base shape that adapter files (aligner.py, lora.py, prompt_tuning.py) record, so that one made

@@ -40,8 +40,8 @@ import torch
 from torch import nn
 
 import hf_checkpoint
-from files import FileError, atomic_save, check_values, load_pt
 from llama import BASE_KEYS, ModelArgs
+from support.files import FileError, atomic_save, check_values, load_pt
 
 TARGETS = ("wq", "wv")  # the projections adapted: lit_llama/lora.py's enable_lora=[True, False, True]
 # alpha where a file does not record it (lit-llama's): the authors' finetune/lora.py, line 43

@@ -35,8 +35,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from files import atomic_save, check_values, load_pt
 from llama import BASE_KEYS, ModelArgs
+from support.files import atomic_save, check_values, load_pt
 
 KIND = "prompt-tuning"  # the file's "kind"
 

@@ -44,7 +44,7 @@ authors' preparation script wrote the beaver format), or {"prompt", "chosen",
 Aligner files land in --out (runs/dpo): best.pt, epoch-E.pt.
 """
 
-import startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
+import support.startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
 
 import copy
 from pathlib import Path
@@ -53,13 +53,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-import cli
-import data
-import distributed
-import trainer
 from aligner import Aligner
 from llama import check_context
 from lora import LoRA, LoRAShape
+from support import cli, data, distributed, trainer
 
 
 # -----------------------------------------------------------------------------

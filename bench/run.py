@@ -47,15 +47,15 @@ from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: llama, aligner, generate
-import startup  # noqa: E402,F401  first of the project: Ctrl-C while torch loads ends in one line too
+import support.startup  # noqa: E402,F401  first of the project: Ctrl-C while torch loads ends in one line too
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import cli  # noqa: E402
 from aligner import Aligner  # noqa: E402
 from llama import ModelArgs, Transformer, save  # noqa: E402
 from lora import LoRA  # noqa: E402
+from support import cli  # noqa: E402
 
 # the CPU configuration: a small LLaMA that trains a step in about a second on 2 cores
 CPU_MODEL = dict(dim=512, n_layers=8, n_heads=8, vocab_size=4096, multiple_of=256)

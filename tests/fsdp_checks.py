@@ -7,7 +7,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-import distributed
+from support import distributed
 import llama
 from aligner import Aligner
 

@@ -4,9 +4,9 @@ into that step's collectives."""
 
 import torch.distributed as dist
 
-import cli
+from support import cli
 import train_sft
-import trainer
+from support import trainer
 
 real_optimizer_step = trainer.optimizer_step
 

@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 
 from aligner import Aligner, AlignerBank
 from conftest import authors_aligner_state, lit_llama_adapter_state
-from files import FileError
+from support.files import FileError
 from llama import ModelArgs, Transformer, prefix_attention
 from lora import LoRA
 

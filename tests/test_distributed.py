@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import cli
-import distributed
+from support import cli, distributed
 import evaluate
 import generate
 import llama

@@ -16,10 +16,10 @@ import evaluate
 from aligner import Aligner
 from analyze import layer_trend
 from conftest import authors_aligner_state, lit_llama_adapter_state
-from data import DEMO_DIR, encode_prompt, format_prompt
+from support.data import DEMO_DIR, encode_prompt, format_prompt
 from generate import converse
 from llama import ModelArgs, Tokenizer
-from questions import BEAVER, LLM_JUDGE, VICUNA_EVAL, Question, answer_files, question_file
+from support.questions import BEAVER, LLM_JUDGE, VICUNA_EVAL, Question, answer_files, question_file
 
 ARGS = ModelArgs(dim=64, n_layers=7, n_heads=4, n_kv_heads=4, vocab_size=1)  # 5 adapted layers from layer 2
 

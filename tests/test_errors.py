@@ -24,18 +24,17 @@ from pathlib import Path
 import pytest
 import torch
 
-import build_demo
-import cli
+from support import build_demo, cli
 import run_demo
-import distributed
+from support import distributed
 import evaluate
 import generate
 import llama
 import train_dpo
 import train_sft
-import trainer
+from support import trainer
 from aligner import Aligner
-from data import read_sft
+from support.data import read_sft
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))

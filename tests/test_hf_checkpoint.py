@@ -10,7 +10,7 @@ import torch
 
 import hf_checkpoint
 from conftest import TINY, make_checkpoint
-from files import FileError
+from support.files import FileError
 from hf_checkpoint import HFCheckpoint, is_hf_folder, rotary_rows
 import llama
 from aligner import Aligner

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import files
+from support import files
 import llama
 from conftest import make_checkpoint
 from llama import KVCache, ModelArgs, Transformer, prefix_attention, repeat_kv, sequence_attention

@@ -17,7 +17,7 @@ import train_dpo
 import train_sft
 from aligner import Aligner, AlignerBank
 from conftest import make_checkpoint
-from data import encode_prompt, format_prompt
+from support.data import encode_prompt, format_prompt
 from generate import generate
 from hf_layout import to_half_split, write_hf, write_safetensors
 from llama import KVCache, ModelArgs, Transformer, load, lora_projection, read_params

@@ -6,7 +6,7 @@ import math
 import torch
 
 import train_sft
-from data import DEMO_CKPT, DEMO_DATA, format_prompt
+from support.data import DEMO_CKPT, DEMO_DATA, format_prompt
 from generate import generate
 from llama import load
 

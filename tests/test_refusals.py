@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import cli
+from support import cli
 import evaluate
-import files
+from support import files
 import generate
 import llama
-import trainer
+from support import trainer
 from aligner import Aligner
-from files import FileError
+from support.files import FileError
 from test_errors import (SCRIPTS, as_main_of, check_failure, ckpt, dpo_args, dpo_data, fails,  # noqa: F401
                          model_args, run_script, sft_args, sft_data, snapshot, write_jsonl)
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-import data
+from support import data
 import llama
 
 # tatsu-lab/stanford_alpaca, train.py, PROMPT_DICT, copied character for character

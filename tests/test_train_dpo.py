@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import data
+from support import data
 import llama
 import train_dpo
 from aligner import Aligner

@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import data
+from support import data
 import llama
 import train_sft
-import distributed
-import trainer
+from support import distributed, trainer
 from aligner import Aligner
-from files import FileError, read_text
+from support.files import FileError, read_text
 
 ROOT = Path(__file__).resolve().parents[1]
 COLORS = ["red", "blue", "green", "brown", "black"]
@@ -271,7 +270,7 @@ def test_a_weight_file_is_hashed_by_its_size_and_fixed_slices(tmp_path):
     """Above 16 slices' worth, a weight file is hashed by its size and its first, last and 14 evenly
     spaced slices: a change in a slice or in the size is seen, one between the slices is not (the price
     of hashing a 13 GB checkpoint in a fraction of a second). Smaller files are hashed whole."""
-    from files import fingerprint, sampled_sha256
+    from support.files import fingerprint, sampled_sha256
     path = tmp_path / "model.safetensors"
     raw = bytearray(os.urandom(100_000))
     path.write_bytes(bytes(raw))
@@ -385,7 +384,7 @@ def test_a_non_finite_loss_or_gradient_stops_before_the_update(tmp_path, bad):
 
 
 def test_missing_demo_says_how_to_build_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"python build_demo.py"):
+    with pytest.raises(FileNotFoundError, match=r"python -m support.build_demo"):
         data.check_demo(tmp_path / "llama-demo")
 
 

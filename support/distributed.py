@@ -32,9 +32,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
-import cli
-import files
 import llama
+from support import cli, files
 
 
 # -----------------------------------------------------------------------------

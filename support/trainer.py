@@ -1,4 +1,6 @@
 """
+The training loop train_sft.py and train_dpo.py share.
+
 The training loop that train_sft.py and train_dpo.py share: only the Aligner's
 few thousand parameters train, the base model stays frozen. The baselines, a
 LLaMA-Adapter or a LoRA (--lora), train through the same loop: wherever it says
@@ -71,14 +73,14 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-import cli
 from aligner import Aligner, authors_prefix
-from data import DEMO_CKPT, DEMO_DATA, check_demo
-from files import (FileError, append_line, atomic_save, atomic_text, bad_value, check_values,
-                   check_writable, fingerprint, load_pt, read_text, refuse_clashes,
-                   stray_temporaries)
-from distributed import Dist, all_reduce_max, all_reduce_sum, load_sharded
 from llama import checkpoint_inputs, load
+from support import cli
+from support.data import DEMO_CKPT, DEMO_DATA, check_demo
+from support.distributed import Dist, all_reduce_max, all_reduce_sum, load_sharded
+from support.files import (FileError, append_line, atomic_save, atomic_text, bad_value, check_values,
+                           check_writable, fingerprint, load_pt, read_text, refuse_clashes,
+                           stray_temporaries)
 
 
 # -----------------------------------------------------------------------------

@@ -1,4 +1,6 @@
 """
+Reading and writing files: atomic writes, one-line errors for files that cannot be read.
+
 Every file the project reads or writes goes through here: writes are atomic
 (a temporary file beside the target, fsynced, then renamed over it), and a
 file that cannot be read is named in a one-line error, never left to a
