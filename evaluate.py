@@ -89,13 +89,12 @@ from typing import NamedTuple
 import torch
 
 import lora
-from aligner import check_adapter_file, read_adapter
 from generate import generate
-from llama import check_context, checkpoint_inputs, load
 from support import cli, distributed
 from support.data import (DEMO_CKPT, DEMO_DATA, TEMPLATES, DataError, check_demo, encode_prompt, format_prompt,
                           read_records, string_fields)
 from support.files import atomic_write, check_writable, read_text, refuse_clashes, refuse_existing
+from support.formats import check_adapter_file, check_context, checkpoint_inputs, load, read_adapter
 
 TASKS = ("gsm8k", "mmlu", "qa")
 LETTERS = ("A", "B", "C", "D")

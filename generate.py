@@ -14,7 +14,7 @@ Text generation with a frozen LLaMA and any number of Aligners, through the KV c
 
 Each instruction is put in --template (data.TEMPLATES) and tokenized alone,
 BOS first, by data.encode_prompt: the same ids that training puts before the response. Any Aligner
-file is read by aligner.read_adapter, this project's or the paper's authors'; so is a LoRA (lora.py:
+file is read by support.formats.read_adapter, this project's or the paper's authors'; so is a LoRA (lora.py:
 ours, lit-llama's, a PEFT adapter folder), which decodes in batches of its own, applied beside wq and
 wv or, with --merge-lora, written into them first; and a Prompt Tuning (prompt_tuning.py), also in
 batches of its own.
@@ -63,12 +63,13 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import lora
-from aligner import Aligner, AlignerBank, AlignerRows, check_adapter_file, read_adapter, shape_of
-from llama import KVCache, ModelArgs, check_context, checkpoint_inputs, load, read_params
+from aligner import Aligner, AlignerBank, AlignerRows, shape_of
+from llama import KVCache, ModelArgs
 from prompt_tuning import PromptTuning, SoftTokens
 from support import cli, distributed
 from support.data import DEMO_CKPT, TEMPLATES, check_demo, encode_prompt, format_prompt
 from support.files import atomic_text, check_writable, refuse_clashes, refuse_existing, short_names
+from support.formats import check_adapter_file, check_context, checkpoint_inputs, load, read_adapter, read_params
 from support.questions import (Question, answer_files, answers_path, check_model_ids, check_unique_ids,
                                next_turn_prompt, question_file, read_questions)
 

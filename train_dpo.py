@@ -53,10 +53,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from aligner import Aligner
-from llama import check_context
 from lora import LoRA, LoRAShape
 from support import cli, data, distributed, trainer
+from support.formats import check_aligner_file, check_context, read_aligner
 
 
 # -----------------------------------------------------------------------------
@@ -121,7 +120,7 @@ DEMO_SFT = "python train_sft.py --data demo/data/pku_saferlhf.jsonl --n-tokens 1
 
 def aligner_shape(args, init) -> tuple:
     """(N, start layer, layer-specific?) of the Aligner that trains: the initial Aligner file's
-    (`init`, from Aligner.check_file), which --n-tokens, --start-layer and --llama-adapter may
+    (`init`, from formats.check_aligner_file), which --n-tokens, --start-layer and --llama-adapter may
     only repeat; with no file, the flags or the paper's DPO setting, one token from layer 2."""
     if init is None:
         return (1 if args.n_tokens is None else args.n_tokens, 2 if args.start_layer is None else args.start_layer,
@@ -196,8 +195,8 @@ def main(argv=None):
     d = distributed.init_distributed(torch.device(args.device), args.fsdp)
     distributed.check_ranks_agree(d, args, trainer.INPUTS)
     if args.reference not in ("init", "base"):
-        Aligner.check_file(args.reference)  # an unreadable or unusable Aligner file stops here, before the base loads
-    init = Aligner.check_file(args.init_aligner) if args.init_aligner else None
+        check_aligner_file(args.reference)  # an unreadable or unusable Aligner file stops here, before the base loads
+    init = check_aligner_file(args.init_aligner) if args.init_aligner else None
     args.n_tokens, args.start_layer, args.llama_adapter = aligner_shape(  # what trains, as recorded
         args, None if isinstance(init, LoRAShape) else init)
     args.lora, args.lora_rank, args.lora_alpha = lora_shape(args, init)
@@ -238,7 +237,7 @@ def main(argv=None):
     # --- the policy's Aligner (trained, fp32 or --aligner-dtype) and the reference's (frozen)
     torch.manual_seed(args.seed)
     if args.init_aligner:
-        aligner = Aligner.read(args.init_aligner, model.args).train()
+        aligner = read_aligner(args.init_aligner, model.args).train()
     elif args.lora:
         aligner = LoRA(model.args, args.lora_rank, args.lora_alpha, args.lora_dropout)
     else:
@@ -251,7 +250,7 @@ def main(argv=None):
     elif args.reference == "base":
         reference = None
     else:
-        reference = Aligner.read(args.reference, model.args).to(d.device).requires_grad_(False).eval()
+        reference = read_aligner(args.reference, model.args).to(d.device).requires_grad_(False).eval()
     say(f"{aligner.describe()}; reference: {args.reference}")
 
     ref_logps = None

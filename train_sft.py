@@ -56,10 +56,10 @@ import support.startup  # noqa: F401  first: Ctrl-C while torch loads ends in on
 import torch
 import torch.nn.functional as F
 
-from llama import check_context
 from lora import LoRA
 from prompt_tuning import PromptTuning
 from support import cli, data, distributed, trainer
+from support.formats import check_context
 
 
 # The demo's SFT set is small (1,625 examples): the authors' batch of 64 gives only about 200 optimizer

@@ -85,10 +85,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from llama import ModelArgs, Tokenizer, Transformer, save
+from llama import ModelArgs, Transformer
 from support import cli
 from support.data import DEMO_DIR
 from support.files import FileError, atomic_write, check_writable
+from support.formats import Tokenizer, save
 
 # -----------------------------------------------------------------------------
 # the world: people, their facts, and the three groups they fall in

@@ -12,14 +12,13 @@ import pytest
 import torch
 
 import analyze
-from support import build_demo, data
+from support import build_demo, data, trainer
 import evaluate
 import run_demo
 import train_dpo
 import train_sft
-from support import trainer
 from support.data import DEMO_DIR, format_prompt
-from llama import Tokenizer, load
+from support.formats import Tokenizer, load
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI = dict(n_people=8, steps=2, batch_size=2, seq_len=64, n_docs=300, vocab_size=512,

@@ -20,7 +20,7 @@ from support.data import format_prompt
 from evaluate import (CATEGORIES, GSM8K_STOP, SUBJECT_CATEGORY, aggregate, continuation_logprobs, exact_match,
                       extract_flexible, extract_strict, gsm8k_prompt, letter_continuations, mmlu_prompt,
                       mmlu_subjects, read_mmlu_csv)
-from llama import Tokenizer, load
+from support.formats import Tokenizer, load
 
 # -----------------------------------------------------------------------------
 # GSM8K: the harness's filters and metric

@@ -20,9 +20,8 @@ import pytest
 import torch
 
 import analyze
-from support import files
+from support import files, startup
 import generate
-from support import startup
 import train_dpo
 import train_sft
 from aligner import Aligner

@@ -17,7 +17,8 @@ from aligner import Aligner, AlignerBank
 from conftest import TINY
 from support.data import format_prompt
 from generate import cut_at_stop, decode_one_token, generate, prefill, rows_of, sample
-from llama import KVCache, ModelArgs, Transformer, load, prefix_attention
+from llama import KVCache, ModelArgs, Transformer, prefix_attention
+from support.formats import load
 
 # float32 rounding, after a few layers of logits up to about 6 in size: the batched,
 # cached and fused paths sum in different orders

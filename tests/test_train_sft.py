@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import data
+from support import data, distributed, formats, trainer
 import llama
 import train_sft
-from support import distributed, trainer
 from aligner import Aligner
 from support.files import FileError, read_text
 
@@ -151,7 +150,7 @@ def test_cli_writes_its_files(full_run, tiny_ckpt):
     assert [s["step"] for s in steps] == [1, 2, 3, 4]  # 8 examples in batches of 4, 2 epochs
     assert {"loss", "lr", "tokens_per_s"} <= set(steps[0])
     assert json.loads((run / "settings.json").read_text())["lr"] == 9e-3
-    args = llama.ModelArgs(**llama.read_params(tiny_ckpt))
+    args = llama.ModelArgs(**formats.read_params(tiny_ckpt))
     aligner = Aligner.load(run / "best.pt", args)
     assert aligner.n_tokens == 2 and aligner.gates.abs().sum() > 0
 
@@ -271,6 +270,7 @@ def test_a_weight_file_is_hashed_by_its_size_and_fixed_slices(tmp_path):
     spaced slices: a change in a slice or in the size is seen, one between the slices is not (the price
     of hashing a 13 GB checkpoint in a fraction of a second). Smaller files are hashed whole."""
     from support.files import fingerprint, sampled_sha256
+    from support.formats import find_tokenizer
     path = tmp_path / "model.safetensors"
     raw = bytearray(os.urandom(100_000))
     path.write_bytes(bytes(raw))
@@ -292,8 +292,8 @@ def test_a_weight_file_is_hashed_by_its_size_and_fixed_slices(tmp_path):
     whole = sampled_sha256(small, slices=4, slice_bytes=1000)
     small.write_bytes(bytes(3999) + b"\1")
     assert sampled_sha256(small, slices=4, slice_bytes=1000) != whole
-    assert set(fingerprint(path)) == {"bytes", "sampled_sha256"}
-    assert set(fingerprint(tmp_path / "x.json")) == {"bytes", "sha256"}
+    assert set(fingerprint(path, find_tokenizer)) == {"bytes", "sampled_sha256"}
+    assert set(fingerprint(tmp_path / "x.json", find_tokenizer)) == {"bytes", "sha256"}
 
 
 def test_an_error_inside_a_step_keeps_every_step_before_it(tmp_path):
@@ -666,7 +666,7 @@ def test_ten_examples_in_batches_of_four_are_three_steps_an_epoch_at_the_schedul
     assert [(r["step"], r["epoch"]) for r in records if "val_loss" in r] == [(0, 0), (3, 1), (6, 2)]
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
         "best.pt", "epoch-1.pt", "epoch-2.pt", "metrics.jsonl", "settings.json", "state.pt"]
-    aligner = Aligner.load(tmp_path / "run" / "best.pt", llama.ModelArgs(**llama.read_params(tiny_ckpt)))
+    aligner = Aligner.load(tmp_path / "run" / "best.pt", llama.ModelArgs(**formats.read_params(tiny_ckpt)))
     assert (aligner.n_tokens, aligner.start_layer, tuple(aligner.gates.shape)) == (2, 1, (3, 4))  # 4 layers, 4 heads
 
 
@@ -680,7 +680,7 @@ def test_logged_losses_are_the_mean_cross_entropy_of_the_loss_tokens(tiny_ckpt, 
     (tmp_path / "task.json").write_text(json.dumps(records))
     train_sft.main(run_args(tiny_ckpt, tmp_path / "task.json", tmp_path / "run", "--template", "metamath",
                             "--max-steps", "1", *(["--train-on-prompt"] if train_on_prompt else [])))
-    model, tok = llama.load(tiny_ckpt)
+    model, tok = formats.load(tiny_ckpt)
     prompt = tok.encode("[|User|] Name a bird. [|AI Assistant|] ", bos=True)
     tokens = prompt + tok.encode("A robin is a bird.", bos=False) + [tok.eos_id]
     with torch.no_grad():
