@@ -12,7 +12,9 @@ Adapter files, everything --aligner takes (`read_adapter`, `check_adapter_file`)
 - lit-llama's Aligner and LLaMA-Adapter files (the Aligners the paper's authors released among
   them) and its LoRA files: lit_llama.py;
 - Hugging Face PEFT LoRA folders: peft.py.
-Each file is loaded once; what it holds is told from its keys.
+Each file is loaded once; what it holds is told from its keys. `read_aligner` and
+`check_aligner_file` take the same files but Prompt Tuning's (train_dpo.py's --init-aligner and
+--reference, analyze.py).
 """
 
 from pathlib import Path
