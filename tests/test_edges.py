@@ -32,7 +32,7 @@ def test_a_lit_llama_adapter_with_more_layers_than_tokens_keeps_each_layers_pref
     one axis taken for the other."""
     state = lit_llama_adapter_state(ARGS, n_tokens=3)
     for args in (ARGS, None):  # with the model's shape, and from the file alone
-        aligner = lit_llama.read_aligner(state, Path("adapter.pth"), args)
+        aligner = lit_llama.aligner_from_state(state, Path("adapter.pth"), args)
         assert aligner.layer_specific and aligner.n_tokens == 3
         assert tuple(aligner.prefix.shape) == (5, 3, 64)
         for i in range(2, 7):

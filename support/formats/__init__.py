@@ -140,9 +140,9 @@ def _read(kind, state, path: Path, args):
     if kind == "LoRA":
         return lora.from_state(state, path, args).eval()
     if kind == "lit-llama LoRA":
-        return lit_llama.read_lora(state, path, args).eval()
+        return lit_llama.lora_from_state(state, path, args).eval()
     if kind == "lit-llama Aligner":
-        return lit_llama.read_aligner(state, path, args)
+        return lit_llama.aligner_from_state(state, path, args)
     return Aligner.from_state(state, path, args)
 
 

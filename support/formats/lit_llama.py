@@ -33,7 +33,7 @@ def weights(state):
 # -----------------------------------------------------------------------------
 # Aligners and LLaMA-Adapters
 
-def read_aligner(state, path: Path, args: ModelArgs = None) -> Aligner:
+def aligner_from_state(state, path: Path, args: ModelArgs = None) -> Aligner:
     """An Aligner or Adapter from a loaded file (see aligner_parts). Without `args`, the shape
     comes from the tensors: the last gated layer is the model's last, and lit-llama's attention
     has one key/value head per query head."""
@@ -50,7 +50,7 @@ def read_aligner(state, path: Path, args: ModelArgs = None) -> Aligner:
 
 
 def aligner_shape(state, path: Path) -> AlignerShape:
-    """What a loaded file says of its Aligner's shape, checked as read_aligner checks it."""
+    """What a loaded file says of its Aligner's shape, checked as aligner_from_state checks it."""
     parts = aligner_parts(weights(state), path)
     return AlignerShape(parts.prefix.shape[-2], parts.start_layer, parts.layer_specific)
 
@@ -203,7 +203,7 @@ def lora_pairs(stored, path: Path) -> dict:
     return pairs
 
 
-def read_lora(state, path: Path, args: ModelArgs, dropout: float = 0.05) -> LoRA:
+def lora_from_state(state, path: Path, args: ModelArgs, dropout: float = 0.05) -> LoRA:
     """lit-llama's file. In its fused c_attn = [wq; wk; wv] (scripts/convert_checkpoint.py), lora_A
     (2r, dim) stacks A_q over A_v, and lora_B (2 dim, r) stacks B_q over B_v: the grouped
     convolution of MergedLinear.forward (groups = 2) sends A's first r rows through B's first dim
