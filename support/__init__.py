@@ -1,1 +1,1 @@
-"""Support code for the scripts beside this folder: start-up, files, command lines, data, training, the demo builder."""
+"""Support code for the scripts: start-up, files, command lines, file formats, data, training, the demo world."""
