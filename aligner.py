@@ -27,16 +27,13 @@ paper's claim is that the one shared prefix does as well as these
 layer-specific ones with a fraction of the parameters (Table 1: 5,056 for a
 one-token Aligner on LLaMA-2-7B against 1,229,760 for the Adapter at N = 10).
 
-Files: `save` writes this project's small file; `Aligner.read` reads it and
-the lit-llama files of both kinds: the Aligners the paper's authors released
-(bf16; their lit_llama/aligner.py names the prefix global_value_embedding and
-the gates gating_factor) and lit-llama's LLaMA-Adapter files (an adapter_wte
-per layer). Every script that takes an Aligner file reads it through
-`Aligner.read`, so those files work wherever ours do; a LoRA file or PEFT
-folder given there is handed to lora.py's reader, so LoRAs go there too.
+Files: `save` writes this project's small file and `load` reads it. The
+lit-llama files of both kinds, the Aligners the paper's authors released and
+lit-llama's LLaMA-Adapter files, are read by support/formats/lit_llama.py; every
+script takes an Aligner file through support.formats.read_adapter, so those
+files work wherever ours do, and LoRA files and PEFT folders too.
 """
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -45,11 +42,8 @@ import numpy as np
 import torch
 from torch import nn
 
-import lora
-from files import atomic_save, check_values, load_pt
 from llama import BASE_KEYS, ModelArgs
-from prompt_tuning import PromptTuning, is_prompt_tuning
-
+from support.files import atomic_save, check_values, load_pt
 
 
 class AlignerShape(NamedTuple):
@@ -92,9 +86,7 @@ class Aligner(nn.Module):
         return f"{self.kind}: {tokens} {where}, {self.num_params():,} parameters"
 
     def check_fits(self, args: ModelArgs, source="the Aligner"):
-        theirs = args.base_shape()
-        if self.base != theirs:
-            raise ValueError(f"{source} was made for a base with {self.base}, not {theirs}")
+        args.check_base(self.base, source)
 
     # --- files ---------------------------------------------------------------
 
@@ -104,56 +96,14 @@ class Aligner(nn.Module):
                      "base": self.base, "prefix": self.prefix.detach().cpu(), "gates": self.gates.detach().cpu()}, path)
 
     @classmethod
-    def read(cls, path, args: ModelArgs = None) -> "Aligner":
-        """An Aligner (or LLaMA-Adapter) file of either layout: this project's (`save`) or
-        lit-llama's (the paper's authors' Aligners, lit-llama's Adapters). With `args`, refuses a
-        file made for a base of another shape; without, a lit-llama file's shape is read from its
-        tensors. Every script reads Aligners through here, and LoRAs too: a LoRA file or PEFT
-        folder comes back as a lora.LoRA (lora.read)."""
-        if Path(path).is_dir():  # a PEFT LoRA folder
-            return lora.read(path, args)
-        state = load_pt(path, "Aligner file")
-        if lora.is_lora_state(state):
-            return lora.read(path, args)
-        if is_lit_llama(state):
-            return cls._from_lit_llama_state(_lit_llama_weights(state), Path(path), args)
-        return cls._from_state(state, Path(path), args)
-
-    @classmethod
-    def check_file(cls, path):
-        """Refuse, before any model loads, a file that is no usable Aligner or Adapter of either
-        layout, or LoRA (lora.check_file); returns the AlignerShape (or LoRAShape) it holds."""
-        if Path(path).is_dir():
-            return lora.check_file(path)
-        state = load_pt(path, "Aligner file")
-        if lora.is_lora_state(state):
-            return lora.check_file(path)
-        if is_lit_llama(state):
-            parts = _lit_llama_parts(_lit_llama_weights(state), Path(path))
-            return AlignerShape(parts.prefix.shape[-2], parts.start_layer, parts.layer_specific)
-        aligner = cls._from_state(state, Path(path))
-        return AlignerShape(aligner.n_tokens, aligner.start_layer, aligner.layer_specific)
-
-    @classmethod
     def load(cls, path, args: ModelArgs = None) -> "Aligner":
-        """An Aligner saved by `save`; with `args`, refuses a file made for a base of another shape."""
-        state = load_pt(path, "Aligner file")
-        if is_lit_llama(state):
-            raise ValueError(f"{path}: this is an Aligner in lit-llama's layout; "
-                             "read it with Aligner.read or Aligner.from_lit_llama")
-        return cls._from_state(state, Path(path), args)
+        """An Aligner saved by `save`; with `args`, refuses a file made for a base of another shape.
+        Files of every kind and layout are read by support.formats.read_adapter."""
+        return cls.from_state(load_pt(path, "Aligner file"), Path(path), args)
 
     @classmethod
-    def from_lit_llama(cls, path, args: ModelArgs = None) -> "Aligner":
-        """An Aligner released by the paper's authors, or a LLaMA-Adapter, in lit-llama's layout."""
-        state = load_pt(path, "Aligner file")
-        if not is_lit_llama(state):
-            raise ValueError(f"{path}: neither 'global_value_embedding.weight' nor 'adapter_wte' keys; "
-                             "not an Aligner or Adapter in lit-llama's layout")
-        return cls._from_lit_llama_state(_lit_llama_weights(state), Path(path), args)
-
-    @classmethod
-    def _from_state(cls, state, path: Path, args: ModelArgs = None) -> "Aligner":
+    def from_state(cls, state, path: Path, args: ModelArgs = None) -> "Aligner":
+        """The Aligner in a loaded file of `save`'s; `path` names it in errors."""
         needed = ("n_tokens", "start_layer", "base", "prefix", "gates")
         if not isinstance(state, dict) or any(key not in state for key in needed):
             raise ValueError(f"{path}: not an Aligner file (it needs the keys {list(needed)})")
@@ -182,147 +132,6 @@ class Aligner(nn.Module):
                 raise ValueError(f"{path}: {key} has shape {shape}, its settings imply {tuple(param.shape)}")
             param.data.copy_(state[key])
         return aligner
-
-    @classmethod
-    def _from_lit_llama_state(cls, state: dict, path: Path, args: ModelArgs = None) -> "Aligner":
-        """An Aligner or Adapter from lit-llama's layout (see _lit_llama_parts). Without `args`, the
-        shape comes from the tensors: the last gated layer is the model's last, and lit-llama's
-        attention has one key/value head per query head."""
-        parts = _lit_llama_parts(state, path, args)
-        if args is None:
-            args = _lit_llama_shape(path, parts.prefix.shape[-1], parts.n_layers, parts.gates[parts.start_layer])
-        aligner = cls(args, n_tokens=parts.prefix.shape[-2], start_layer=parts.start_layer,
-                      layer_specific=parts.layer_specific)
-        aligner.prefix.data.copy_(parts.prefix.float())
-        for i in range(parts.start_layer, parts.n_layers):
-            aligner.gates.data[i - parts.start_layer] = _spread_gate(parts.gates[i], args.n_heads, path,
-                                                                     f"transformer.h.{i}.attn.gating_factor")
-        return aligner
-
-
-class LitLlamaParts(NamedTuple):
-    """What a lit-llama file holds, checked: its prefix, its gates by layer, and where they sit."""
-    prefix: torch.Tensor  # (N, dim) shared; or (n_layers - start_layer, N, dim), one per layer
-    gates: dict  # layer -> gating_factor as stored
-    start_layer: int
-    n_layers: int
-    layer_specific: bool
-
-
-def _lit_llama_parts(state: dict, path: Path, args: ModelArgs = None) -> LitLlamaParts:
-    """lit-llama's layout, of either kind:
-
-        global_value_embedding.weight              (N, dim)       the Aligner's shared prefix P
-        transformer.h.{i}.attn.gating_factor       (1, H, 1, 1)   layer i's gates, i >= start_layer
-        transformer.h.{i}.attn.adapter_wte.weight  (N, dim)       layer i's prefix
-
-    The authors' Aligner (their lit_llama/aligner.py) shares one embedding module among the
-    layers, so each layer's adapter_wte is a copy of global_value_embedding; a copy that
-    differs is refused. A file without global_value_embedding is a LLaMA-Adapter
-    (lit_llama/adapter.py): each adapter_wte is that layer's own prefix P^l. A gating_factor
-    of one value (lit-llama's older files) is spread over the heads, as lit-llama's
-    _load_from_state_dict does (_spread_gate).
-    """
-    check_values(path, {key: t for key, t in state.items()
-                        if key.endswith(("embedding.weight", "adapter_wte.weight", "gating_factor"))}, "Aligner file")
-    shared = state.get("global_value_embedding.weight")
-    layer_prefixes, gates = {}, {}
-    for key, tensor in state.items():
-        if key == "global_value_embedding.weight":
-            continue
-        match = re.fullmatch(r"transformer\.h\.(\d+)\.attn\.(adapter_wte\.weight|gating_factor)", key)
-        if match is None:
-            raise ValueError(f"{path}: unexpected key {key!r} for an Aligner in lit-llama's layout")
-        if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"{path}: {key!r} is a {type(tensor).__name__}, not a tensor")
-        (layer_prefixes if match.group(2) == "adapter_wte.weight" else gates)[int(match.group(1))] = tensor
-    if not gates:
-        raise ValueError(f"{path}: no 'transformer.h.N.attn.gating_factor' keys")
-    start_layer = min(gates)
-    n_layers = args.n_layers if args is not None else max(gates) + 1
-    if sorted(gates) != list(range(start_layer, n_layers)):
-        raise ValueError(f"{path}: gates for layers {sorted(gates)} do not cover layers "
-                         f"{start_layer}..{n_layers - 1} of this model")
-    if shared is not None:  # the Aligner: one shared prefix, of which each adapter_wte is a copy
-        prefix, name = shared, "'global_value_embedding.weight'"
-    else:  # LLaMA-Adapter: a prefix of its own in every gated layer
-        if sorted(layer_prefixes) != sorted(gates):
-            raise ValueError(f"{path}: adapter_wte for layers {sorted(layer_prefixes)} but gating_factor for "
-                             f"layers {sorted(gates)}; a LLaMA-Adapter has both in every adapted layer")
-        shapes = {tuple(t.shape) for t in layer_prefixes.values()}
-        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-            raise ValueError(f"{path}: the layers' adapter_wte shapes {sorted(shapes)} are not one (N, dim)")
-        prefix, name = torch.stack([layer_prefixes[i] for i in sorted(layer_prefixes)]), "adapter_wte"
-    if not isinstance(prefix, torch.Tensor) or prefix.dim() != 2 + (shared is None) or (
-            args is not None and prefix.shape[-1] != args.dim):
-        shape = tuple(prefix.shape) if isinstance(prefix, torch.Tensor) else type(prefix).__name__
-        raise ValueError(f"{path}: {name} has shape {shape}; the model needs (N, "
-                         f"{'dim' if args is None else args.dim})")
-    if shared is not None:
-        for i, tensor in layer_prefixes.items():
-            if not torch.equal(tensor, shared):
-                raise ValueError(f"{path}: 'transformer.h.{i}.attn.adapter_wte.weight' differs from "
-                                 "'global_value_embedding.weight'; in the authors' layout every layer's "
-                                 "adapter_wte is the one shared prefix")
-    return LitLlamaParts(prefix, gates, start_layer, n_layers, shared is None)
-
-
-def _lit_llama_shape(path, dim: int, n_layers: int, gate: torch.Tensor) -> ModelArgs:
-    """The base shape a lit-llama file implies, for reading it without the model: the heads from a
-    (1, H, 1, 1) gating_factor; lit-llama's attention has one key/value head per query head."""
-    if gate.dim() != 4:
-        raise ValueError(f"{path}: its gating_factor holds one value for all heads, so the file does not say "
-                         "how many heads the model has; read it with the base model's arguments")
-    n_heads = gate.shape[1]
-    if dim % n_heads:
-        raise ValueError(f"{path}: a prefix of width {dim} does not split into {n_heads} heads")
-    return ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads, vocab_size=1)
-
-
-def is_lit_llama(state) -> bool:
-    """Whether a loaded file is in lit-llama's layout, an Aligner or an Adapter (bare, or under "model"
-    as fabric.save writes)."""
-    if not isinstance(state, dict):
-        return False
-    weights = _lit_llama_weights(state)
-    return "global_value_embedding.weight" in weights or any(
-        isinstance(key, str) and key.endswith(".attn.adapter_wte.weight") for key in weights)
-
-
-def _lit_llama_weights(state: dict) -> dict:
-    return state["model"] if isinstance(state.get("model"), dict) else state
-
-
-def _spread_gate(tensor, n_heads: int, path, key) -> torch.Tensor:
-    """(n_heads,) float32 gates from a gating_factor: (1, H, 1, 1), or one value for all heads."""
-    if not isinstance(tensor, torch.Tensor):
-        raise ValueError(f"{path}: {key!r} is a {type(tensor).__name__}, not a tensor")
-    if tensor.dim() == 4 and tuple(tensor.shape) == (1, n_heads, 1, 1):
-        return tensor.float().flatten()
-    if tensor.dim() < 4 and tensor.numel() == 1:
-        return tensor.float().reshape(1).repeat(n_heads)
-    raise ValueError(f"{path}: {key!r} has shape {tuple(tensor.shape)}; expected (1, {n_heads}, 1, 1) "
-                     "or a single value for all heads")
-
-
-# -----------------------------------------------------------------------------
-# every file the scripts take through --aligner
-
-def read_adapter(path, args: ModelArgs = None):
-    """What an --aligner file holds: a Prompt Tuning (prompt_tuning.py) where its "kind" says so,
-    else an Aligner or LLaMA-Adapter of either layout, or a LoRA file or PEFT folder (Aligner.read).
-    With `args`, refuses a file made for a base of another shape."""
-    if not Path(path).is_dir() and is_prompt_tuning(load_pt(path, "Aligner file")):
-        return PromptTuning.read(path, args)
-    return Aligner.read(path, args)
-
-
-def check_adapter_file(path):
-    """Refuse, before any model loads, an --aligner file that is no usable adapter of any kind;
-    returns the shape Aligner.check_file reads (AlignerShape or lora.LoRAShape), or the Prompt Tuning."""
-    if not Path(path).is_dir() and is_prompt_tuning(load_pt(path, "Aligner file")):
-        return PromptTuning.read(path)
-    return Aligner.check_file(path)
 
 
 # -----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ What trained Aligners learned, measured as the paper measures it, and what they 
     python analyze.py params --ckpt llama-2-13b               # ... for another base
 
 Any Aligner or LLaMA-Adapter file goes: this project's, the paper's authors' released Aligners and
-lit-llama's Adapters, all read by Aligner.read without the base model.
+lit-llama's Adapters, all read by support.formats.read_aligner without the base model.
 
 Reference: Zhou, Wu, Zhu, Terzopoulos, "Aligner: One Global Token is Worth Millions of Parameters
 When Aligning Large Language Models", arXiv 2312.05503.
@@ -42,7 +42,7 @@ Our choices where the paper says nothing:
   by side.
 """
 
-import startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
+import support.startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
 
 import argparse
 import importlib
@@ -56,14 +56,14 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-import cli
-import hf_checkpoint
 import lora
 from aligner import Aligner
-from files import (atomic_text, atomic_write, check_writable, refuse_clashes, refuse_existing,
-                   short_names)
-from llama import ModelArgs, Tokenizer, Transformer, checkpoint_inputs, find_tokenizer, read_params
+from llama import ModelArgs, Transformer
 from prompt_tuning import PromptTuning
+from support import cli
+from support.files import (atomic_text, atomic_write, check_writable, refuse_clashes, refuse_existing,
+                           short_names)
+from support.formats import Tokenizer, checkpoint_inputs, find_tokenizer, hf, is_lora, read_aligner, read_params
 
 INSTALL = "pip install -r requirements-analysis.txt"
 CHUNK = 1 << 24  # values of differences held at a time when every token pair is compared (64 MB in float32)
@@ -80,14 +80,14 @@ class Loaded(NamedTuple):
 
 
 def read_files(paths) -> list:
-    """Each file through Aligner.read, which names the file in its error when it is no Aligner.
+    """Each file through formats.read_aligner, which names the file in its error when it is no Aligner.
     A LoRA (lora.py) has neither gates nor prefix tokens: refused."""
     for p in paths:
-        if lora.is_lora(p):
+        if is_lora(p):
             raise ValueError(f"{p}: a LoRA, which has no gates or prefix tokens to analyze; gates and compare "
                              "read Aligners and LLaMA-Adapters")
     names = short_names([str(p) for p in paths], alone=())
-    return [Loaded(f"[{i}]", Path(p), Aligner.read(p), name) for i, (p, name) in enumerate(zip(paths, names), 1)]
+    return [Loaded(f"[{i}]", Path(p), read_aligner(p), name) for i, (p, name) in enumerate(zip(paths, names), 1)]
 
 
 def short_name(f: Loaded) -> str:
@@ -435,8 +435,8 @@ def shape_from(ckpt: Optional[str], params_file: Optional[str]) -> tuple:
         folder = Path(ckpt)
         if not folder.is_dir():
             raise FileNotFoundError(f"--ckpt {ckpt}: no checkpoint folder here")
-        if hf_checkpoint.is_hf_folder(folder):
-            return ModelArgs(**hf_checkpoint.read_config(folder / "config.json")), str(folder)
+        if hf.is_hf_folder(folder):
+            return ModelArgs(**hf.read_config(folder / "config.json")), str(folder)
     else:
         path = Path(params_file)
         if path.name != "params.json":

@@ -74,7 +74,7 @@ into "nan" under pandas 2 or later (pandas 1, of the release's time, kept
 "None"), so under a recent pandas those 10 of its 14,042 prompts differ.
 """
 
-import startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
+import support.startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
 
 import argparse
 import csv
@@ -88,15 +88,13 @@ from typing import NamedTuple
 
 import torch
 
-import cli
-import distributed
 import lora
-from aligner import check_adapter_file, read_adapter
-from data import (DEMO_CKPT, DEMO_DATA, TEMPLATES, DataError, check_demo, encode_prompt, format_prompt, read_records,
-                  string_fields)
 from generate import generate
-from files import atomic_write, check_writable, read_text, refuse_clashes, refuse_existing
-from llama import check_context, checkpoint_inputs, load
+from support import cli, distributed
+from support.data import (DEMO_CKPT, DEMO_DATA, TEMPLATES, DataError, check_demo, encode_prompt, format_prompt,
+                          read_records, string_fields)
+from support.files import atomic_write, check_writable, read_text, refuse_clashes, refuse_existing
+from support.formats import check_adapter_file, check_context, checkpoint_inputs, load, read_adapter
 
 TASKS = ("gsm8k", "mmlu", "qa")
 LETTERS = ("A", "B", "C", "D")

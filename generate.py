@@ -14,7 +14,7 @@ Text generation with a frozen LLaMA and any number of Aligners, through the KV c
 
 Each instruction is put in --template (data.TEMPLATES) and tokenized alone,
 BOS first, by data.encode_prompt: the same ids that training puts before the response. Any Aligner
-file is read by aligner.read_adapter, this project's or the paper's authors'; so is a LoRA (lora.py:
+file is read by support.formats.read_adapter, this project's or the paper's authors'; so is a LoRA (lora.py:
 ours, lit-llama's, a PEFT adapter folder), which decodes in batches of its own, applied beside wq and
 wv or, with --merge-lora, written into them first; and a Prompt Tuning (prompt_tuning.py), also in
 batches of its own.
@@ -50,7 +50,7 @@ Departures from Meta's generation.py: left padding instead of right padding
 it would alone); stop strings besides EOS; top-k beside top-p.
 """
 
-import startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
+import support.startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
 
 import functools
 import json
@@ -62,16 +62,16 @@ from typing import NamedTuple
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import cli
-import distributed
 import lora
-from aligner import Aligner, AlignerBank, AlignerRows, check_adapter_file, read_adapter, shape_of
-from data import DEMO_CKPT, TEMPLATES, check_demo, encode_prompt, format_prompt
-from files import atomic_text, check_writable, refuse_clashes, refuse_existing, short_names
-from llama import KVCache, ModelArgs, check_context, checkpoint_inputs, load, read_params
+from aligner import Aligner, AlignerBank, AlignerRows, shape_of
+from llama import KVCache, ModelArgs
 from prompt_tuning import PromptTuning, SoftTokens
-from questions import (Question, answer_files, answers_path, check_model_ids, check_unique_ids,
-                       next_turn_prompt, question_file, read_questions)
+from support import cli, distributed
+from support.data import DEMO_CKPT, TEMPLATES, check_demo, encode_prompt, format_prompt
+from support.files import atomic_text, check_writable, refuse_clashes, refuse_existing, short_names
+from support.formats import check_adapter_file, check_context, checkpoint_inputs, load, read_adapter, read_params
+from support.questions import (Question, answer_files, answers_path, check_model_ids, check_unique_ids,
+                               next_turn_prompt, question_file, read_questions)
 
 DEMO_PROMPT = "What is the home of Belrosvor?"  # a test person of the demo world, whom tuning never saw
 DEMO_ALIGNER = "runs/sft/best.pt"  # where the quick start's `python train_sft.py` saves its Aligner

@@ -23,29 +23,24 @@ merges on model.eval()): the LoRA is passed to the model's forward,
 `model(tokens, aligner=lora)`, like an Aligner, and merged only where a script
 is asked to (`merge`, generate.py and evaluate.py --merge-lora).
 
-Files: `LoRA.save` writes this project's file; `read` reads it, lit-llama's
-(the authors' finetune/lora.py saves lora_state_dict: transformer.h.{i}.attn.
-c_attn.lora_A and lora_B) and Hugging Face PEFT adapter folders. The scripts
-reach all three through Aligner.read and Aligner.check_file, so a LoRA goes
-wherever an Aligner file does.
+Files: `LoRA.save` writes this project's file and `from_state` reads it;
+support/formats/ reads lit-llama's (the authors' finetune/lora.py saves
+lora_state_dict: transformer.h.{i}.attn.c_attn.lora_A and lora_B) and Hugging
+Face PEFT adapter folders. The scripts reach all three through
+support.formats.read_adapter, so a LoRA goes wherever an Aligner file does.
 """
 
-import json
 import math
-import re
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-import hf_checkpoint
-from files import FileError, atomic_save, check_values, load_pt
 from llama import BASE_KEYS, ModelArgs
+from support.files import FileError, atomic_save, check_values
 
 TARGETS = ("wq", "wv")  # the projections adapted: lit_llama/lora.py's enable_lora=[True, False, True]
-# alpha where a file does not record it (lit-llama's): the authors' finetune/lora.py, line 43
-LIT_LLAMA_ALPHA = 16
 
 
 class LoRAShape(NamedTuple):
@@ -132,62 +127,15 @@ def check_merge(paths: list, shapes: list, fsdp: bool):
 
 
 # -----------------------------------------------------------------------------
-# reading: this project's files, lit-llama's, PEFT's folders
+# reading this project's file; lit-llama's files and PEFT's folders are read in support/formats/
 
-LIT_KEY = re.compile(r"transformer\.h\.(\d+)\.attn\.c_attn\.lora_([AB])")
-
-
-def _weights(state) -> dict:
-    return state["model"] if isinstance(state, dict) and isinstance(state.get("model"), dict) else state
+def is_own_state(state) -> bool:
+    """Whether a loaded file is a LoRA of `LoRA.save`'s (its "kind")."""
+    return isinstance(state, dict) and state.get("kind") == LoRA.kind
 
 
-def is_lora(path) -> bool:
-    """Whether `path` holds a LoRA: a PEFT adapter folder, or a file of ours or lit-llama's."""
-    path = Path(path)
-    if path.is_dir():
-        return (path / "adapter_config.json").is_file()
-    return path.is_file() and is_lora_state(load_pt(path, "LoRA file"))
-
-
-def is_lora_state(state) -> bool:
-    if not isinstance(state, dict):
-        return False
-    if state.get("kind") == "LoRA":
-        return True
-    weights = _weights(state)
-    return isinstance(weights, dict) and any(isinstance(k, str) and LIT_KEY.fullmatch(k) for k in weights)
-
-
-def read(path, args: ModelArgs = None, dropout: float = 0.05) -> LoRA:
-    """A LoRA from this project's file, lit-llama's file or a PEFT folder, in eval mode (no
-    dropout). With `args`, refuses one made for a base of another shape; lit-llama's and PEFT's
-    need `args`, their files not recording every dimension. `dropout` is the one a further
-    training run uses where the file records none (lit-llama's)."""
-    path = Path(path)
-    if path.is_dir():
-        return read_peft(path, args).eval()
-    state = load_pt(path, "LoRA file")
-    if isinstance(state, dict) and state.get("kind") == "LoRA":
-        return _from_state(state, path, args).eval()
-    return _from_lit_llama(_weights(state), path, args, dropout).eval()
-
-
-def check_file(path) -> LoRAShape:
-    """Refuse, before any model loads, a LoRA file or folder that cannot be used; returns its shape."""
-    path = Path(path)
-    if path.is_dir():
-        config = peft_config(path)
-        peft_tensors(path, config)
-        return LoRAShape(config["r"], config["lora_alpha"])
-    state = load_pt(path, "LoRA file")
-    if isinstance(state, dict) and state.get("kind") == "LoRA":
-        lora = _from_state(state, path)
-        return LoRAShape(lora.rank, lora.alpha)
-    pairs = _lit_llama_pairs(_weights(state), path)
-    return LoRAShape(next(iter(pairs.values()))[0].shape[0] // 2, LIT_LLAMA_ALPHA)
-
-
-def _checked_tensor(path, key: str, tensor, shape: tuple) -> torch.Tensor:
+def checked_tensor(path, key: str, tensor, shape: tuple) -> torch.Tensor:
+    """A file's tensor as float32, refused with its file and key unless it is a finite tensor of `shape`."""
     if not isinstance(tensor, torch.Tensor):
         raise FileError(f"{path}: {key} is a {type(tensor).__name__}, not a tensor")
     if tuple(tensor.shape) != tuple(shape):
@@ -196,8 +144,8 @@ def _checked_tensor(path, key: str, tensor, shape: tuple) -> torch.Tensor:
     return tensor.float()
 
 
-def _from_state(state: dict, path: Path, args: ModelArgs = None) -> LoRA:
-    """This project's file (LoRA.save)."""
+def from_state(state: dict, path: Path, args: ModelArgs = None) -> LoRA:
+    """The LoRA in a loaded file of `LoRA.save`'s; `path` names it in errors."""
     for key in ("rank", "alpha", "dropout", "targets", "base", "a_q", "b_q", "a_v", "b_v"):
         if key not in state:
             raise FileError(f"{path}: missing key {key!r}; a LoRA file holds kind, rank, alpha, dropout, "
@@ -217,190 +165,7 @@ def _from_state(state: dict, path: Path, args: ModelArgs = None) -> LoRA:
     if args is not None:
         lora.check_fits(args, source=str(path))
     for key in ("a_q", "b_q", "a_v", "b_v"):
-        getattr(lora, key).data.copy_(_checked_tensor(path, key, state[key], getattr(lora, key).shape))
+        getattr(lora, key).data.copy_(checked_tensor(path, key, state[key], getattr(lora, key).shape))
     return lora
 
 
-def _lit_llama_pairs(weights, path: Path) -> dict:
-    """{layer: (lora_A, lora_B)} of lit-llama's file, every key checked to be one of these."""
-    if not isinstance(weights, dict):
-        raise FileError(f"{path}: holds a {type(weights).__name__}, not a LoRA's dict of tensors")
-    found = {}
-    for key, tensor in weights.items():
-        match = LIT_KEY.fullmatch(key) if isinstance(key, str) else None
-        if match is None:
-            raise FileError(f"{path}: unexpected key {key!r}; lit-llama's LoRA file holds only "
-                            "transformer.h.N.attn.c_attn.lora_A and lora_B")
-        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2:
-            raise FileError(f"{path}: {key} is not a 2-D tensor")
-        found.setdefault(int(match.group(1)), {})[match.group(2)] = tensor
-    if not found:
-        raise FileError(f"{path}: no transformer.h.N.attn.c_attn.lora_A keys: not a LoRA file")
-    for i in range(max(found) + 1):
-        for part in "AB":
-            if part not in found.get(i, {}):
-                raise FileError(f"{path}: missing key 'transformer.h.{i}.attn.c_attn.lora_{part}'")
-    pairs = {i: (found[i]["A"], found[i]["B"]) for i in sorted(found)}
-    a0, b0 = pairs[0]
-    if a0.shape[0] % 2 or b0.shape[0] % 2 or b0.shape[1] != a0.shape[0] // 2:
-        raise FileError(f"{path}: transformer.h.0.attn.c_attn.lora_A has shape {tuple(a0.shape)} and lora_B "
-                        f"{tuple(b0.shape)}; lit-llama's hold (2r, dim) and (2 dim, r), for q and v")
-    for i, (a, b) in pairs.items():  # one rank and one width in every layer
-        for part, t, first in (("A", a, a0), ("B", b, b0)):
-            if t.shape != first.shape:
-                raise FileError(f"{path}: transformer.h.{i}.attn.c_attn.lora_{part} has shape {tuple(t.shape)}, "
-                                f"layer 0's {tuple(first.shape)} (rank {a0.shape[0] // 2})")
-    return pairs
-
-
-def _from_lit_llama(weights, path: Path, args: ModelArgs, dropout: float) -> LoRA:
-    """lit-llama's file. In its fused c_attn = [wq; wk; wv] (scripts/convert_checkpoint.py), lora_A
-    (2r, dim) stacks A_q over A_v, and lora_B (2 dim, r) stacks B_q over B_v: the grouped
-    convolution of MergedLinear.forward (groups = 2) sends A's first r rows through B's first dim
-    rows, the queries, and its last r rows through the last dim, the values; zero_pad leaves the
-    keys unchanged. lit-llama keeps Meta's rotary order of wq's rows (adjacent pairs, its
-    apply_rope), so B_q applies to Meta's wq as it is. alpha: LIT_LLAMA_ALPHA."""
-    pairs = _lit_llama_pairs(weights, path)
-    if args is None:
-        raise FileError(f"{path}: lit-llama's LoRA file does not record the model's heads; read it with the "
-                        "base model's arguments")
-    if args.n_kv_heads != args.n_heads:
-        raise FileError(f"{path}: lit-llama's fused qkv has one key/value head per query head; this model has "
-                        f"{args.n_heads} query heads and {args.n_kv_heads} key/value heads")
-    if len(pairs) != args.n_layers:
-        raise FileError(f"{path}: LoRA for {len(pairs)} layers; this model has {args.n_layers} "
-                        f"(missing key 'transformer.h.{min(len(pairs), args.n_layers)}.attn.c_attn.lora_A')")
-    rank = pairs[0][0].shape[0] // 2
-    lora = LoRA(args, rank, LIT_LLAMA_ALPHA, dropout)
-    for i, (a, b) in pairs.items():
-        a = _checked_tensor(path, f"transformer.h.{i}.attn.c_attn.lora_A", a, (2 * rank, args.dim))
-        b = _checked_tensor(path, f"transformer.h.{i}.attn.c_attn.lora_B", b, (2 * args.dim, rank))
-        lora.a_q.data[i], lora.a_v.data[i] = a[:rank], a[rank:]  # (r, dim) each
-        lora.b_q.data[i], lora.b_v.data[i] = b[:args.dim], b[args.dim:]  # (dim, r) each
-    return lora
-
-
-# PEFT's LoraConfig: the options this reader implements, at the values it implements. Any other
-# value changes what the adapter computes, and is refused.
-PEFT_PLAIN = {"use_dora": (False, None), "use_rslora": (False, None), "bias": ("none", None),
-              "layers_to_transform": (None,), "layers_pattern": (None,), "rank_pattern": ({}, None),
-              "alpha_pattern": ({}, None), "modules_to_save": (None, []), "layer_replication": (None,),
-              "fan_in_fan_out": (False, None), "lora_bias": (False, None), "trainable_token_indices": (None,),
-              "target_parameters": (None, []), "exclude_modules": (None, [])}
-# Keys that do not change what a trained adapter computes: PEFT's bookkeeping, the settings read
-# below, and initialisations that leave the base's weights alone. Any other key must hold its
-# empty or false default (newer PEFT options among them), or the adapter is refused.
-PEFT_READ_OR_INERT = {"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-                      "inference_mode", "r", "lora_alpha", "lora_dropout", "target_modules", "init_lora_weights",
-                      "megatron_config", "megatron_core", "qalora_group_size", "eva_config", "ensure_weight_tying"}
-# init_lora_weights that leave the base as it was (PiSSA, OLoRA, CorDA and LoftQ rewrite it)
-PEFT_PLAIN_INITS = (True, False, "gaussian", "eva")
-PEFT_TARGETS = {"q_proj": "wq", "v_proj": "wv"}
-PEFT_KEY = "base_model.model.model.layers.{i}.self_attn.{module}.lora_{part}.weight"
-
-
-def peft_config(folder: Path) -> dict:
-    """adapter_config.json of a PEFT folder, checked to be a plain LoRA on q_proj and v_proj."""
-    path = folder / "adapter_config.json"
-    if not path.is_file():
-        raise FileError(f"{folder}: a folder without adapter_config.json; a LoRA folder is a PEFT adapter "
-                        "(adapter_config.json, adapter_model.safetensors)")
-    config = hf_checkpoint.read_json(path, "PEFT adapter config")
-    if not isinstance(config, dict):
-        raise FileError(f"{path}: not a JSON object")
-    if config.get("peft_type") != "LORA":
-        raise FileError(f"{path}: peft_type is {json.dumps(config.get('peft_type'))}; this reads LORA adapters")
-    for key in ("r", "lora_alpha"):
-        value = config.get(key)
-        if type(value) not in (int, float) or (key == "r" and type(value) is not int) or value <= 0:
-            raise FileError(f"{path}: {key} is {json.dumps(value)}; it must be a positive "
-                            f"{'integer' if key == 'r' else 'number'}")
-    for key, value in config.items():
-        plain = PEFT_PLAIN.get(key, () if key in PEFT_READ_OR_INERT else (None, False, {}, []))
-        if plain and value not in plain:
-            raise FileError(f"{path}: {key} is {json.dumps(value)}; this reader implements plain LoRA "
-                            f"only ({key} {json.dumps(plain[0])})")
-    if config.get("init_lora_weights", True) not in PEFT_PLAIN_INITS:
-        raise FileError(f"{path}: init_lora_weights is {json.dumps(config['init_lora_weights'])}, which rewrites "
-                        "the base's weights; this reader applies a LoRA to the base as it is")
-    targets = config.get("target_modules")
-    if not isinstance(targets, list) or not targets:
-        raise FileError(f"{path}: target_modules is {json.dumps(targets)}; list the modules, a subset of "
-                        f"{sorted(PEFT_TARGETS)}")
-    for module in targets:
-        if module not in PEFT_TARGETS:
-            raise FileError(f"{path}: target_modules holds {json.dumps(module)}; this model adapts "
-                            f"{' and '.join(sorted(PEFT_TARGETS))} only")
-    dropout = config.get("lora_dropout", 0.0)
-    if type(dropout) not in (int, float) or not 0 <= dropout < 1:
-        raise FileError(f"{path}: lora_dropout is {json.dumps(dropout)}; it must be in [0, 1)")
-    return config
-
-
-def peft_tensors(folder: Path, config: dict) -> tuple:
-    """(the weight file, {key: tensor}) of a PEFT folder: adapter_model.safetensors (read by
-    hf_checkpoint's own reader) or adapter_model.bin; every key one of a LoRA on the targets."""
-    path = folder / "adapter_model.safetensors"
-    if path.is_file():
-        stored = hf_checkpoint.read_safetensors_header(path)
-        tensors = {name: hf_checkpoint.map_rows(t, 0, t.shape[0] if t.shape else 1) for name, t in stored.items()}
-    elif (folder / "adapter_model.bin").is_file():
-        path = folder / "adapter_model.bin"
-        tensors = load_pt(path, "PEFT adapter")
-        if not isinstance(tensors, dict):
-            raise FileError(f"{path}: holds a {type(tensors).__name__}, not a dict of tensors")
-    else:
-        raise FileError(f"{folder}: no adapter_model.safetensors or adapter_model.bin")
-    pattern = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.self_attn\.(\w+)\.lora_([AB])\.weight")
-    for key, tensor in tensors.items():
-        match = pattern.fullmatch(key) if isinstance(key, str) else None
-        if match is None:
-            raise FileError(f"{path}: unexpected key {key!r}; this reads a LoRA on "
-                            f"{' and '.join(sorted(PEFT_TARGETS))} (base_model.model.model.layers.N.self_attn."
-                            "q_proj.lora_A.weight, ...)")
-        if match.group(2) not in config["target_modules"]:
-            raise FileError(f"{path}: key {key!r} is for {match.group(2)}, which is not among the target_modules "
-                            f"{config['target_modules']} of {folder / 'adapter_config.json'}")
-        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2:
-            raise FileError(f"{path}: {key} is not a 2-D tensor")
-        rank = tensor.shape[0 if match.group(3) == "A" else 1]
-        if rank != config["r"]:
-            raise FileError(f"{path}: {key} has shape {tuple(tensor.shape)}, rank {rank}; "
-                            f"{folder / 'adapter_config.json'} says r {config['r']}")
-    return path, tensors
-
-
-def read_peft(folder: Path, args: ModelArgs) -> LoRA:
-    """A PEFT adapter folder over a Hugging Face LLaMA. lora_A (r, hidden) and lora_B (out, r) of
-    q_proj and v_proj in each layer; scaling lora_alpha / r (PEFT's LoraLayer). transformers'
-    conversion permuted q_proj's rows within each head (hf_checkpoint.rotary_rows), and a lora_B
-    trained on q_proj is in that order: its rows are put back into Meta's order here, as
-    hf_checkpoint does for q_proj itself. v_proj's rows are Meta's, and every lora_A reads the
-    hidden state, whose order is the same in both. A target left out of target_modules keeps B = 0."""
-    config = peft_config(folder)
-    path, tensors = peft_tensors(folder, config)
-    if args is None:
-        raise FileError(f"{folder}: a PEFT adapter does not record the model's shape; read it with the base "
-                        "model's arguments")
-    rank = config["r"]
-    lora = LoRA(args, rank, config["lora_alpha"], config.get("lora_dropout", 0.0))
-    with torch.no_grad():
-        lora.b_q.zero_()
-        lora.b_v.zero_()
-    meta_rows = hf_checkpoint.rotary_rows(args.n_heads, args.head_dim)  # Meta's row j is transformers' meta_rows[j]
-    for module in config["target_modules"]:
-        target = PEFT_TARGETS[module]
-        a_param, b_param = (lora.a_q, lora.b_q) if target == "wq" else (lora.a_v, lora.b_v)
-        for i in range(args.n_layers):
-            keys = [PEFT_KEY.format(i=i, module=module, part=part) for part in "AB"]
-            for key in keys:
-                if key not in tensors:
-                    raise FileError(f"{path}: missing key {key!r}")
-            a = _checked_tensor(path, keys[0], tensors[keys[0]], (rank, args.dim))
-            b = _checked_tensor(path, keys[1], tensors[keys[1]], (b_param.shape[1], rank))
-            a_param.data[i] = a
-            b_param.data[i] = b[meta_rows] if target == "wq" else b
-    extra = [k for k in tensors if int(re.search(r"layers\.(\d+)\.", k).group(1)) >= args.n_layers]
-    if extra:
-        raise FileError(f"{path}: key {extra[0]!r} is past this model's {args.n_layers} layers")
-    return lora

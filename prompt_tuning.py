@@ -26,7 +26,7 @@ tokens of T5's vocabulary; here from the whole vocabulary, whose frequencies the
 not record.
 
 File: {"kind": "prompt-tuning", "n_tokens", "base" (the base shape), "soft_tokens" (N, dim)},
-read by `PromptTuning.read`; the scripts take it through aligner.read_adapter, beside Aligner files.
+read by `PromptTuning.read`; the scripts take it through support.formats.read_adapter, beside Aligner files.
 """
 
 from pathlib import Path
@@ -35,8 +35,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from files import atomic_save, check_values, load_pt
 from llama import BASE_KEYS, ModelArgs
+from support.files import atomic_save, check_values, load_pt
 
 KIND = "prompt-tuning"  # the file's "kind"
 
@@ -74,9 +74,7 @@ class PromptTuning(nn.Module):
                 f"{self.num_params():,} parameters")
 
     def check_fits(self, args: ModelArgs, source="the Prompt Tuning"):
-        theirs = args.base_shape()
-        if self.base != theirs:
-            raise ValueError(f"{source} was made for a base with {self.base}, not {theirs}")
+        args.check_base(self.base, source)
 
     def rows(self, device, dtype) -> SoftTokens:
         """The soft tokens as forward reads them, on the model's device and in its dtype; the module

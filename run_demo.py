@@ -15,7 +15,7 @@ files (runs/eval-*/results.json), the analysis's runs/gates.json and, for
 parameter counts, the trained files.
 """
 
-import startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
+import support.startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
 
 import json
 import os
@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-import cli
-from files import atomic_text, check_writable, load_pt, read_text
+from support import cli
+from support.files import atomic_text, check_writable, load_pt, read_text
 
 # -----------------------------------------------------------------------------
 # the commands

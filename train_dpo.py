@@ -44,7 +44,7 @@ authors' preparation script wrote the beaver format), or {"prompt", "chosen",
 Aligner files land in --out (runs/dpo): best.pt, epoch-E.pt.
 """
 
-import startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
+import support.startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
 
 import copy
 from pathlib import Path
@@ -53,13 +53,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-import cli
-import data
-import distributed
-import trainer
-from aligner import Aligner
-from llama import check_context
 from lora import LoRA, LoRAShape
+from support import cli, data, distributed, trainer
+from support.formats import check_aligner_file, check_context, read_aligner
 
 
 # -----------------------------------------------------------------------------
@@ -124,7 +120,7 @@ DEMO_SFT = "python train_sft.py --data demo/data/pku_saferlhf.jsonl --n-tokens 1
 
 def aligner_shape(args, init) -> tuple:
     """(N, start layer, layer-specific?) of the Aligner that trains: the initial Aligner file's
-    (`init`, from Aligner.check_file), which --n-tokens, --start-layer and --llama-adapter may
+    (`init`, from formats.check_aligner_file), which --n-tokens, --start-layer and --llama-adapter may
     only repeat; with no file, the flags or the paper's DPO setting, one token from layer 2."""
     if init is None:
         return (1 if args.n_tokens is None else args.n_tokens, 2 if args.start_layer is None else args.start_layer,
@@ -216,8 +212,8 @@ def start(args) -> distributed.Dist:
     d = distributed.init_distributed(torch.device(args.device), args.fsdp)
     distributed.check_ranks_agree(d, args, trainer.INPUTS)
     if args.reference not in ("init", "base"):
-        Aligner.check_file(args.reference)  # an unreadable or unusable Aligner file stops here, before the base loads
-    init = Aligner.check_file(args.init_aligner) if args.init_aligner else None
+        check_aligner_file(args.reference)  # an unreadable or unusable Aligner file stops here, before the base loads
+    init = check_aligner_file(args.init_aligner) if args.init_aligner else None
     args.n_tokens, args.start_layer, args.llama_adapter = aligner_shape(  # what trains, as recorded
         args, None if isinstance(init, LoRAShape) else init)
     args.lora, args.lora_rank, args.lora_alpha = lora_shape(args, init)
@@ -268,7 +264,7 @@ def new_policy(args, model, device):
     fresh one drawn after torch.manual_seed(--seed)."""
     torch.manual_seed(args.seed)
     if args.init_aligner:
-        aligner = Aligner.read(args.init_aligner, model.args).train()
+        aligner = read_aligner(args.init_aligner, model.args).train()
     elif args.lora:
         aligner = LoRA(model.args, args.lora_rank, args.lora_alpha, args.lora_dropout)
     else:
@@ -285,7 +281,7 @@ def new_reference(args, model, policy, device):
         return copy.deepcopy(policy).requires_grad_(False).eval()
     if args.reference == "base":
         return None
-    return Aligner.read(args.reference, model.args).to(device).requires_grad_(False).eval()
+    return read_aligner(args.reference, model.args).to(device).requires_grad_(False).eval()
 
 
 def reference_table(args, model, reference, dataset: trainer.TrainingSet, d):

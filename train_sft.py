@@ -35,7 +35,7 @@ Where each default comes from:
 docs/reproduce-the-paper.md has every departure and the authors' run.
 
 Commands:
-    python train_sft.py                          # the built-in demo (build it with python build_demo.py)
+    python train_sft.py                          # the built-in demo (build it with python -m support.build_demo)
     python train_sft.py --ckpt llama-2-7b --data alpaca_data.json --n-tokens 1
     python train_sft.py --ckpt llama-2-7b --data alpaca_data.json --llama-adapter   # the baseline
     python train_sft.py --ckpt llama-2-7b --data alpaca_data.json --lora            # the other baseline
@@ -51,20 +51,17 @@ used as they are; a JSON list or JSON Lines (data.read_sft). The Aligner files
 land in --out (runs/sft): best.pt, epoch-E.pt.
 """
 
-import startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
+import support.startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
 
 import functools
 
 import torch
 import torch.nn.functional as F
 
-import cli
-import data
-import distributed
-import trainer
-from llama import check_context
 from lora import LoRA
 from prompt_tuning import PromptTuning
+from support import cli, data, distributed, trainer
+from support.formats import check_context
 
 
 # The demo's SFT set is small (1,625 examples): the authors' batch of 64 gives only about 200 optimizer

@@ -24,14 +24,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import startup  # noqa: E402,F401  first of the project: Ctrl-C while torch loads ends in one line too
+import support.startup  # noqa: E402,F401  first of the project: Ctrl-C while torch loads ends in one line too
 
 import torch  # noqa: E402
 
-import cli  # noqa: E402
 from aligner import Aligner, AlignerBank  # noqa: E402
 from generate import EAGER_ATTENTION, attention_kernels, decode_one_token, prefill, rows_of  # noqa: E402
 from llama import KVCache, ModelArgs, Transformer  # noqa: E402
+from support import cli  # noqa: E402
 
 STORIES15M = dict(dim=288, n_layers=6, n_heads=6, multiple_of=32, vocab_size=32000)
 LLAMA_2_7B = dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000)

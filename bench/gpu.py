@@ -42,15 +42,15 @@ from pathlib import Path
 from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
-import startup  # noqa: E402,F401  first of the project: Ctrl-C while torch loads ends in one line too
+import support.startup  # noqa: E402,F401  first of the project: Ctrl-C while torch loads ends in one line too
 
 import torch  # noqa: E402
 
-import cli  # noqa: E402
 from aligner import Aligner, AlignerBank  # noqa: E402
 from generate import generate  # noqa: E402
 from llama import ModelArgs, Transformer, precompute_freqs_cis  # noqa: E402
 from run import START_LAYER, IdTokenizer, MatmulLimit, lm_loss, synchronize, table, train_step_flops  # noqa: E402
+from support import cli  # noqa: E402
 
 LLAMA_2_7B = dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, norm_eps=1e-5)
 

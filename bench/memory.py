@@ -27,16 +27,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
-import startup  # noqa: E402,F401  first of the project: Ctrl-C while torch loads ends in one line too
+import support.startup  # noqa: E402,F401  first of the project: Ctrl-C while torch loads ends in one line too
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.autograd.graph import saved_tensors_hooks  # noqa: E402
 
-import cli  # noqa: E402
 import llama  # noqa: E402
 from aligner import Aligner  # noqa: E402
 from llama import ModelArgs, Transformer  # noqa: E402
+from support import cli  # noqa: E402
 
 SIZES = {  # params.json of Meta's LLaMA-2 downloads, vocab_size from the tokenizer
     "7B": dict(dim=4096, n_layers=32, n_heads=32, multiple_of=256, norm_eps=1e-5, vocab_size=32000),

@@ -7,7 +7,7 @@ Face PEFT on transformers' LLaMA and beside the machine's own matrix-product rat
     python bench/run.py --threads 1        # steadier on a machine that others are using too
 
 Protocol. One set of random weights is written once in Meta's layout
-(llama.save); every contender reads that file (transformers' LlamaForCausalLM
+(formats.save); every contender reads that file (transformers' LlamaForCausalLM
 through bench/hf.py, after a check that its logits match ours). All use the
 same batch of random tokens, float32, the same thread count and the same
 adapted layers (2 and up, as the Aligner's default start_layer), except the
@@ -47,15 +47,16 @@ from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: llama, aligner, generate
-import startup  # noqa: E402,F401  first of the project: Ctrl-C while torch loads ends in one line too
+import support.startup  # noqa: E402,F401  first of the project: Ctrl-C while torch loads ends in one line too
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import cli  # noqa: E402
 from aligner import Aligner  # noqa: E402
-from llama import ModelArgs, Transformer, save  # noqa: E402
+from llama import ModelArgs, Transformer  # noqa: E402
 from lora import LoRA  # noqa: E402
+from support import cli  # noqa: E402
+from support.formats import save  # noqa: E402
 
 # the CPU configuration: a small LLaMA that trains a step in about a second on 2 cores
 CPU_MODEL = dict(dim=512, n_layers=8, n_heads=8, vocab_size=4096, multiple_of=256)
@@ -161,7 +162,7 @@ class MatmulLimit:
 
 
 def read_model(folder: Path):
-    """ModelArgs and the state dict written by llama.save, read into memory.
+    """ModelArgs and the state dict written by formats.save, read into memory.
 
     Not memory-mapped: a model whose weights stayed file-backed would page
     them in during its first steps, and that would count as its peak memory.

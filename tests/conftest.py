@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama import ModelArgs, Transformer, save
+from llama import ModelArgs, Transformer
+from support.formats import save
 
 TEXT = """The quick brown fox jumps over the lazy dog.
 Below is an instruction that describes a task. Write a response that appropriately completes the request.

@@ -7,8 +7,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-import distributed
-import llama
+from support import distributed, formats
 from aligner import Aligner
 
 
@@ -17,11 +16,11 @@ def main(ckpt, out):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     requests = []
-    real_get = llama.MetaCheckpoint.get
-    llama.MetaCheckpoint.get = lambda self, key, rows=None: requests.append((key, rows)) or real_get(self, key, rows)
+    real_get = formats.meta.MetaCheckpoint.get
+    formats.meta.MetaCheckpoint.get = lambda self, key, rows=None: requests.append((key, rows)) or real_get(self, key, rows)
     sharded, _ = distributed.load_sharded(ckpt, "cpu", torch.float32, max_seq_len=64)
-    llama.MetaCheckpoint.get = real_get
-    whole, _ = llama.load(ckpt, max_seq_len=64)
+    formats.meta.MetaCheckpoint.get = real_get
+    whole, _ = formats.load(ckpt, max_seq_len=64)
 
     report = {"rank": rank, "local_bytes": distributed.local_weight_bytes(sharded),
               "whole_bytes": distributed.local_weight_bytes(whole),

@@ -4,9 +4,8 @@ into that step's collectives."""
 
 import torch.distributed as dist
 
-import cli
+from support import cli, trainer
 import train_sft
-import trainer
 
 real_optimizer_step = trainer.optimizer_step
 

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-import cli
+from support import cli
 
 
 def run_case(case: dict, rank: int):

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import distributed
+from support import distributed
 
 if __name__ == "__main__":
     d = distributed.init_distributed(torch.device("cpu"))

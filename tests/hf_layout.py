@@ -2,7 +2,7 @@
 (1 or more files with their index) or .bin files, and tokenizer.model.
 
 The conversion is written out here from transformers' convert_llama_weights_to_hf.py,
-independently of hf_checkpoint.py: keys renamed, and within each head the rows
+independently of support/formats/hf.py: keys renamed, and within each head the rows
 of wq and wk moved from adjacent rotary pairs to the head's two halves.
 """
 

@@ -6,9 +6,12 @@ from hypothesis import given, settings, strategies as st
 
 from aligner import Aligner, AlignerBank
 from conftest import authors_aligner_state, lit_llama_adapter_state
-from files import FileError
 from llama import ModelArgs, Transformer, prefix_attention
 from lora import LoRA
+from prompt_tuning import PromptTuning
+from support import formats
+from support.files import FileError
+from support.formats import read_adapter, read_aligner
 
 
 @st.composite
@@ -224,22 +227,22 @@ def test_authors_lit_llama_file_is_imported_bit_for_bit(tmp_path):
     args = ModelArgs(dim=32, n_layers=5, n_heads=4, vocab_size=50, multiple_of=16)
     state = authors_aligner_state(args, n_tokens=2)
     torch.save(state, tmp_path / "lit.pth")
-    for aligner in (Aligner.read(tmp_path / "lit.pth", args), Aligner.from_lit_llama(tmp_path / "lit.pth", args)):
+    for aligner in (read_aligner(tmp_path / "lit.pth", args), read_adapter(tmp_path / "lit.pth", args)):
         assert (aligner.n_tokens, aligner.start_layer) == (2, 2)
         assert torch.equal(aligner.prefix, state["global_value_embedding.weight"].float())
         for i in range(2, 5):
             assert torch.equal(aligner.gates[i - 2], state[f"transformer.h.{i}.attn.gating_factor"].float().flatten())
-    with pytest.raises(ValueError, match="Aligner.read"):
+    with pytest.raises(ValueError, match="not an Aligner file"):  # Aligner.load reads only our own files
         Aligner.load(tmp_path / "lit.pth")
     torch.save({"model": state}, tmp_path / "fabric.pth")  # as lightning's fabric.save nests it
-    assert torch.equal(Aligner.read(tmp_path / "fabric.pth", args).gates, aligner.gates)
+    assert torch.equal(read_aligner(tmp_path / "fabric.pth", args).gates, aligner.gates)
 
 
 def test_read_takes_this_projects_files_too(tmp_path):
     args = ModelArgs(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=16)
     ours = Aligner(args, n_tokens=3, start_layer=1)
     ours.save(tmp_path / "a.pt")
-    read = Aligner.read(tmp_path / "a.pt", args)
+    read = read_aligner(tmp_path / "a.pt", args)
     assert torch.equal(read.prefix, ours.prefix) and torch.equal(read.gates, ours.gates)
 
 
@@ -250,7 +253,7 @@ def test_a_copy_of_the_prefix_that_differs_is_refused_by_file_and_key(tmp_path):
     torch.save(state, tmp_path / "lit.pth")
     with pytest.raises(ValueError, match=r"lit\.pth: 'transformer\.h\.3\.attn\.adapter_wte\.weight' differs from "
                                          r"'global_value_embedding\.weight'"):
-        Aligner.read(tmp_path / "lit.pth", args)
+        read_aligner(tmp_path / "lit.pth", args)
 
 
 @pytest.mark.parametrize("shape", [(), (1,), (1, 1, 1)])
@@ -260,7 +263,7 @@ def test_a_single_gating_value_is_spread_over_the_heads(tmp_path, shape):
     state = authors_aligner_state(args)
     state["transformer.h.2.attn.gating_factor"] = torch.full(shape, 0.375).bfloat16()
     torch.save(state, tmp_path / "lit.pth")
-    aligner = Aligner.read(tmp_path / "lit.pth", args)
+    aligner = read_aligner(tmp_path / "lit.pth", args)
     assert aligner.gates[0].tolist() == [0.375, 0.375, 0.375, 0.375]
     assert torch.equal(aligner.gates[1], state["transformer.h.3.attn.gating_factor"].float().flatten())
 
@@ -282,7 +285,7 @@ def test_a_bad_authors_file_is_named_in_one_line(tmp_path, key, value, message):
         state[key] = value
     torch.save(state, tmp_path / "lit.pth")
     with pytest.raises(ValueError, match=message) as info:
-        Aligner.read(tmp_path / "lit.pth", args)
+        read_aligner(tmp_path / "lit.pth", args)
     assert str(info.value).startswith(str(tmp_path / "lit.pth")) and "\n" not in str(info.value)
 
 
@@ -299,7 +302,6 @@ def ours(args, **change) -> dict:
      r"'base' must hold \['dim', 'n_layers', 'n_heads', 'n_kv_heads'\]"),
     (lambda args: ours(args, prefix=torch.zeros(2, 32)), "read",
      r"prefix has shape \(2, 32\), its settings imply \(1, 32\)"),
-    (lambda args: ours(args), "from_lit_llama", r"neither 'global_value_embedding\.weight' nor 'adapter_wte' keys"),
     (lambda args: {"global_value_embedding.weight": torch.zeros(1, 32)}, "read",
      r"no 'transformer\.h\.N\.attn\.gating_factor'"),
     (lambda args: {**authors_aligner_state(args), "transformer.h.2.attn.gating_factor": torch.zeros(())},
@@ -309,15 +311,14 @@ def ours(args, **change) -> dict:
      "read", r"adapter_wte for layers \[2\] but gating_factor for layers \[2, 3\]"),
     (lambda args: {**lit_llama_adapter_state(args), "transformer.h.3.attn.adapter_wte.weight": torch.zeros(3, 32)},
      "read", r"the layers' adapter_wte shapes \[\(2, 32\), \(3, 32\)\] are not one"),
-], ids=["base lacks keys", "prefix of another shape", "ours as the authors'", "authors' without gates",
+], ids=["base lacks keys", "prefix of another shape", "authors' without gates",
         "one gate for all heads, without the model", "layer_specific not a bool", "an Adapter layer without its prefix",
         "Adapter prefixes of two shapes"])
 def test_an_unusable_aligner_file_is_named(tmp_path, build, read, message):
     args = ModelArgs(dim=32, n_layers=4, n_heads=4, vocab_size=50)
     torch.save(build(args), tmp_path / "a.pt")
-    reader = {"read": lambda: Aligner.read(tmp_path / "a.pt", args),
-              "from_lit_llama": lambda: Aligner.from_lit_llama(tmp_path / "a.pt", args),
-              "read without args": lambda: Aligner.read(tmp_path / "a.pt", None)}[read]
+    reader = {"read": lambda: read_aligner(tmp_path / "a.pt", args),
+              "read without args": lambda: read_aligner(tmp_path / "a.pt", None)}[read]
     with pytest.raises(ValueError, match=message) as info:
         reader()
     assert str(info.value).startswith(str(tmp_path / "a.pt")) and "\n" not in str(info.value)
@@ -332,9 +333,9 @@ def test_a_file_that_is_not_a_torch_file_is_named(tmp_path):
     (tmp_path / "log.pth").write_text('{"question": "an MMLU log, not an Aligner"}\n')
     args = ModelArgs(dim=32, n_layers=4, n_heads=4, vocab_size=50)
     with pytest.raises(FileError, match=r"log\.pth: not a readable Aligner file"):
-        Aligner.read(tmp_path / "log.pth", args)
+        read_aligner(tmp_path / "log.pth", args)
     with pytest.raises(FileError, match=r"missing\.pt: no Aligner file here"):
-        Aligner.read(tmp_path / "missing.pt", args)
+        read_aligner(tmp_path / "missing.pt", args)
 
 
 def test_bank_rows_equal_single_aligners():
@@ -392,14 +393,14 @@ def test_an_adapter_file_round_trips_with_its_kind(tmp_path):
     args = ModelArgs(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=16)
     adapter = Aligner(args, n_tokens=3, start_layer=1, layer_specific=True)
     adapter.save(tmp_path / "a.pt")
-    for loaded in (Aligner.load(tmp_path / "a.pt", args), Aligner.read(tmp_path / "a.pt")):
+    for loaded in (Aligner.load(tmp_path / "a.pt", args), read_aligner(tmp_path / "a.pt")):
         assert loaded.layer_specific and (loaded.n_tokens, loaded.start_layer) == (3, 1)
         assert torch.equal(loaded.prefix, adapter.prefix) and loaded.prefix.shape == (3, 3, 32)
     assert "LLaMA-Adapter: 3 tokens in each of the 3 layers from layer 1, 300 parameters" == adapter.describe()
     state = torch.load(tmp_path / "a.pt", weights_only=True)
     del state["layer_specific"]  # a file written before the Adapter existed is an Aligner
     torch.save({**state, "prefix": state["prefix"][0]}, tmp_path / "old.pt")
-    assert not Aligner.read(tmp_path / "old.pt").layer_specific
+    assert not read_aligner(tmp_path / "old.pt").layer_specific
 
 
 def test_lit_llamas_adapter_file_is_read_bit_for_bit(tmp_path):
@@ -409,8 +410,8 @@ def test_lit_llamas_adapter_file_is_read_bit_for_bit(tmp_path):
     args = ModelArgs(dim=32, n_layers=5, n_heads=4, vocab_size=50, multiple_of=16)
     state = lit_llama_adapter_state(args, n_tokens=3, start_layer=2)
     torch.save(state, tmp_path / "lit-llama-adapter-finetuned.pth")
-    for adapter in (Aligner.read(tmp_path / "lit-llama-adapter-finetuned.pth", args),
-                    Aligner.read(tmp_path / "lit-llama-adapter-finetuned.pth")):
+    for adapter in (read_aligner(tmp_path / "lit-llama-adapter-finetuned.pth", args),
+                    read_aligner(tmp_path / "lit-llama-adapter-finetuned.pth")):
         assert adapter.layer_specific and (adapter.n_tokens, adapter.start_layer) == (3, 2)
         assert adapter.base == {"dim": 32, "n_layers": 5, "n_heads": 4, "n_kv_heads": 4}
         for i in range(2, 5):
@@ -432,3 +433,25 @@ def test_bank_rows_of_adapters_equal_single_adapters():
         together = model(tokens, aligner=bank.select([0, 1, 2]))
         alone = [model(tokens[:1], adapters[0]), model(tokens[1:2]), model(tokens[2:], adapters[1])]
     torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=1e-5)
+
+
+def test_every_adapter_file_is_loaded_once(tmp_path, monkeypatch):
+    """read_adapter and check_adapter_file tell a file's kind from what they loaded: one torch.load a call,
+    for each kind and layout --aligner takes."""
+    args = ModelArgs(dim=32, n_layers=4, n_heads=4, vocab_size=50, multiple_of=16)
+    Aligner(args, n_tokens=2).save(tmp_path / "aligner.pt")
+    LoRA(args, rank=2).save(tmp_path / "lora.pt")
+    PromptTuning(args, n_tokens=2).save(tmp_path / "prompt.pt")
+    torch.save(authors_aligner_state(args, n_tokens=2), tmp_path / "authors.pth")
+    torch.save(lit_llama_adapter_state(args), tmp_path / "adapter.pth")
+    loads = []
+    real = formats.load_pt
+    monkeypatch.setattr(formats, "load_pt", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    for name, kind in [("aligner.pt", Aligner), ("lora.pt", LoRA), ("prompt.pt", PromptTuning),
+                       ("authors.pth", Aligner), ("adapter.pth", Aligner)]:
+        for call in (lambda path: read_adapter(path, args), formats.check_adapter_file):
+            loads.clear()
+            call(tmp_path / name)
+            assert loads == [tmp_path / name], (name, loads)
+        assert isinstance(read_adapter(tmp_path / name, args), kind)
+

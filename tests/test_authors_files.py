@@ -12,7 +12,8 @@ import generate as generate_script
 import train_dpo
 from aligner import Aligner
 from conftest import authors_aligner_state
-from llama import ModelArgs, read_params
+from llama import ModelArgs
+from support.formats import read_aligner, read_params
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +75,6 @@ def test_dpo_starts_from_and_refers_to_an_authors_file(tiny_ckpt, two_layouts, t
     trained = [torch.load(tmp_path / name / "epoch-1.pt", weights_only=True) for name in ("authors", "ours")]
     for key in ("prefix", "gates"):
         assert torch.equal(trained[0][key], trained[1][key])
-    start = Aligner.read(ours, ModelArgs(**read_params(tiny_ckpt)))
+    start = read_aligner(ours, ModelArgs(**read_params(tiny_ckpt)))
     assert not torch.equal(trained[0]["gates"], start.gates)  # it trained, from the authors' Aligner
     assert (trained[0]["n_tokens"], trained[0]["start_layer"]) == (2, 2)

@@ -113,7 +113,7 @@ def test_memory_count_on_the_meta_device_equals_the_cpu_kernels():
 
 def test_precision_rows_run_small(tmp_path):
     """bench/run.py's precision section: both bases train from the same start to nearby losses."""
-    from llama import save
+    from support.formats import save
 
     torch.manual_seed(0)
     save(Transformer(ModelArgs(dim=32, n_layers=3, n_heads=4, vocab_size=64, multiple_of=16)), tmp_path / "m")
@@ -149,7 +149,7 @@ def test_gpu_decode_table_runs_small_on_the_cpu(monkeypatch):
 def test_our_lora_row_trains_its_own_parameters(tmp_path, monkeypatch):
     """The LoRA-against-LoRA row: one step through make_trainer moves our LoRA's B off zero, with
     dropout 0 as PEFT's row has it, and leaves the base's weights alone."""
-    from llama import save
+    from support.formats import save
     from lora import LoRA
 
     made = []

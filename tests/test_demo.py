@@ -12,15 +12,13 @@ import pytest
 import torch
 
 import analyze
-import build_demo
-import data
+from support import build_demo, data, trainer
 import evaluate
 import run_demo
 import train_dpo
 import train_sft
-import trainer
-from data import DEMO_DIR, format_prompt
-from llama import Tokenizer, load
+from support.data import DEMO_DIR, format_prompt
+from support.formats import Tokenizer, load
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI = dict(n_people=8, steps=2, batch_size=2, seq_len=64, n_docs=300, vocab_size=512,
@@ -111,7 +109,7 @@ def test_miniature_world_files_parse_in_their_formats(mini_world):
 
 def test_committed_demo_files_parse_in_their_formats():
     if not (DEMO_DIR / "data").is_dir():
-        pytest.fail(f"{DEMO_DIR} is missing: build it with `python build_demo.py`")
+        pytest.fail(f"{DEMO_DIR} is missing: build it with `python -m support.build_demo`")
     qa = check_formats(DEMO_DIR)
     assert len(qa["test_ordinary"]) == len(qa["dev_ordinary"]) == 200
     assert len(qa["test_harmful"]) == len(qa["dev_harmful"]) == 150
@@ -263,7 +261,7 @@ def test_the_knowledge_check_can_fail(mini_world, tmp_path):
 
 
 def test_knowledge_files_are_rewritten_byte_for_byte_without_pretraining(tmp_path):
-    """build_demo.py --knowledge, from the committed world's tokenizer alone, writes the committed files."""
+    """`python -m support.build_demo --knowledge`, from the committed world's tokenizer alone, writes the committed files."""
     import shutil
     (tmp_path / "data").mkdir()
     shutil.copy(DEMO_DIR / "tokenizer.model", tmp_path / "tokenizer.model")

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import cli
-import distributed
+from support import cli, distributed, formats
 import evaluate
 import generate
 import llama
@@ -233,7 +232,7 @@ def test_ranks_given_different_runs_stop_together_with_one_line(tmp_path):
     text = (DEMO / "data" / "alpaca.json").read_text()
     data[0].write_text(text)
     data[1].write_text(text.replace("a", "e", 1))  # the same size
-    Aligner(llama.ModelArgs(**llama.read_params(DEMO / "llama-demo")), n_tokens=1).save(tmp_path / "aligner-0.pt")
+    Aligner(llama.ModelArgs(**formats.read_params(DEMO / "llama-demo")), n_tokens=1).save(tmp_path / "aligner-0.pt")
     (tmp_path / "aligner-1.pt").write_bytes((tmp_path / "aligner-0.pt").read_bytes()[:100])
     (tmp_path / "prompts-0.txt").write_text("Name a bird.\n")
     sha = lambda path: hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
@@ -308,7 +307,7 @@ def alive(pid: int) -> bool:
 def demo_aligners(tmp_path_factory):
     """A one-token and a two-token Aligner on the demo model, with gates drawn so that they matter."""
     folder = tmp_path_factory.mktemp("aligners")
-    args = llama.ModelArgs(**llama.read_params(DEMO / "llama-demo"))
+    args = llama.ModelArgs(**formats.read_params(DEMO / "llama-demo"))
     torch.manual_seed(0)
     paths = []
     for n_tokens in (1, 2):

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 import evaluate
-from aligner import Aligner
 from analyze import layer_trend
 from conftest import authors_aligner_state, lit_llama_adapter_state
-from data import DEMO_DIR, encode_prompt, format_prompt
+from support.data import DEMO_DIR, encode_prompt, format_prompt
 from generate import converse
-from llama import ModelArgs, Tokenizer
-from questions import BEAVER, LLM_JUDGE, VICUNA_EVAL, Question, answer_files, question_file
+from llama import ModelArgs
+from support.formats import Tokenizer, lit_llama, read_aligner
+from support.questions import BEAVER, LLM_JUDGE, VICUNA_EVAL, Question, answer_files, question_file
 
 ARGS = ModelArgs(dim=64, n_layers=7, n_heads=4, n_kv_heads=4, vocab_size=1)  # 5 adapted layers from layer 2
 
@@ -32,7 +32,7 @@ def test_a_lit_llama_adapter_with_more_layers_than_tokens_keeps_each_layers_pref
     one axis taken for the other."""
     state = lit_llama_adapter_state(ARGS, n_tokens=3)
     for args in (ARGS, None):  # with the model's shape, and from the file alone
-        aligner = Aligner._from_lit_llama_state(state, Path("adapter.pth"), args)
+        aligner = lit_llama.aligner_from_state(state, Path("adapter.pth"), args)
         assert aligner.layer_specific and aligner.n_tokens == 3
         assert tuple(aligner.prefix.shape) == (5, 3, 64)
         for i in range(2, 7):
@@ -52,7 +52,7 @@ def test_an_authors_aligner_whose_layer_copy_is_off_by_one_ulp_is_refused(tmp_pa
     state[key] = copy
     torch.save(state, tmp_path / "aligner.pth")
     with pytest.raises(ValueError, match=f"'{key}' differs from 'global_value_embedding.weight'"):
-        Aligner.read(tmp_path / "aligner.pth", ARGS)
+        read_aligner(tmp_path / "aligner.pth", ARGS)
 
 
 # -----------------------------------------------------------------------------

@@ -24,18 +24,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import build_demo
-import cli
+from support import build_demo, cli, distributed, formats, trainer
 import run_demo
-import distributed
 import evaluate
 import generate
 import llama
 import train_dpo
 import train_sft
-import trainer
 from aligner import Aligner
-from data import read_sft
+from support.data import read_sft
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -113,7 +110,7 @@ def ckpt(tiny_ckpt, tmp_path):
 
 @pytest.fixture(scope="module")
 def model_args(tiny_ckpt):
-    return llama.ModelArgs(**llama.read_params(tiny_ckpt))
+    return llama.ModelArgs(**formats.read_params(tiny_ckpt))
 
 
 def write_jsonl(path, records):
@@ -583,7 +580,7 @@ def hf_ckpt(tiny_ckpt, tmp_path):
     """The tiny checkpoint as a Hugging Face folder (config.json, model.safetensors, tokenizer.model)."""
     from hf_layout import write_hf
 
-    model, _ = llama.load(tiny_ckpt)
+    model, _ = formats.load(tiny_ckpt)
     return write_hf(model.state_dict(), model.args, tmp_path / "hf", tokenizer=tiny_ckpt.parent / "tokenizer.model")
 
 
@@ -896,7 +893,7 @@ def test_a_long_line_of_a_prompts_file_is_named(tiny_ckpt, capsys, tmp_path):
 
 
 def test_aligners_of_different_shapes_answer_side_by_side(tiny_ckpt, model_args, capsys, tmp_path):
-    model, tokenizer = llama.load(tiny_ckpt)
+    model, tokenizer = formats.load(tiny_ckpt)
     torch.manual_seed(0)
     one, ten = Aligner(model_args, n_tokens=1), Aligner(model_args, n_tokens=10, start_layer=1)
     for a in (one, ten):

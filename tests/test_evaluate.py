@@ -13,14 +13,14 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import cli
+from support import cli
 import evaluate
 from aligner import Aligner
-from data import format_prompt
+from support.data import format_prompt
 from evaluate import (CATEGORIES, GSM8K_STOP, SUBJECT_CATEGORY, aggregate, continuation_logprobs, exact_match,
                       extract_flexible, extract_strict, gsm8k_prompt, letter_continuations, mmlu_prompt,
                       mmlu_subjects, read_mmlu_csv)
-from llama import Tokenizer, load
+from support.formats import Tokenizer, load
 
 # -----------------------------------------------------------------------------
 # GSM8K: the harness's filters and metric
@@ -570,7 +570,7 @@ def test_a_prompt_too_long_for_the_context_drops_shots_from_the_end(tiny_ckpt, t
 
 def test_without_the_demo_the_cli_says_how_to_build_it(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate, "DEMO_CKPT", tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match="build_demo.py"):
+    with pytest.raises(FileNotFoundError, match="support.build_demo"):
         evaluate.main([])
 
 

@@ -20,9 +20,8 @@ import pytest
 import torch
 
 import analyze
-import files
+from support import files, startup
 import generate
-import startup
 import train_dpo
 import train_sft
 from aligner import Aligner
@@ -32,11 +31,16 @@ from test_refusals import hf_shards  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = ["train_sft.py", "train_dpo.py", "generate.py", "evaluate.py", "analyze.py", "run_demo.py",
-                "build_demo.py", "bench/run.py", "bench/decode.py", "bench/gpu.py", "bench/memory.py"]
+                "support/build_demo.py", "bench/run.py", "bench/decode.py", "bench/gpu.py", "bench/memory.py"]
 
 
 # -----------------------------------------------------------------------------
 # signals
+
+def as_run(script: str) -> list:
+    """How a user starts an entry point: a script by its path, one in support/ as a module (`-m support.x`)."""
+    return ["-m", script.removesuffix(".py").replace("/", ".")] if script.startswith("support/") else [script]
+
 
 def loading_torch(pid: int) -> bool:
     """Whether the process has begun to load torch's C++ library (its import is under way)."""
@@ -51,7 +55,7 @@ def test_ctrl_c_while_torch_loads_ends_every_script_in_one_line():
     """Each entry point, sent SIGINT while its `import torch` runs (before cli.run exists to catch
     it), prints `<script>: interrupted` alone and exits 130, never a traceback."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    processes = {script: subprocess.Popen([sys.executable, script, "--help"], cwd=ROOT, env=env,
+    processes = {script: subprocess.Popen([sys.executable, *as_run(script), "--help"], cwd=ROOT, env=env,
                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                  for script in ENTRY_POINTS}
     waiting, deadline = dict(processes), time.monotonic() + 120
@@ -89,7 +93,8 @@ SENDER = ("import os, pathlib, signal, time\n"
 FAKE_PIPELINE = f"""
 import shlex, sys
 sys.path.insert(0, {str(ROOT)!r})
-import cli, run_demo
+import run_demo
+from support import cli
 run_demo.STEPS = [run_demo.Step("waiter", "python -c " + shlex.quote({WAITER!r}) + " --out runs/waiter"),
                   run_demo.Step("sender", "python -c " + shlex.quote({SENDER!r}) + " --out runs/sender")]
 cli.run(run_demo.main, [])

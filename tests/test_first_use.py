@@ -12,13 +12,14 @@ import pytest
 import torch
 
 import analyze
-import cli
+from support import cli
 import evaluate
 import generate
 import run_demo
 from aligner import Aligner
-from data import DEMO_CKPT
-from llama import ModelArgs, read_params
+from support.data import DEMO_CKPT
+from llama import ModelArgs
+from support.formats import read_params
 from test_errors import model_args, run_script  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]

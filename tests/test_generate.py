@@ -10,14 +10,15 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import cli
+from support import cli
 import generate as generate_script
 import llama
 from aligner import Aligner, AlignerBank
 from conftest import TINY
-from data import format_prompt
+from support.data import format_prompt
 from generate import cut_at_stop, decode_one_token, generate, prefill, rows_of, sample
-from llama import KVCache, ModelArgs, Transformer, load, prefix_attention
+from llama import KVCache, ModelArgs, Transformer, prefix_attention
+from support.formats import load
 
 # float32 rounding, after a few layers of logits up to about 6 in size: the batched,
 # cached and fused paths sum in different orders
@@ -608,7 +609,7 @@ def test_command_line_names_the_line_of_a_bad_prompts_file(tiny_ckpt, tmp_path):
 
 def test_without_the_demo_it_says_how_to_build_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(generate_script, "DEMO_CKPT", tmp_path / "demo" / "llama-demo")
-    with pytest.raises(FileNotFoundError, match="build_demo.py"):
+    with pytest.raises(FileNotFoundError, match="support.build_demo"):
         generate_script.main([])
 
 

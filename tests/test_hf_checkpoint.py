@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import hf_checkpoint
+from support.formats import hf
 from conftest import TINY, make_checkpoint
-from files import FileError
-from hf_checkpoint import HFCheckpoint, is_hf_folder, rotary_rows
-import llama
+from support.files import FileError
+from support.formats.hf import HFCheckpoint, is_hf_folder, rotary_rows
 from aligner import Aligner
 from hf_layout import to_half_split, to_hf_state, write_hf, write_safetensors
 from llama import ModelArgs, Transformer
+from support import formats
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ LLAMA_2_7B = {  # config.json of the hub's Llama-2-7b-hf, less its token ids
 
 def test_config_maps_to_metas_names(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_2_7B))
-    assert hf_checkpoint.read_config(tmp_path / "config.json") == {
+    assert hf.read_config(tmp_path / "config.json") == {
         "dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 32, "vocab_size": 32000,
         "norm_eps": 1e-05, "rope_theta": 10000.0, "hidden_dim": 11008}
 
@@ -72,11 +72,11 @@ def test_config_defaults_and_transformers_5s_rope_parameters(tmp_path):
     path = tmp_path / "config.json"
     config = {k: v for k, v in LLAMA_2_7B.items() if k not in ("num_key_value_heads", "rms_norm_eps", "rope_scaling")}
     path.write_text(json.dumps(config))
-    params = hf_checkpoint.read_config(path)
+    params = hf.read_config(path)
     assert (params["n_kv_heads"], params["rope_theta"], params["norm_eps"]) == (32, 10000.0, 1e-6)
     path.write_text(json.dumps(config | {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
                                          "num_key_value_heads": 8, "intermediate_size": 14336}))
-    params = hf_checkpoint.read_config(path)
+    params = hf.read_config(path)
     assert (params["n_kv_heads"], params["rope_theta"], params["hidden_dim"]) == (8, 500000.0, 14336)
 
 
@@ -103,14 +103,14 @@ REFUSED = {
 def test_config_this_model_cannot_represent_is_refused(tmp_path, key):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(LLAMA_2_7B | REFUSED[key]))
-    message = refusal(lambda: hf_checkpoint.read_config(path))
+    message = refusal(lambda: hf.read_config(path))
     assert str(path) in message and key in message
 
 
 def test_config_without_a_needed_key_is_refused(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({k: v for k, v in LLAMA_2_7B.items() if k != "intermediate_size"}))
-    message = refusal(lambda: hf_checkpoint.read_config(path))
+    message = refusal(lambda: hf.read_config(path))
     assert str(path) in message and "intermediate_size" in message
 
 
@@ -175,17 +175,17 @@ def test_a_transformer_built_from_params_holds_the_weights(meta, tmp_path):
 
 @pytest.mark.parametrize("layout", ["safetensors", "safetensors-2-files", "bin", "bin-3-files"])
 def test_load_reads_either_layout_and_an_aligner_fits_both(meta, tmp_path, layout):
-    """llama.load on the same random weights written in Meta's layout and in Hugging Face's: the same
+    """formats.load on the same random weights written in Meta's layout and in Hugging Face's: the same
     logits, with and without an Aligner (prefix keys and values carry no RoPE, so nothing to permute),
     and the same greedy tokens from a cached decode."""
     model, tokenizer = meta
     fmt, n_files, _ = LAYOUTS[layout]
     hf = write_hf(model.state_dict(), model.args, tmp_path / "hf", fmt, n_files, tokenizer=tokenizer)
     meta_folder = tmp_path / "meta"
-    llama.save(model, meta_folder)
+    formats.save(model, meta_folder)
     (tmp_path / "tokenizer.model").write_bytes(tokenizer.read_bytes())
-    ours_hf, _ = llama.load(hf, max_seq_len=64)
-    ours_meta, _ = llama.load(meta_folder, max_seq_len=64)
+    ours_hf, _ = formats.load(hf, max_seq_len=64)
+    ours_meta, _ = formats.load(meta_folder, max_seq_len=64)
     torch.manual_seed(0)
     aligner = Aligner(ours_meta.args, n_tokens=3, start_layer=1)
     with torch.no_grad():
@@ -196,8 +196,8 @@ def test_load_reads_either_layout_and_an_aligner_fits_both(meta, tmp_path, layou
         assert not torch.allclose(ours_hf(tokens, aligner), ours_hf(tokens), atol=1e-3)
     from generate import generate
     ids = [[1, 5, 9, 30], [1, 7]]
-    assert generate(ours_hf, llama.Tokenizer(tokenizer), ids, aligner, max_new_tokens=8) == \
-        generate(ours_meta, llama.Tokenizer(tokenizer), ids, aligner, max_new_tokens=8)
+    assert generate(ours_hf, formats.Tokenizer(tokenizer), ids, aligner, max_new_tokens=8) == \
+        generate(ours_meta, formats.Tokenizer(tokenizer), ids, aligner, max_new_tokens=8)
 
 
 def test_data_not_aligned_to_its_dtype_reads_the_same(meta, tmp_path):
@@ -339,7 +339,7 @@ def test_heads_of_odd_width_are_refused(tmp_path):
     """RoPE turns pairs of features: a head of 3 features (hidden_size 96 over 32 heads) cannot be read."""
     path = tmp_path / "config.json"
     path.write_text(json.dumps(LLAMA_2_7B | {"hidden_size": 96}))
-    message = refusal(lambda: hf_checkpoint.read_config(path))
+    message = refusal(lambda: hf.read_config(path))
     assert str(path) in message and "3 features cannot be rotated in pairs" in message
 
 
@@ -385,7 +385,7 @@ def test_an_index_naming_a_missing_file_is_refused(meta, tmp_path, fmt):
 
 def test_a_config_that_is_no_object_or_an_index_without_a_map_is_refused(meta, tmp_path):
     (tmp_path / "config.json").write_text("[1, 2]")
-    assert "config.json: not a JSON object" in refusal(lambda: hf_checkpoint.read_config(tmp_path / "config.json"))
+    assert "config.json: not a JSON object" in refusal(lambda: hf.read_config(tmp_path / "config.json"))
     model, _ = meta
     folder = write_hf(model.state_dict(), model.args, tmp_path / "hf", "safetensors", 2)
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
@@ -430,10 +430,10 @@ def test_reader_agrees_with_the_safetensors_package(tmp_path):
                "i8": torch.randint(-99, 99, (6,), dtype=torch.int8),
                "u8": torch.randint(0, 255, (6,), dtype=torch.uint8), "bool": torch.rand(5) > 0.5}
     st.save_file(tensors, tmp_path / "theirs.safetensors")
-    stored = hf_checkpoint.read_safetensors_header(tmp_path / "theirs.safetensors")
+    stored = hf.read_safetensors_header(tmp_path / "theirs.safetensors")
     assert set(stored) == set(tensors)
     for name, t in tensors.items():
-        got = hf_checkpoint.map_rows(stored[name], 0, t.shape[0])
+        got = hf.map_rows(stored[name], 0, t.shape[0])
         assert got.dtype == t.dtype and torch.equal(got, t), name
     ours = {k: v for k, v in tensors.items() if v.is_floating_point() and k != "f64"}
     write_safetensors(tmp_path / "ours.safetensors", ours, align=False)

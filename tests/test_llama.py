@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import files
+from support import files, formats
 import llama
 from conftest import make_checkpoint
 from llama import KVCache, ModelArgs, Transformer, prefix_attention, repeat_kv, sequence_attention
@@ -136,7 +136,7 @@ def test_meta_checkpoint_round_trip(tmp_path, n_shards):
         shard = torch.load(path, weights_only=True)
         shard["rope.freqs"] = torch.zeros(8)
         torch.save(shard, path)
-    loaded, tokenizer = llama.load(tmp_path / "tiny")
+    loaded, tokenizer = formats.load(tmp_path / "tiny")
     tokens = torch.tensor([tokenizer.encode("The quick brown fox jumps over the lazy dog.")])
     assert torch.equal(loaded(tokens), model(tokens))
     assert all(not p.requires_grad for p in loaded.parameters())
@@ -169,7 +169,7 @@ def test_shards_split_as_meta_splits_them(tmp_path):
 def test_a_slice_of_rows_reads_what_the_whole_weight_holds(tmp_path, n_shards):
     """MetaCheckpoint.get(key, rows) equals the merged weight's rows, whichever shards hold them."""
     model = make_checkpoint(tmp_path / "tiny", n_shards=n_shards)
-    ckpt = llama.MetaCheckpoint(tmp_path / "tiny")
+    ckpt = formats.meta.MetaCheckpoint(tmp_path / "tiny")
     for key, tensor in model.state_dict().items():
         assert torch.equal(ckpt.get(key), tensor) and ckpt.shape(key) == tuple(tensor.shape), key
         n = tensor.shape[0]
@@ -182,7 +182,7 @@ def test_a_vocab_size_of_minus_one_is_the_tokenizers(tmp_path):
     model = make_checkpoint(tmp_path / "tiny").eval()
     path = tmp_path / "tiny" / "params.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "vocab_size": -1}))
-    loaded, tokenizer = llama.load(tmp_path / "tiny")
+    loaded, tokenizer = formats.load(tmp_path / "tiny")
     assert loaded.args.vocab_size == tokenizer.n_words == 384
     tokens = torch.tensor([tokenizer.encode("A robin is a bird.")])
     assert torch.equal(loaded(tokens), model(tokens))
@@ -205,20 +205,20 @@ def test_positions_past_the_context_or_the_cache_are_named():
 
 def test_a_missing_tokenizer_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no tokenizer\.model in .*tiny or in"):
-        llama.find_tokenizer(tmp_path / "tiny")
+        formats.find_tokenizer(tmp_path / "tiny")
     with pytest.raises(FileNotFoundError, match=r"absent\.model: no tokenizer model here"):
-        llama.Tokenizer(tmp_path / "absent.model")
+        formats.Tokenizer(tmp_path / "absent.model")
 
 
 def test_tokenizer_is_found_in_the_folder_or_beside_it(tmp_path):
     make_checkpoint(tmp_path / "tiny")
-    assert llama.find_tokenizer(tmp_path / "tiny") == tmp_path / "tokenizer.model"
+    assert formats.find_tokenizer(tmp_path / "tiny") == tmp_path / "tokenizer.model"
     (tmp_path / "tokenizer.model").rename(tmp_path / "tiny" / "tokenizer.model")
-    assert llama.find_tokenizer(tmp_path / "tiny") == tmp_path / "tiny" / "tokenizer.model"
+    assert formats.find_tokenizer(tmp_path / "tiny") == tmp_path / "tiny" / "tokenizer.model"
 
 
 def test_real_llama_tokenizer(shared_data):
-    tokenizer = llama.Tokenizer(shared_data / "llama-tokenizer" / "tokenizer.model")
+    tokenizer = formats.Tokenizer(shared_data / "llama-tokenizer" / "tokenizer.model")
     assert tokenizer.encode("The quick brown fox") == [1, 450, 4996, 17354, 1701, 29916]
     assert (tokenizer.n_words, tokenizer.bos_id, tokenizer.eos_id) == (32000, 1, 2)
 
@@ -236,25 +236,25 @@ def one_line_error(exc_type, fn, *args):
 def test_missing_params_json(tmp_path):
     make_checkpoint(tmp_path / "tiny")
     (tmp_path / "tiny" / "params.json").unlink()
-    assert "params.json" in one_line_error(FileNotFoundError, llama.load, tmp_path / "tiny")
+    assert "params.json" in one_line_error(FileNotFoundError, formats.load, tmp_path / "tiny")
 
 
 def test_unknown_params_key(tmp_path):
     make_checkpoint(tmp_path / "tiny")
     path = tmp_path / "tiny" / "params.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "use_scaled_rope": True}))
-    assert "use_scaled_rope" in one_line_error(ValueError, llama.load, tmp_path / "tiny")
+    assert "use_scaled_rope" in one_line_error(ValueError, formats.load, tmp_path / "tiny")
 
 
 def test_shard_count_that_does_not_split(tmp_path):
     model = make_checkpoint(tmp_path / "tiny")
-    message = one_line_error(ValueError, llama.save, model, tmp_path / "three", 3)
+    message = one_line_error(ValueError, formats.save, model, tmp_path / "three", 3)
     assert "does not split into 3 shards" in message
     make_checkpoint(tmp_path / "two", n_shards=2)
     (tmp_path / "two" / "consolidated.01.pth").rename(tmp_path / "two" / "consolidated.02.pth")
-    assert "numbered" in one_line_error(ValueError, llama.load, tmp_path / "two")
+    assert "numbered" in one_line_error(ValueError, formats.load, tmp_path / "two")
     (tmp_path / "two" / "consolidated.02.pth").unlink()  # one shard of two: half of each split weight
-    message = one_line_error(ValueError, llama.load, tmp_path / "two")
+    message = one_line_error(ValueError, formats.load, tmp_path / "two")
     assert "tok_embeddings.weight" in message and "1 shard" in message
 
 
@@ -264,7 +264,7 @@ def test_wrong_key(tmp_path):
     shard = torch.load(path, weights_only=True)
     shard["layers.0.attention.wq.wieght"] = shard.pop("layers.0.attention.wq.weight")
     torch.save(shard, path)
-    message = one_line_error(ValueError, llama.load, tmp_path / "tiny")
+    message = one_line_error(ValueError, formats.load, tmp_path / "tiny")
     assert "consolidated.00.pth" in message and "layers.0.attention.wq.wieght" in message
 
 
@@ -280,7 +280,7 @@ def test_shards_that_hold_different_keys_are_refused(tmp_path, change, where):
         shard["layers.2.attention.wz.weight"] = torch.zeros(4)
         key = "layers.2.attention.wz.weight"
     torch.save(shard, path)
-    message = one_line_error(ValueError, llama.load, tmp_path / "tiny")
+    message = one_line_error(ValueError, formats.load, tmp_path / "tiny")
     assert "consolidated.01.pth" in message and f"{where} '{key}'" in message
 
 
@@ -291,7 +291,7 @@ def test_a_weight_missing_from_every_shard_is_named(tmp_path):
         shard = torch.load(path, weights_only=True)
         del shard["layers.1.feed_forward.w3.weight"]
         torch.save(shard, path)
-    message = one_line_error(ValueError, llama.load, tmp_path / "tiny")
+    message = one_line_error(ValueError, formats.load, tmp_path / "tiny")
     assert "missing key 'layers.1.feed_forward.w3.weight'" in message and str(tmp_path / "tiny") in message
 
 

@@ -13,7 +13,8 @@ import train_dpo
 import train_sft
 from aligner import Aligner
 from conftest import lit_llama_adapter_state
-from llama import ModelArgs, read_params
+from llama import ModelArgs
+from support.formats import read_aligner, read_params
 
 
 def read_jsonl(path):
@@ -34,7 +35,7 @@ def test_train_sft_trains_a_layer_specific_prefix(tiny_ckpt, task, tmp_path, cap
                     "--n-tokens", "3", "--val", "2", "--batch-size", "4", "--epochs", "1", "--max-seq-len", "128"])
     args = ModelArgs(**read_params(tiny_ckpt))  # 4 layers of 4 heads, dim 64
     assert "LLaMA-Adapter: 3 tokens in each of the 2 layers from layer 2, 392 parameters" in capsys.readouterr().out
-    adapter = Aligner.read(tmp_path / "run" / "epoch-1.pt", args)
+    adapter = read_aligner(tmp_path / "run" / "epoch-1.pt", args)
     assert adapter.layer_specific and adapter.prefix.shape == (2, 3, 64)
     assert not torch.equal(adapter.prefix[0], adapter.prefix[1])  # two prefixes of their own, not one tied
     assert torch.count_nonzero(adapter.gates) > 0  # it trained
@@ -46,7 +47,7 @@ def test_generate_and_evaluate_take_adapters_beside_aligners(tiny_ckpt, tmp_path
     the two layouts answer alike, each row as it answers alone."""
     args = ModelArgs(**read_params(tiny_ckpt))
     torch.save(lit_llama_adapter_state(args, n_tokens=2, seed=1), tmp_path / "lit-adapter.pth")
-    ours = Aligner.read(tmp_path / "lit-adapter.pth", args)
+    ours = read_aligner(tmp_path / "lit-adapter.pth", args)
     ours.save(tmp_path / "ours-adapter.pt")
     aligner = Aligner(args, n_tokens=2)
     with torch.no_grad():
@@ -89,7 +90,7 @@ def test_train_dpo_trains_an_adapter_and_refuses_an_aligner_named_an_adapter(tin
         start.gates.normal_()
     start.save(tmp_path / "start.pt")
     train_dpo.main([*common, "--init-aligner", str(tmp_path / "start.pt"), "--out", str(tmp_path / "dpo")])
-    trained = Aligner.read(tmp_path / "dpo" / "epoch-1.pt", args)
+    trained = read_aligner(tmp_path / "dpo" / "epoch-1.pt", args)
     assert trained.layer_specific and not torch.equal(trained.prefix, start.prefix)
     assert json.loads((tmp_path / "dpo" / "settings.json").read_text())["llama_adapter"] is True  # what trained
     Aligner(args, n_tokens=1).save(tmp_path / "aligner.pt")

@@ -17,11 +17,12 @@ import train_dpo
 import train_sft
 from aligner import Aligner, AlignerBank
 from conftest import make_checkpoint
-from data import encode_prompt, format_prompt
+from support.data import encode_prompt, format_prompt
 from generate import generate
 from hf_layout import to_half_split, write_hf, write_safetensors
-from llama import KVCache, ModelArgs, Transformer, load, lora_projection, read_params
-from lora import LoRA, merge, read
+from llama import KVCache, ModelArgs, Transformer, lora_projection
+from support.formats import load, read_aligner, read_params
+from lora import LoRA, merge
 from test_errors import check_failure, run_script
 from test_generate import needs_compile
 
@@ -113,12 +114,12 @@ def test_forward_matches_lit_llamas_fused_qkv_equations(mha_ckpt, one_thread):
 
 
 def read_lora_from(state, args, alpha):
-    """lit-llama's state through lora.read, as the scripts read it, with the test's alpha (the file records none)."""
+    """lit-llama's state through formats.read_aligner, as the scripts read it, with the test's alpha (the file records none)."""
     import tempfile
     with tempfile.TemporaryDirectory() as folder:
         path = f"{folder}/lit-lora.pth"
         torch.save(state, path)
-        lora = read(path, args)
+        lora = read_aligner(path, args)
     lora.alpha = alpha
     return lora
 
@@ -218,23 +219,23 @@ def test_our_file_round_trips_and_refuses_another_base(tiny_ckpt, mha_ckpt, tmp_
     state = torch.load(tmp_path / "lora.pt", weights_only=True)
     assert (state["kind"], state["rank"], state["alpha"], state["targets"]) == ("LoRA", 3, 4, ["wq", "wv"])
     assert state["base"] == {"dim": 64, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2}
-    again = Aligner.read(tmp_path / "lora.pt", args)
+    again = read_aligner(tmp_path / "lora.pt", args)
     assert all(torch.equal(getattr(again, k), getattr(lora, k)) for k in ("a_q", "b_q", "a_v", "b_v"))
     other = ModelArgs(**read_params(mha_ckpt))
     with pytest.raises(ValueError, match=r"lora\.pt: 'base' is .*'n_kv_heads': 2"):
-        Aligner.read(tmp_path / "lora.pt", other)
+        read_aligner(tmp_path / "lora.pt", other)
 
 
 def test_lit_llama_file_reads_as_the_same_lora(mha_ckpt, tmp_path):
     args = ModelArgs(**read_params(mha_ckpt))
     lora = trained_lora(args, rank=2)
     torch.save(lit_llama_state(lora), tmp_path / "lit.pth")
-    ours = Aligner.read(tmp_path / "lit.pth", args)
+    ours = read_aligner(tmp_path / "lit.pth", args)
     assert (ours.rank, ours.alpha) == (2, 16)  # alpha: the authors' finetune/lora.py
     for k in ("a_q", "b_q", "a_v", "b_v"):
         assert torch.equal(getattr(ours, k), getattr(lora, k).detach().bfloat16().float())
     torch.save({"model": lit_llama_state(lora)}, tmp_path / "wrapped.pth")  # as fabric.save may wrap it
-    assert torch.equal(Aligner.read(tmp_path / "wrapped.pth", args).b_v, ours.b_v)
+    assert torch.equal(read_aligner(tmp_path / "wrapped.pth", args).b_v, ours.b_v)
 
 
 def peft_folder(folder, lora: LoRA, n_heads: int, fmt="safetensors", config=None, edit=None):
@@ -272,7 +273,7 @@ def test_peft_folder_over_a_hugging_face_model_gives_our_logits(tiny_ckpt, tmp_p
     hf_model, _ = load(hf)
     lora = trained_lora(model.args, rank=3)
     folder = peft_folder(tmp_path / "peft", lora, model.args.n_heads, fmt)
-    theirs = Aligner.read(folder, hf_model.args)
+    theirs = read_aligner(folder, hf_model.args)
     assert torch.equal(theirs.b_q, lora.b_q) and not torch.equal(
         torch.stack([to_half_split(b, 4) for b in lora.b_q.detach()]), lora.b_q)
     tokens = torch.randint(0, model.args.vocab_size, (2, 9))
@@ -369,7 +370,7 @@ def test_train_sft_trains_a_lora_and_resumes_bit_for_bit(tiny_ckpt, task, tmp_pa
     train_sft.main(sft_args(tiny_ckpt, task, tmp_path / "full"))
     assert "LoRA: rank 2, alpha 16, on wq and wv of all 4 layers, 1,792 parameters" in capsys.readouterr().out
     args = ModelArgs(**read_params(tiny_ckpt))
-    trained = Aligner.read(tmp_path / "full" / "best.pt", args)
+    trained = read_aligner(tmp_path / "full" / "best.pt", args)
     assert isinstance(trained, LoRA) and torch.count_nonzero(trained.b_q) > 0  # it trained
     settings = json.loads((tmp_path / "full" / "settings.json").read_text())
     assert (settings["lora"], settings["lora_rank"], settings["lora_alpha"], settings["lora_dropout"]) == \
@@ -458,7 +459,7 @@ def test_train_dpo_trains_a_lora_from_an_sft_lora(tiny_ckpt, tmp_path):
     start = trained_lora(args, rank=4)
     start.save(tmp_path / "start.pt")
     train_dpo.main([*common, "--init-aligner", str(tmp_path / "start.pt"), "--out", str(tmp_path / "dpo")])
-    trained = Aligner.read(tmp_path / "dpo" / "epoch-1.pt", args)
+    trained = read_aligner(tmp_path / "dpo" / "epoch-1.pt", args)
     assert isinstance(trained, LoRA) and trained.rank == 4 and not torch.equal(trained.b_q, start.b_q)
     settings = json.loads((tmp_path / "dpo" / "settings.json").read_text())
     assert (settings["lora"], settings["lora_rank"], settings["lora_alpha"]) == (True, 4, 4.0)
@@ -495,7 +496,7 @@ def test_peft_lora_gives_the_same_logits_here_as_in_peft(tmp_path):
             if "lora_B" in name:
                 p.normal_(std=0.3)
     theirs.save_pretrained(tmp_path / "peft")
-    lora = read(tmp_path / "peft", args)
+    lora = read_aligner(tmp_path / "peft", args)
     tokens = torch.randint(0, 96, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens, aligner=lora), theirs(input_ids=tokens).logits, atol=2e-5, rtol=1e-4)

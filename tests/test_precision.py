@@ -6,9 +6,9 @@ import math
 import torch
 
 import train_sft
-from data import DEMO_CKPT, DEMO_DATA, format_prompt
+from support.data import DEMO_CKPT, DEMO_DATA, format_prompt
 from generate import generate
-from llama import load
+from support.formats import load
 
 
 def test_bfloat16_training_on_the_demo_keeps_a_float32_aligner_and_a_finite_loss(tmp_path):

@@ -10,10 +10,11 @@ import torch
 import evaluate
 import generate as generate_script
 import train_sft
-from aligner import Aligner, AlignerBank, read_adapter
+from aligner import Aligner, AlignerBank
+from support.formats import read_adapter, read_params
 from conftest import TINY
 from generate import generate
-from llama import KVCache, ModelArgs, Transformer, read_params
+from llama import KVCache, ModelArgs, Transformer
 from prompt_tuning import PromptTuning
 from test_errors import check_failure, run_script
 from test_generate import needs_compile

@@ -10,10 +10,10 @@ import torch
 
 import generate as generate_script
 from aligner import Aligner
-from data import encode_prompt, format_prompt
+from support.data import encode_prompt, format_prompt
 from generate import generate
-from llama import load
-from questions import (BEAVER, LLM_JUDGE, VICUNA_EVAL, jsonl, next_turn_prompt, read_questions)
+from support.formats import load
+from support.questions import (BEAVER, LLM_JUDGE, VICUNA_EVAL, jsonl, next_turn_prompt, read_questions)
 from test_errors import run_script
 
 # Records copied from the published files, in their own field names and order.

@@ -16,7 +16,8 @@ from hypothesis import given, settings, strategies as st
 
 from aligner import Aligner
 from conftest import make_checkpoint
-from llama import KVCache, ModelArgs, Transformer, load
+from llama import KVCache, ModelArgs, Transformer
+from support.formats import load
 
 
 def rms_norm(x, weight, eps):

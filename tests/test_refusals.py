@@ -17,16 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import cli
+from support import cli, files, formats, trainer
 import evaluate
-import files
 import generate
 import llama
-import trainer
 from aligner import Aligner
-from files import FileError
+from support.files import FileError
 from test_errors import (SCRIPTS, as_main_of, check_failure, ckpt, dpo_args, dpo_data, fails,  # noqa: F401
                          model_args, run_script, sft_args, sft_data, snapshot, write_jsonl)
+from support.formats import read_aligner
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,7 +132,7 @@ def test_an_aligner_files_own_settings_are_named(tiny_ckpt, model_args, capsys, 
             line = fails(script, argv, capsys, path, watch=[tmp_path])
             assert words in line, (name, line)
         with pytest.raises(ValueError, match=re.escape(str(path))):
-            Aligner.read(path, model_args)
+            read_aligner(path, model_args)
 
 
 @pytest.fixture
@@ -141,7 +140,7 @@ def hf_shards(tiny_ckpt, tmp_path):
     """The tiny checkpoint as a Hugging Face folder of two safetensors files and their index."""
     from hf_layout import write_hf
 
-    model, _ = llama.load(tiny_ckpt)
+    model, _ = formats.load(tiny_ckpt)
     return model, write_hf(model.state_dict(), model.args, tmp_path / "hf", n_files=2,
                            tokenizer=tiny_ckpt.parent / "tokenizer.model")
 
@@ -407,7 +406,7 @@ def test_the_tokenizer_is_found_through_a_link_or_named_with_a_flag(tiny_ckpt, c
     (tmp_path / "links").mkdir()
     link = tmp_path / "links" / "llama"
     link.symlink_to(tiny_ckpt, target_is_directory=True)  # tokenizer.model lies beside the target, not the link
-    assert llama.find_tokenizer(link) == tokenizer
+    assert formats.find_tokenizer(link) == tokenizer
     assert succeeds("generate", ["--ckpt", link, *argv], capsys)[0] == expected
     (tmp_path / "links" / "tokenizer.model").write_bytes(b"not a tokenizer")  # beside the link comes first
     fails("generate", ["--ckpt", link, *argv], capsys, tmp_path / "links" / "tokenizer.model")

@@ -5,8 +5,7 @@ import json
 
 import pytest
 
-import data
-import llama
+from support import data, formats
 
 # tatsu-lab/stanford_alpaca, train.py, PROMPT_DICT, copied character for character
 STANFORD_PROMPT_INPUT = (
@@ -76,7 +75,7 @@ def test_all_5000_real_alpaca_prompts_equal_stanfords(shared_data):
 def test_training_puts_before_each_response_exactly_the_ids_generation_feeds(shared_data):
     """For every real Alpaca record: the example's tokens are the prompt's ids as generate.py
     encodes them (BOS first), then the response tokenized on its own, then EOS."""
-    tok = llama.Tokenizer(shared_data / "llama-tokenizer" / "tokenizer.model")
+    tok = formats.Tokenizer(shared_data / "llama-tokenizer" / "tokenizer.model")
     for pair in data.read_sft(shared_data / "alpaca" / "alpaca_5000.json")[0]:
         example = data.encode_example(tok, pair.prompt, pair.response, 100_000)
         assert example.tokens[:example.loss_start] == tok.encode(pair.prompt, bos=True) == data.encode_prompt(
@@ -104,7 +103,7 @@ def one_string_difference(tok, prompt: str, response: str) -> str:
 def test_how_tokenizing_apart_differs_from_one_string_on_5000_real_alpaca_records(shared_data):
     """docs/training.md's shares: 74.2% differ in the response's first piece only (":" "▁The" against ":" "The"),
     14.4% split the first word otherwise, 8.4% gain a lone "▁", 3.0% change the prompt's last piece."""
-    tok = llama.Tokenizer(shared_data / "llama-tokenizer" / "tokenizer.model")
+    tok = formats.Tokenizer(shared_data / "llama-tokenizer" / "tokenizer.model")
     records = json.loads((shared_data / "alpaca" / "alpaca_5000.json").read_text())
     counts = {}
     for r in records:
@@ -128,7 +127,7 @@ def test_how_tokenizing_apart_differs_from_one_string_on_5000_real_alpaca_record
 def test_the_response_begins_with_a_word_start_after_the_colon(shared_data):
     """With LLaMA's tokenizer: "... ### Response:" then "▁The", not the "The" that tokenizing
     prompt + output as one string would give."""
-    tok = llama.Tokenizer(shared_data / "llama-tokenizer" / "tokenizer.model")
+    tok = formats.Tokenizer(shared_data / "llama-tokenizer" / "tokenizer.model")
     example = data.encode_example(tok, data.format_prompt("Name a bird."), "The robin.", 512)
     assert example.tokens[-8:] == [29937, 13291, 29901, 450, 696, 2109, 29889, 2]
     assert [tok.sp.id_to_piece(i) for i in example.tokens[-8:]] == [
@@ -141,7 +140,7 @@ def test_the_response_begins_with_a_word_start_after_the_colon(shared_data):
 
 
 def test_prompt_tokens_carry_no_loss_unless_asked(tiny_ckpt):
-    tok = llama.Tokenizer(tiny_ckpt.parent / "tokenizer.model")
+    tok = formats.Tokenizer(tiny_ckpt.parent / "tokenizer.model")
     prompt, response = data.format_prompt("Name a bird."), "A robin is a bird."
     short = data.encode_example(tok, prompt, response, max_len=512)
     other = data.encode_example(tok, data.format_prompt("Question: What is two plus three?"), "five.", 512)
@@ -159,7 +158,7 @@ def test_prompt_tokens_carry_no_loss_unless_asked(tiny_ckpt):
 
 
 def test_a_cut_example_says_so(tiny_ckpt):
-    tok = llama.Tokenizer(tiny_ckpt.parent / "tokenizer.model")
+    tok = formats.Tokenizer(tiny_ckpt.parent / "tokenizer.model")
     full = data.encode_example(tok, "Answer: ", "five " * 20, 10_000)
     cut = data.encode_example(tok, "Answer: ", "five " * 20, 12)
     assert not full.truncated and cut.truncated

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import data
+from support import data, formats
 import llama
 import train_dpo
 from aligner import Aligner
@@ -33,7 +33,7 @@ def write_jsonl(path, rows):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_ckpt):
-    model, tokenizer = llama.load(tiny_ckpt, max_seq_len=128)
+    model, tokenizer = formats.load(tiny_ckpt, max_seq_len=128)
     torch.manual_seed(0)
     aligner = Aligner(model.args, n_tokens=1)
     with torch.no_grad():
@@ -156,7 +156,7 @@ def test_the_shared_base_after_a_policy_step_is_still_the_base_on_disk(tiny, tin
     losses, _, _ = train_dpo.dpo_loss(*train_dpo.pair_logps(model, policy, pairs), *before)
     losses.sum().backward()
     optimizer.step()
-    fresh, _ = llama.load(tiny_ckpt, max_seq_len=128)
+    fresh, _ = formats.load(tiny_ckpt, max_seq_len=128)
     with torch.no_grad():
         for ref in (reference, None):  # --reference init, --reference base
             for a, b in zip(train_dpo.pair_logps(model, ref, pairs), train_dpo.pair_logps(fresh, ref, pairs)):
@@ -168,7 +168,7 @@ def test_the_shared_base_after_a_policy_step_is_still_the_base_on_disk(tiny, tin
 def test_cli_end_to_end(tiny_ckpt, tmp_path, capsys):
     rows = [pku_row(f"Question: What is fox {i}?", True, i not in (1, 3), i % 2, 0) for i in range(12)]
     path = write_jsonl(tmp_path / "pku.jsonl", rows)
-    model_args = llama.ModelArgs(**llama.read_params(tiny_ckpt))
+    model_args = llama.ModelArgs(**formats.read_params(tiny_ckpt))
     torch.manual_seed(1)
     sft = Aligner(model_args, n_tokens=1)
     with torch.no_grad():
@@ -215,7 +215,7 @@ def dpo_run(tiny_ckpt, folder, *flags):
     """train_dpo.py on PAIRS from a two-token Aligner with drawn gates, one batch of all four pairs;
     returns (the initial Aligner, the model, the tokenizer, the step records of metrics.jsonl)."""
     write_jsonl(folder / "pairs.jsonl", PAIRS)
-    model, tok = llama.load(tiny_ckpt)
+    model, tok = formats.load(tiny_ckpt)
     torch.manual_seed(3)
     init = Aligner(model.args, n_tokens=2)
     with torch.no_grad():
@@ -281,7 +281,7 @@ def test_precompute_ref_scores_the_reference_not_the_policy(tiny_ckpt, tmp_path,
     the two are one Aligner at the start, and scoring the policy instead could not be told apart.)"""
     flags = ["--reference", "base", "--beta", "0.5", "--epochs", "1"]
     if reference == "file":
-        model_args = llama.ModelArgs(**llama.read_params(tiny_ckpt))
+        model_args = llama.ModelArgs(**formats.read_params(tiny_ckpt))
         torch.manual_seed(7)
         other = Aligner(model_args, n_tokens=1)
         with torch.no_grad():

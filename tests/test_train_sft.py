@@ -11,13 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import data
+from support import data, distributed, formats, trainer
 import llama
 import train_sft
-import distributed
-import trainer
 from aligner import Aligner
-from files import FileError, read_text
+from support.files import FileError, read_text
 
 ROOT = Path(__file__).resolve().parents[1]
 COLORS = ["red", "blue", "green", "brown", "black"]
@@ -152,7 +150,7 @@ def test_cli_writes_its_files(full_run, tiny_ckpt):
     assert [s["step"] for s in steps] == [1, 2, 3, 4]  # 8 examples in batches of 4, 2 epochs
     assert {"loss", "lr", "tokens_per_s"} <= set(steps[0])
     assert json.loads((run / "settings.json").read_text())["lr"] == 9e-3
-    args = llama.ModelArgs(**llama.read_params(tiny_ckpt))
+    args = llama.ModelArgs(**formats.read_params(tiny_ckpt))
     aligner = Aligner.load(run / "best.pt", args)
     assert aligner.n_tokens == 2 and aligner.gates.abs().sum() > 0
 
@@ -271,7 +269,8 @@ def test_a_weight_file_is_hashed_by_its_size_and_fixed_slices(tmp_path):
     """Above 16 slices' worth, a weight file is hashed by its size and its first, last and 14 evenly
     spaced slices: a change in a slice or in the size is seen, one between the slices is not (the price
     of hashing a 13 GB checkpoint in a fraction of a second). Smaller files are hashed whole."""
-    from files import fingerprint, sampled_sha256
+    from support.files import fingerprint, sampled_sha256
+    from support.formats import find_tokenizer
     path = tmp_path / "model.safetensors"
     raw = bytearray(os.urandom(100_000))
     path.write_bytes(bytes(raw))
@@ -293,8 +292,8 @@ def test_a_weight_file_is_hashed_by_its_size_and_fixed_slices(tmp_path):
     whole = sampled_sha256(small, slices=4, slice_bytes=1000)
     small.write_bytes(bytes(3999) + b"\1")
     assert sampled_sha256(small, slices=4, slice_bytes=1000) != whole
-    assert set(fingerprint(path)) == {"bytes", "sampled_sha256"}
-    assert set(fingerprint(tmp_path / "x.json")) == {"bytes", "sha256"}
+    assert set(fingerprint(path, find_tokenizer)) == {"bytes", "sampled_sha256"}
+    assert set(fingerprint(tmp_path / "x.json", find_tokenizer)) == {"bytes", "sha256"}
 
 
 def test_each_epochs_order_is_drawn_once_and_its_steps_take_its_batches_in_turn(tmp_path, monkeypatch):
@@ -411,7 +410,7 @@ def test_a_non_finite_loss_or_gradient_stops_before_the_update(tmp_path, bad):
 
 
 def test_missing_demo_says_how_to_build_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"python build_demo.py"):
+    with pytest.raises(FileNotFoundError, match=r"python -m support.build_demo"):
         data.check_demo(tmp_path / "llama-demo")
 
 
@@ -693,7 +692,7 @@ def test_ten_examples_in_batches_of_four_are_three_steps_an_epoch_at_the_schedul
     assert [(r["step"], r["epoch"]) for r in records if "val_loss" in r] == [(0, 0), (3, 1), (6, 2)]
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
         "best.pt", "epoch-1.pt", "epoch-2.pt", "metrics.jsonl", "settings.json", "state.pt"]
-    aligner = Aligner.load(tmp_path / "run" / "best.pt", llama.ModelArgs(**llama.read_params(tiny_ckpt)))
+    aligner = Aligner.load(tmp_path / "run" / "best.pt", llama.ModelArgs(**formats.read_params(tiny_ckpt)))
     assert (aligner.n_tokens, aligner.start_layer, tuple(aligner.gates.shape)) == (2, 1, (3, 4))  # 4 layers, 4 heads
 
 
@@ -707,7 +706,7 @@ def test_logged_losses_are_the_mean_cross_entropy_of_the_loss_tokens(tiny_ckpt, 
     (tmp_path / "task.json").write_text(json.dumps(records))
     train_sft.main(run_args(tiny_ckpt, tmp_path / "task.json", tmp_path / "run", "--template", "metamath",
                             "--max-steps", "1", *(["--train-on-prompt"] if train_on_prompt else [])))
-    model, tok = llama.load(tiny_ckpt)
+    model, tok = formats.load(tiny_ckpt)
     prompt = tok.encode("[|User|] Name a bird. [|AI Assistant|] ", bos=True)
     tokens = prompt + tok.encode("A robin is a bird.", bos=False) + [tok.eos_id]
     with torch.no_grad():

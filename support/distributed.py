@@ -32,9 +32,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
-import cli
-import files
 import llama
+from support import cli, files, formats
+from support.formats import meta
 
 
 # -----------------------------------------------------------------------------
@@ -176,7 +176,7 @@ def what_this_rank_runs(args, inputs: tuple) -> dict:
         if isinstance(value, (list, tuple)):
             return [content(v) for v in value]
         try:
-            return files.fingerprint(value)
+            return files.fingerprint(value, formats.find_tokenizer)
         except OSError as e:
             return {"unreadable": e.strerror or str(e)}
 
@@ -245,17 +245,17 @@ def local_rows(global_rows: int, rank: int, world: int) -> slice:
 
 def load_sharded(ckpt_dir, device, dtype=torch.bfloat16, tokenizer_path=None,
                  max_seq_len: int = 2048, max_batch_size: int = 32):
-    """llama.load under FSDP2: a frozen Transformer whose weights are sharded over the
+    """formats.load under FSDP2: a frozen Transformer whose weights are sharded over the
     process group, each rank reading only its own rows of every weight, and its Tokenizer."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    ckpt = llama.open_checkpoint(ckpt_dir)
-    tokenizer = llama.Tokenizer(tokenizer_path or ckpt.tokenizer_path)
-    args = llama.model_args(ckpt, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    ckpt = formats.open_checkpoint(ckpt_dir)
+    tokenizer = formats.Tokenizer(tokenizer_path or ckpt.tokenizer_path)
+    args = meta.model_args(ckpt, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     with torch.device("meta"):
         model = llama.Transformer(args).to(dtype)
     model.requires_grad_(False)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    llama.check_keys(ckpt, shapes)
+    meta.check_keys(ckpt, shapes)
 
     for layer in model.layers:
         fully_shard(layer)
@@ -268,9 +268,9 @@ def load_sharded(ckpt_dir, device, dtype=torch.bfloat16, tokenizer_path=None,
             if rows.stop - rows.start != local.shape[0]:
                 raise RuntimeError(f"FSDP gave rank {rank} {local.shape[0]} rows of {name}; "
                                    f"expected {rows.stop - rows.start}")
-            llama.finite_weight(ckpt, name, local.copy_(llama.checked_weight(ckpt, name, shapes[name], rows)))
+            meta.finite_weight(ckpt, name, local.copy_(meta.checked_weight(ckpt, name, shapes[name], rows)))
     model.freqs_cis = llama.precompute_freqs_cis(args.head_dim, args.max_seq_len, args.rope_theta).to(device)
-    llama.check_finite(model.eval(), tokenizer, ckpt_dir)  # a forward on every rank, in step
+    meta.check_finite(model.eval(), tokenizer, ckpt_dir)  # a forward on every rank, in step
     model.reshard()  # the root unit keeps its weights gathered after a forward; give them back
     return model, tokenizer
 

@@ -1,4 +1,6 @@
 """
+Imported first by every script: Ctrl-C during start-up ends it in one line.
+
 Ctrl-C while a script is still starting: one line, `<script>: interrupted`, and exit code 130,
 as cli.run ends an interrupted script later on.
 
@@ -18,8 +20,8 @@ import signal
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-SCRIPT_FOLDERS = (ROOT, ROOT / "bench")
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT_FOLDERS = (ROOT, ROOT / "bench", ROOT / "support")  # support/ for `python -m support.build_demo`
 
 
 def quit_at_once(signum, frame):

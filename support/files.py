@@ -1,4 +1,6 @@
 """
+Reading and writing files: atomic writes, one-line errors for files that cannot be read.
+
 Every file the project reads or writes goes through here: writes are atomic
 (a temporary file beside the target, fsynced, then renamed over it), and a
 file that cannot be read is named in a one-line error, never left to a
@@ -349,13 +351,14 @@ def file_fingerprint(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": sha256(path)}
 
 
-def fingerprint(value):
+def fingerprint(value, find_tokenizer):
     """What an input holds, as plain data that is equal exactly where the content is (for weight
     files, as far as their sampled slices tell):
 
     - a file: its size and hash (file_fingerprint);
     - a checkpoint folder (params.json or config.json in it): by file name, its settings file,
-      its weight files and its tokenizer.model (in the folder or beside it, llama.find_tokenizer);
+      its weight files and its tokenizer.model (in the folder or beside it: `find_tokenizer`, which
+      is support.formats.find_tokenizer, passed in so that this module imports nothing above it);
       nothing else there, so that notes or a licence put in the folder change nothing;
     - any other folder (MMLU's): every file under it, by its path inside the folder;
     - anything else (None, 'init', 'base', a path where nothing is): itself, as a string.
@@ -367,7 +370,6 @@ def fingerprint(value):
     if path is not None and path.is_dir():
         if not any((path / name).is_file() for name in CHECKPOINT_SETTINGS):
             return {str(p.relative_to(path)): file_fingerprint(p) for p in sorted(path.rglob("*")) if p.is_file()}
-        from llama import find_tokenizer  # here, not at the top: llama imports this module
         try:
             tokenizer = [find_tokenizer(path)]
         except FileNotFoundError:

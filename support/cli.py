@@ -1,4 +1,6 @@
 """
+The command line the scripts share: checked flag types, --device and --dtype, one-line errors, progress.
+
 What the four scripts (train_sft.py, train_dpo.py, generate.py, evaluate.py)
 share at the command line:
 
@@ -38,7 +40,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import startup
+from support import startup
 
 DTYPES = ("float32", "bfloat16", "float16")
 

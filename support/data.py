@@ -1,4 +1,6 @@
 """
+Data: the prompt templates, the built-in demo's paths, reading training files, examples into tokens.
+
 What the scripts share about data: the prompt templates, where the built-in
 demo lives, reading the training files, and turning examples into tokens.
 
@@ -47,9 +49,9 @@ from typing import NamedTuple
 
 import torch
 
-from files import read_text
+from support.files import read_text
 
-DEMO_DIR = Path(__file__).resolve().parent / "demo"
+DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
 DEMO_CKPT = DEMO_DIR / "llama-demo"  # Meta layout; demo/tokenizer.model lies beside it
 DEMO_DATA = DEMO_DIR / "data"
 
@@ -342,4 +344,4 @@ def check_demo(*paths):
     for path in paths:
         if not Path(path).exists():
             raise FileNotFoundError(f"{path} is missing: the built-in demo is not built; "
-                                    "run `python build_demo.py` first (or pass --ckpt and --data)")
+                                    "run `python -m support.build_demo` first (or pass --ckpt and --data)")

@@ -1,7 +1,8 @@
 """
-Hugging Face LLaMA folders, read without the safetensors or transformers
-packages and presented in Meta's key names and layout, so that a model built
-from Meta's checkpoints loads them unchanged.
+Hugging Face LLaMA folders (config.json, safetensors or .bin weights), read in Meta's key names and layout.
+
+They are read without the safetensors or transformers packages, so that a
+model built from Meta's checkpoints loads them unchanged.
 
 What it reads, from a folder holding config.json:
 - config.json, mapped to ModelArgs' names (hidden_size -> dim,
@@ -44,7 +45,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from files import FileError, load_pt
+from support.files import FileError, load_pt
 
 
 def is_hf_folder(path) -> bool:

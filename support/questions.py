@@ -69,8 +69,8 @@ import uuid
 from pathlib import Path
 from typing import NamedTuple
 
-from data import DataError, format_prompt, read_records
-from files import read_text
+from support.data import DataError, format_prompt, read_records
+from support.files import read_text
 
 # the kinds of question file; the kind decides the answer format
 LLM_JUDGE = "FastChat llm_judge"   # {"question_id", "category", "turns"}

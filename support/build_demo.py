@@ -1,10 +1,11 @@
 """
-Build the demo world: a tiny LLaMA that the project pretrains itself, and data
-in the real formats, so that every script runs on a laptop CPU with no download.
+The demo world's builder: a tiny LLaMA pretrained here, and data in the real formats.
 
-    python build_demo.py                         # rebuilds demo/: seed 0, byte-identical to the committed files
-    python build_demo.py --out /tmp/world --seed 1   # another world of the same kind
-    python build_demo.py --knowledge             # only the knowledge probe's files, into the world in demo/
+It lets every script run on a laptop CPU with no download. Run it from the repository root:
+
+    python -m support.build_demo                 # rebuilds demo/: seed 0, byte-identical to the committed files
+    python -m support.build_demo --out /tmp/world --seed 1   # another world of the same kind
+    python -m support.build_demo --knowledge     # only the knowledge probe's files, into the world in demo/
 
 What it writes (paths under demo/):
     tokenizer.model                      SentencePiece, Meta's ids (unk 0, bos 1, eos 2, no pad)
@@ -70,7 +71,7 @@ in other sentences, so that no embedding the Aligner's prompts use is left at
 its random initial value.
 """
 
-import startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
+import support.startup  # noqa: F401  first: Ctrl-C while torch loads ends in one line too (startup.py)
 
 import csv
 import hashlib
@@ -84,10 +85,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-import cli
-from data import DEMO_DIR
-from files import FileError, atomic_write, check_writable
-from llama import ModelArgs, Tokenizer, Transformer, save
+from llama import ModelArgs, Transformer
+from support import cli
+from support.data import DEMO_DIR
+from support.files import FileError, atomic_write, check_writable
+from support.formats import Tokenizer, save
 
 # -----------------------------------------------------------------------------
 # the world: people, their facts, and the three groups they fall in

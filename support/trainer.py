@@ -1,4 +1,6 @@
 """
+The training loop train_sft.py and train_dpo.py share.
+
 The training loop that train_sft.py and train_dpo.py share: only the Aligner's
 few thousand parameters train, the base model stays frozen. The baselines, a
 LLaMA-Adapter or a LoRA (--lora), train through the same loop: wherever it says
@@ -14,7 +16,7 @@ replacement, as the authors' scripts draw them.
 
 The Aligner trains in float32, or with --aligner-dtype bfloat16 in bf16 as the
 authors' runs did (parameters and AdamW state); its files then hold the bf16
-values as trained, which Aligner.read widens to float32 without loss.
+values as trained, which the readers widen to float32 without loss.
 
 What a run leaves in --out: settings.json, metrics.jsonl (one line per
 optimizer step and per validation), epoch-E.pt and best.pt (Aligner files),
@@ -71,14 +73,14 @@ from typing import Callable, NamedTuple
 import torch
 from tqdm import tqdm
 
-import cli
 from aligner import Aligner, authors_prefix
-from data import DEMO_CKPT, DEMO_DATA, check_demo
-from files import (FileError, append_line, atomic_save, atomic_text, bad_value, check_values,
-                   check_writable, fingerprint, load_pt, read_text, refuse_clashes,
-                   stray_temporaries)
-from distributed import Dist, all_reduce_max, all_reduce_sum, load_sharded
-from llama import checkpoint_inputs, load
+from support import cli
+from support.data import DEMO_CKPT, DEMO_DATA, check_demo
+from support.distributed import Dist, all_reduce_max, all_reduce_sum, load_sharded
+from support.files import (FileError, append_line, atomic_save, atomic_text, bad_value, check_values,
+                           check_writable, fingerprint, load_pt, read_text, refuse_clashes,
+                           stray_temporaries)
+from support.formats import checkpoint_inputs, find_tokenizer, load
 
 
 # -----------------------------------------------------------------------------
@@ -323,7 +325,7 @@ def run_settings(args) -> dict:
     still resumes."""
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
                 if k not in NOT_SETTINGS and (getattr(args, "lora", False) or k not in LORA_FLAGS)}
-    settings["inputs"] = {k: fingerprint(getattr(args, k)) for k in INPUTS if hasattr(args, k)}
+    settings["inputs"] = {k: fingerprint(getattr(args, k), find_tokenizer) for k in INPUTS if hasattr(args, k)}
     return settings
 
 
