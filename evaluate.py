@@ -94,7 +94,7 @@ from support import cli, distributed
 from support.data import (DEMO_CKPT, DEMO_DATA, TEMPLATES, DataError, check_demo, encode_prompt, format_prompt,
                           read_records, string_fields)
 from support.files import atomic_write, check_writable, read_text, refuse_clashes, refuse_existing
-from support.formats import check_adapter_file, check_context, checkpoint_inputs, load, read_adapter
+from support.formats import check_adapter_files, check_context, checkpoint_inputs, load, read_adapter
 
 TASKS = ("gsm8k", "mmlu", "qa")
 LETTERS = ("A", "B", "C", "D")
@@ -779,16 +779,9 @@ def check_data(args, tasks: tuple):
 
 
 def check_aligners(args):
-    """Each --aligner file readable and usable (aligner.check_adapter_file), and --merge-lora's
+    """Each --aligner file readable and usable (formats.check_adapter_files), and --merge-lora's
     one LoRA mergeable: a damaged file stops the run here, before the model loads."""
-    shapes = []
-    for path in args.aligner:
-        if path != "base":
-            if not Path(path).exists():
-                raise FileNotFoundError(f"--aligner {path}: no such file")
-            shapes.append(check_adapter_file(path))
-        else:
-            shapes.append(None)
+    shapes = check_adapter_files(args.aligner)
     if args.merge_lora:
         lora.check_merge(args.aligner, shapes, args.fsdp)
 

@@ -69,7 +69,7 @@ from prompt_tuning import PromptTuning, SoftTokens
 from support import cli, distributed
 from support.data import DEMO_CKPT, TEMPLATES, check_demo, encode_prompt, format_prompt
 from support.files import atomic_text, check_writable, refuse_clashes, refuse_existing, short_names
-from support.formats import check_adapter_file, check_context, checkpoint_inputs, load, read_adapter, read_params
+from support.formats import check_adapter_files, check_context, checkpoint_inputs, load, read_adapter, read_params
 from support.questions import (Question, answer_files, answers_path, check_model_ids, check_unique_ids,
                                next_turn_prompt, question_file, read_questions)
 
@@ -631,16 +631,9 @@ def make_parser():
 # what can be checked before anything loads
 
 def check_aligners(args):
-    """Each --aligner file readable and usable (aligner.check_adapter_file), and --merge-lora's
+    """Each --aligner file readable and usable (formats.check_adapter_files), and --merge-lora's
     one LoRA mergeable: a damaged file stops the run here, before the model loads."""
-    shapes = []
-    for path in args.aligner:
-        if path != "base":
-            if not Path(path).exists():
-                raise FileNotFoundError(f"--aligner {path}: no such file")
-            shapes.append(check_adapter_file(path))
-        else:
-            shapes.append(None)
+    shapes = check_adapter_files(args.aligner)
     if args.merge_lora:
         lora.check_merge(args.aligner, shapes, args.fsdp)
 

@@ -32,8 +32,8 @@ from support.formats.meta import (META_CONTEXT, MetaCheckpoint, Tokenizer, check
                                   checkpoint_inputs, find_tokenizer, finite_weight, model_args, read_params, save)
 
 __all__ = ["load", "save", "open_checkpoint", "read_params", "find_tokenizer", "checkpoint_inputs", "context_length",
-           "check_context", "Tokenizer", "read_adapter", "read_aligner", "check_adapter_file", "check_aligner_file",
-           "is_lora"]
+           "check_context", "Tokenizer", "read_adapter", "read_aligner", "check_adapter_file", "check_adapter_files",
+           "check_aligner_file", "is_lora"]
 
 
 # -----------------------------------------------------------------------------
@@ -160,6 +160,19 @@ def check_adapter_file(path):
     if kind == "Prompt Tuning":
         return PromptTuning.from_state(state, Path(path))
     return _shape(kind, state, Path(path))
+
+
+def check_adapter_files(paths) -> list:
+    """check_adapter_file of each --aligner path, None for "base" (the model without one)."""
+    shapes = []
+    for path in paths:
+        if path == "base":
+            shapes.append(None)
+        elif not Path(path).exists():
+            raise FileNotFoundError(f"--aligner {path}: no such file")
+        else:
+            shapes.append(check_adapter_file(path))
+    return shapes
 
 
 def _shape(kind, state, path: Path):
