@@ -95,6 +95,13 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
     return losses, chosen_rewards, rejected_rewards
 
 
+def first_response_tokens(example: data.Example, k: int) -> data.Example:
+    """The example with its response cut to its first k tokens (EOS counted as one); the prompt
+    is kept whole. As TRL's DPOTrainer cuts each completion to max_completion_length (ours to
+    offer it: Eq. 10 sums over the whole response, and so does the authors' finetune/alignerDPO.py)."""
+    return example._replace(tokens=example.tokens[:example.loss_start + k])
+
+
 class Pair(NamedTuple):
     """One preference pair, tokenized: the same prompt before each response."""
     chosen: data.Example
@@ -177,6 +184,10 @@ def main(argv=None):
     parser.add_argument("--loss", choices=("dpo", "ipo"), default="dpo", help="Eq. 10 (dpo) or IPO's squared loss")
     parser.add_argument("--label-smoothing", type=cli.smoothing, default=0.0,
                         help="conservative DPO: the assumed fraction of flipped labels (0: plain DPO)")
+    parser.add_argument("--max-response-len", type=cli.positive_int, default=None,
+                        help="score only the first K tokens of each response (EOS counted) in Eq. 10, as TRL's "
+                             "max_completion_length, so that a long rejected response weighs no more than a short "
+                             "chosen one (none: the whole response)")
     parser.add_argument("--template", choices=list(data.TEMPLATES), default="alpaca",
                         help="the prompt format of PKU-SafeRLHF rows (data.TEMPLATES)")
     parser.add_argument("--pair", choices=("safer", "better"), default="safer",
@@ -224,6 +235,8 @@ def main(argv=None):
         pair = Pair(data.encode_example(tokenizer, t.prompt, t.chosen, args.max_seq_len),
                     data.encode_example(tokenizer, t.prompt, t.rejected, args.max_seq_len))
         n_cut += pair.chosen.truncated or pair.rejected.truncated
+        if args.max_response_len is not None:
+            pair = Pair(*(first_response_tokens(e, args.max_response_len) for e in pair))
         if data.n_targets(pair.chosen) > 0 and data.n_targets(pair.rejected) > 0:  # else the prompt filled it
             pairs.append(pair)
     if not pairs:
@@ -234,7 +247,9 @@ def main(argv=None):
     say(f"{args.data}: {cli.plural(len(pairs), 'pair')}; {n_unsafe} dropped because the chosen response is unsafe"
         f"{' (kept by --keep-unsafe)' if args.keep_unsafe else ''}; {n_cut} cut to --max-seq-len "
         f"{args.max_seq_len} tokens" + (f", {len(triples) - len(pairs)} of them dropped: no response left"
-                                        if len(pairs) < len(triples) else ""))
+                                        if len(pairs) < len(triples) else "")
+        + ("" if args.max_response_len is None else
+           f"; each response scored on its first {cli.plural(args.max_response_len, 'token')} (--max-response-len)"))
     train_idx, val_idx = trainer.split(len(pairs), args.val, args.seed)
     say(f"{cli.plural(len(train_idx), 'pair')} for training, {len(val_idx)} held out for validation")
 
