@@ -29,6 +29,13 @@ Where each default comes from:
 Also offered, in the same loss function: conservative DPO (label smoothing,
 Mitchell 2023, "A note on DPO with noisy preferences and relationship to IPO")
 and IPO (Azar et al. 2023, arXiv 2310.12036), here on summed log-probabilities.
+And --max-response-len K, which scores only the first K tokens of each response
+(EOS counted), as TRL's DPOTrainer cuts completions to max_completion_length:
+a departure from Eq. 10 and from the authors' code, whose get_logps sums over
+the whole response (finetune/alignerDPO.py, lines 267-292). Ours to offer, for
+pairs whose rejected response runs long and uncertain while the chosen one is
+short and nearly certain after its first word: summed over whole responses,
+DPO can take its margin by lowering the rejected tail alone.
 
 Commands:
     python train_dpo.py                     # the built-in demo, from runs/pku-sft/best.pt if present
