@@ -251,12 +251,12 @@ def main(argv=None):
                          f"--max-seq-len {args.max_seq_len}")
     lengths = [len(p.chosen.tokens) + len(p.rejected.tokens) for p in pairs]  # tokens a pair puts through the model
     units = [1] * len(pairs)  # the loss is a mean over pairs
+    k = args.max_response_len
+    scored = "" if k is None else f"; each response scored on its first {f'{k} tokens' if k > 1 else 'token'}"
     say(f"{args.data}: {cli.plural(len(pairs), 'pair')}; {n_unsafe} dropped because the chosen response is unsafe"
         f"{' (kept by --keep-unsafe)' if args.keep_unsafe else ''}; {n_cut} cut to --max-seq-len "
         f"{args.max_seq_len} tokens" + (f", {len(triples) - len(pairs)} of them dropped: no response left"
-                                        if len(pairs) < len(triples) else "")
-        + ("" if args.max_response_len is None else
-           f"; each response scored on its first {cli.plural(args.max_response_len, 'token')} (--max-response-len)"))
+                                        if len(pairs) < len(triples) else "") + scored)
     train_idx, val_idx = trainer.split(len(pairs), args.val, args.seed)
     say(f"{cli.plural(len(train_idx), 'pair')} for training, {len(val_idx)} held out for validation")
 

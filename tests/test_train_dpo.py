@@ -310,12 +310,13 @@ def test_first_response_tokens_cuts_the_response_not_the_prompt():
         assert train_dpo.first_response_tokens(example, k) == example
 
 
-def test_max_response_len_scores_the_first_k_tokens_by_hand(tiny_ckpt, tmp_path):
+def test_max_response_len_scores_the_first_k_tokens_by_hand(tiny_ckpt, tmp_path, capsys):
     """With --reference base, the first step's rewards are beta * (log pi - log base) of each
     response's first K tokens (EOS counted), scored after the whole prompt; the run records K."""
     beta, k = 0.5, 2
     init, model, tok, (step, *_) = dpo_run(tiny_ckpt, tmp_path, "--reference", "base", "--beta", str(beta),
                                            "--epochs", "1", "--max-response-len", str(k))
+    assert "; each response scored on its first 2 tokens" in capsys.readouterr().out
     for side in ("chosen", "rejected"):
         rewards = [beta * (hand_logps(model, tok, init, p["prompt"], p[side], k)
                            - hand_logps(model, tok, None, p["prompt"], p[side], k)) for p in PAIRS]
