@@ -123,11 +123,12 @@ def pair_logps(model, aligner, pairs):
     return logps[:len(pairs)], logps[len(pairs):]
 
 
-# The demo's DPO runs at these defaults. Chosen on the demo's dev people from either start: from its
-# SFT Aligner on the safe responses every setting tried refused all their harmful requests and the
-# defaults kept the most ordinary answers; from the Alpaca-style one-token Aligner (the demo table's
-# DPO row) no setting refused more, and larger or more steps refused less, as DPO's margin came from
-# lowering the rejected compliances rather than raising the refusal (the README has every run).
+# A bare `python train_dpo.py` on the demo runs at these defaults, chosen on the demo's dev people from
+# its SFT Aligner on the safe responses: every setting tried refused all their harmful requests and the
+# defaults kept the most ordinary answers. The demo table's DPO rows, from the Alpaca-style Aligner and
+# LoRA, pass their own flags (run_demo.py), chosen on dev: summed over whole responses, the Aligner's
+# DPO took its margin by lowering the rejected compliances rather than raising the refusal, which it
+# raised only with --max-response-len (the README has every run).
 DEMO_DEFAULTS = {}
 # A bare `python train_dpo.py` on the demo starts where the authors' code starts Experiment 2's, from an
 # SFT Aligner trained on the safe responses of the same rows (their finetune/alignerDPO.py,
