@@ -104,8 +104,7 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
 
 def first_response_tokens(example: data.Example, k: int) -> data.Example:
     """The example with its response cut to its first k tokens (EOS counted as one); the prompt
-    is kept whole. As TRL's DPOTrainer cuts each completion to max_completion_length (ours to
-    offer it: Eq. 10 sums over the whole response, and so does the authors' finetune/alignerDPO.py)."""
+    is kept whole, as TRL's DPOTrainer keeps it when it cuts completions to max_completion_length."""
     return example._replace(tokens=example.tokens[:example.loss_start + k])
 
 
