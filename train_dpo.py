@@ -29,6 +29,13 @@ Where each default comes from:
 Also offered, in the same loss function: conservative DPO (label smoothing,
 Mitchell 2023, "A note on DPO with noisy preferences and relationship to IPO")
 and IPO (Azar et al. 2023, arXiv 2310.12036), here on summed log-probabilities.
+And --max-response-len K, which scores only the first K tokens of each response
+(EOS counted), as TRL's DPOTrainer cuts completions to max_completion_length:
+a departure from Eq. 10 and from the authors' code, whose get_logps sums over
+the whole response (finetune/alignerDPO.py, lines 267-292). Ours to offer, for
+pairs whose rejected response runs long and uncertain while the chosen one is
+short and nearly certain after its first word: summed over whole responses,
+DPO can take its margin by lowering the rejected tail alone.
 
 Commands:
     python train_dpo.py                     # the built-in demo, from runs/pku-sft/best.pt if present
@@ -91,6 +98,12 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
     return losses, chosen_rewards, rejected_rewards
 
 
+def first_response_tokens(example: data.Example, k: int) -> data.Example:
+    """The example with its response cut to its first k tokens (EOS counted as one); the prompt
+    is kept whole, as TRL's DPOTrainer keeps it when it cuts completions to max_completion_length."""
+    return example._replace(tokens=example.tokens[:example.loss_start + k])
+
+
 class Pair(NamedTuple):
     """One preference pair, tokenized: the same prompt before each response."""
     chosen: data.Example
@@ -105,11 +118,12 @@ def pair_logps(model, aligner, pairs):
     return logps[:len(pairs)], logps[len(pairs):]
 
 
-# The demo's DPO runs at these defaults. Chosen on the demo's dev people from either start: from its
-# SFT Aligner on the safe responses every setting tried refused all their harmful requests and the
-# defaults kept the most ordinary answers; from the Alpaca-style one-token Aligner (the demo table's
-# DPO row) no setting refused more, and larger or more steps refused less, as DPO's margin came from
-# lowering the rejected compliances rather than raising the refusal (docs/demo.md has every run).
+# A bare `python train_dpo.py` on the demo runs at these defaults, chosen on the demo's dev people from
+# its SFT Aligner on the safe responses: every setting tried refused all their harmful requests and the
+# defaults kept the most ordinary answers. The demo table's DPO rows, from the Alpaca-style Aligner and
+# LoRA, pass their own flags (run_demo.py), chosen on dev: summed over whole responses, the Aligner's
+# DPO took its margin by lowering the rejected compliances rather than raising the refusal, which it
+# raised only with --max-response-len (docs/demo.md has every run).
 DEMO_DEFAULTS = {}
 # A bare `python train_dpo.py` on the demo starts where the authors' code starts Experiment 2's, from an
 # SFT Aligner trained on the safe responses of the same rows (their finetune/alignerDPO.py,
@@ -177,6 +191,10 @@ def make_parser():
     parser.add_argument("--loss", choices=("dpo", "ipo"), default="dpo", help="Eq. 10 (dpo) or IPO's squared loss")
     parser.add_argument("--label-smoothing", type=cli.smoothing, default=0.0,
                         help="conservative DPO: the assumed fraction of flipped labels (0: plain DPO)")
+    parser.add_argument("--max-response-len", type=cli.positive_int, default=None,
+                        help="score only the first K tokens of each response (EOS counted) in Eq. 10, as TRL's "
+                             "max_completion_length, so that a long rejected response weighs no more than a short "
+                             "chosen one (none: the whole response)")
     parser.add_argument("--template", choices=list(data.TEMPLATES), default="alpaca",
                         help="the prompt format of PKU-SafeRLHF rows (data.TEMPLATES)")
     parser.add_argument("--pair", choices=("safer", "better"), default="safer",
@@ -240,6 +258,8 @@ def read_pairs(args, tokenizer, say) -> trainer.TrainingSet:
         pair = Pair(data.encode_example(tokenizer, t.prompt, t.chosen, args.max_seq_len),
                     data.encode_example(tokenizer, t.prompt, t.rejected, args.max_seq_len))
         n_cut += pair.chosen.truncated or pair.rejected.truncated
+        if args.max_response_len is not None:
+            pair = Pair(*(first_response_tokens(e, args.max_response_len) for e in pair))
         if data.n_targets(pair.chosen) > 0 and data.n_targets(pair.rejected) > 0:  # else the prompt filled it
             pairs.append(pair)
     if not pairs:
@@ -247,10 +267,12 @@ def read_pairs(args, tokenizer, say) -> trainer.TrainingSet:
                          f"--max-seq-len {args.max_seq_len}")
     lengths = [len(p.chosen.tokens) + len(p.rejected.tokens) for p in pairs]  # tokens a pair puts through the model
     units = [1] * len(pairs)  # the loss is a mean over pairs
+    k = args.max_response_len
+    scored = "" if k is None else f"; each response scored on its first {f'{k} tokens' if k > 1 else 'token'}"
     say(f"{args.data}: {cli.plural(len(pairs), 'pair')}; {n_unsafe} dropped because the chosen response is unsafe"
         f"{' (kept by --keep-unsafe)' if args.keep_unsafe else ''}; {n_cut} cut to --max-seq-len "
         f"{args.max_seq_len} tokens" + (f", {len(triples) - len(pairs)} of them dropped: no response left"
-                                        if len(pairs) < len(triples) else ""))
+                                        if len(pairs) < len(triples) else "") + scored)
     train_idx, val_idx = trainer.split(len(pairs), args.val, args.seed)
     say(f"{cli.plural(len(train_idx), 'pair')} for training, {len(val_idx)} held out for validation")
     return trainer.TrainingSet(pairs, lengths, units, train_idx, val_idx)

@@ -381,7 +381,7 @@ def test_pipeline_commands_run_end_to_end_on_a_miniature_world(mini_pipeline):
            for name in ("dpo", "dpo-lora", "dpo-lora-own")}
     assert dpo["dpo"]["init_aligner"] == "runs/sft1/best.pt"
     assert dpo["dpo-lora"]["init_aligner"] == dpo["dpo-lora-own"]["init_aligner"] == "runs/lora4/best.pt"
-    same = ("beta", "lr", "batch_size", "epochs", "loss", "reference", "data")
+    same = ("beta", "lr", "batch_size", "epochs", "loss", "reference", "data", "max_response_len")
     assert {k: dpo["dpo-lora"][k] for k in same} == {k: dpo["dpo"][k] for k in same}
     for name in ("dpo-lora", "dpo-lora-own"):
         assert torch.load(mini_pipeline / "runs" / name / "best.pt", weights_only=True)["rank"] == 4

@@ -192,7 +192,8 @@ def test_train_sft_refuses_an_out_of_range_flag(flag, value, capsys, tmp_path):
 @pytest.mark.parametrize("flag, value", [("--beta", "0"), ("--beta", "-1"), ("--label-smoothing", "0.5"),
                                          ("--label-smoothing", "-0.1"), ("--label-smoothing", "1"),
                                          ("--loss", "kto"), ("--pair", "worse"), ("--epochs", "0"),
-                                         ("--batch-size", "0"), ("--n-tokens", "0")])
+                                         ("--batch-size", "0"), ("--n-tokens", "0"), ("--max-response-len", "0"),
+                                         ("--max-response-len", "-2"), ("--max-response-len", "1.5")])
 def test_train_dpo_refuses_an_out_of_range_flag(flag, value, capsys, tmp_path):
     fails("train_dpo", ["--out", tmp_path / "run", flag, value], capsys, f"argument {flag}", watch=[tmp_path],
           code=2)

@@ -201,14 +201,16 @@ PAIRS = [{"prompt": "Question: Name a bird. Answer:", "chosen": "A robin.", "rej
          {"prompt": "Answer:", "chosen": "The quick brown fox.", "rejected": "A robin is a bird."}]
 
 
-def hand_logps(model, tok, aligner, prompt, response) -> float:
-    """log pi(response | prompt): the response's tokens and EOS, each scored after BOS, the prompt
-    (tokenized alone) and the response tokens before it; the prompt's own tokens are not counted."""
+def hand_logps(model, tok, aligner, prompt, response, k=None) -> float:
+    """log pi(response | prompt): the response's tokens and EOS (its first k of them, if k is
+    given), each scored after BOS, the prompt (tokenized alone) and the response tokens before it;
+    the prompt's own tokens are not counted."""
     prompt_ids = tok.encode(prompt, bos=True)
     tokens = prompt_ids + tok.encode(response, bos=False) + [tok.eos_id]
+    end = len(tokens) if k is None else min(len(tokens), len(prompt_ids) + k)
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([tokens]), aligner=aligner)[0].double(), -1)
-    return sum(logp[t - 1, tokens[t]].item() for t in range(len(prompt_ids), len(tokens)))
+    return sum(logp[t - 1, tokens[t]].item() for t in range(len(prompt_ids), end))
 
 
 def dpo_run(tiny_ckpt, folder, *flags):
@@ -295,3 +297,43 @@ def test_precompute_ref_scores_the_reference_not_the_policy(tiny_ckpt, tmp_path,
     assert abs(each["rewards/chosen"]) > 1e-3 and abs(each["rewards/rejected"]) > 1e-3  # the reference is not the policy
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy"):
         assert once[key] == pytest.approx(each[key], rel=1e-5, abs=1e-6), key
+
+
+# -----------------------------------------------------------------------------
+# --max-response-len: each response scored on its first K tokens
+
+def test_first_response_tokens_cuts_the_response_not_the_prompt():
+    example = data.Example(tokens=[1, 50, 51, 52, 60, 61, 62, 2], loss_start=4, truncated=False)  # BOS, 3 + 4
+    assert train_dpo.first_response_tokens(example, 1) == data.Example([1, 50, 51, 52, 60], 4, False)
+    assert train_dpo.first_response_tokens(example, 3) == data.Example([1, 50, 51, 52, 60, 61, 62], 4, False)
+    for k in (4, 5, 100):  # the whole response, EOS included, or more: no cut
+        assert train_dpo.first_response_tokens(example, k) == example
+
+
+def test_max_response_len_scores_the_first_k_tokens_by_hand(tiny_ckpt, tmp_path, capsys):
+    """With --reference base, the first step's rewards are beta * (log pi - log base) of each
+    response's first K tokens (EOS counted), scored after the whole prompt; the run records K."""
+    beta, k = 0.5, 2
+    init, model, tok, (step, *_) = dpo_run(tiny_ckpt, tmp_path, "--reference", "base", "--beta", str(beta),
+                                           "--epochs", "1", "--max-response-len", str(k))
+    assert "; each response scored on its first 2 tokens" in capsys.readouterr().out
+    for side in ("chosen", "rejected"):
+        rewards = [beta * (hand_logps(model, tok, init, p["prompt"], p[side], k)
+                           - hand_logps(model, tok, None, p["prompt"], p[side], k)) for p in PAIRS]
+        whole = [beta * (hand_logps(model, tok, init, p["prompt"], p[side])
+                         - hand_logps(model, tok, None, p["prompt"], p[side])) for p in PAIRS]
+        assert step[f"rewards/{side}"] == pytest.approx(mean(rewards), rel=1e-4, abs=1e-6)
+        assert abs(mean(rewards) - mean(whole)) > 1e-3  # the cut is seen
+    assert json.loads((tmp_path / "run" / "settings.json").read_text())["max_response_len"] == k
+
+
+def test_max_response_len_beyond_the_longest_response_is_no_cut(tiny_ckpt, tmp_path):
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "long").mkdir()
+    flags = ["--reference", "base", "--beta", "0.5", "--epochs", "2"]
+    *_, whole = dpo_run(tiny_ckpt, tmp_path / "whole", *flags)
+    *_, long = dpo_run(tiny_ckpt, tmp_path / "long", *flags, "--max-response-len", "64")  # the longest: 13 with EOS
+    assert len(whole) == len(long) == 2
+    for a, b in zip(whole, long):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy"):
+            assert a[key] == b[key], key
