@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny LLaMA with its own SentencePiece tokenizer, saved in Meta's layout."""
 
 import io
+import json
 import os
 from pathlib import Path
 
@@ -35,6 +36,19 @@ def train_tokenizer(path, lines=TEXT, vocab_size=384):
 
 
 TINY = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=32, norm_eps=1e-5)
+
+
+def read_jsonl(path) -> list:
+    """The records of a JSON Lines file."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def write_fox_task(path, n: int):
+    """A tiny Alpaca task whose n answers all take one form ("Fox 3 is red."); returns path."""
+    records = [{"instruction": f"Name the color of fox {i}.", "input": "", "output": f"Fox {i} is red."}
+               for i in range(n)]
+    Path(path).write_text(json.dumps(records))
+    return Path(path)
 
 
 def make_checkpoint(folder, n_shards=1, seed=0, **overrides):

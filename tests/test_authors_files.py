@@ -11,7 +11,7 @@ import evaluate
 import generate as generate_script
 import train_dpo
 from aligner import Aligner
-from conftest import authors_aligner_state
+from conftest import authors_aligner_state, read_jsonl
 from llama import ModelArgs
 from support.formats import read_aligner, read_params
 
@@ -30,10 +30,6 @@ def two_layouts(tiny_ckpt, tmp_path_factory):
             ours.gates[i - 2] = state[f"transformer.h.{i}.attn.gating_factor"].float().flatten()
     ours.save(folder / "ours.pt")
     return folder / "authors.pth", folder / "ours.pt"
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_generate_answers_with_an_authors_file(tiny_ckpt, two_layouts, tmp_path):

@@ -16,6 +16,7 @@ from hypothesis import given, settings, strategies as st
 from support import cli
 import evaluate
 from aligner import Aligner
+from conftest import read_jsonl
 from support.data import format_prompt
 from evaluate import (CATEGORIES, GSM8K_STOP, SUBJECT_CATEGORY, aggregate, continuation_logprobs, exact_match,
                       extract_flexible, extract_strict, gsm8k_prompt, letter_continuations, mmlu_prompt,
@@ -319,10 +320,6 @@ def test_a_category_pools_its_questions():
 def write_jsonl(path, records):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "

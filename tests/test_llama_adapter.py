@@ -12,21 +12,15 @@ import generate as generate_script
 import train_dpo
 import train_sft
 from aligner import Aligner
-from conftest import lit_llama_adapter_state
+from conftest import lit_llama_adapter_state, read_jsonl, write_fox_task
 from llama import ModelArgs
 from support.formats import read_aligner, read_params
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     folder = tmp_path_factory.mktemp("adapter")
-    records = [{"instruction": f"Name the color of fox {i}.", "input": "", "output": f"Fox {i} is red."}
-               for i in range(8)]
-    (folder / "task.json").write_text(json.dumps(records))
+    write_fox_task(folder / "task.json", 8)
     return folder / "task.json"
 
 

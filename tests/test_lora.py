@@ -23,12 +23,9 @@ from hf_layout import to_half_split, write_hf, write_safetensors
 from llama import KVCache, ModelArgs, Transformer, lora_projection
 from support.formats import load, read_aligner, read_params
 from lora import LoRA, merge
+from conftest import read_jsonl, write_fox_task
 from test_errors import check_failure, run_script
 from test_generate import needs_compile
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -349,9 +346,7 @@ def test_a_lora_cannot_share_a_bank_with_aligners(tiny_ckpt):
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     folder = tmp_path_factory.mktemp("lora")
-    records = [{"instruction": f"Name the color of fox {i}.", "input": "", "output": f"Fox {i} is red."}
-               for i in range(10)]
-    (folder / "task.json").write_text(json.dumps(records))
+    write_fox_task(folder / "task.json", 10)
     return folder / "task.json"
 
 

@@ -16,6 +16,7 @@ from conftest import TINY
 from generate import generate
 from llama import KVCache, ModelArgs, Transformer
 from prompt_tuning import PromptTuning
+from conftest import read_jsonl, write_fox_task
 from test_errors import check_failure, run_script
 from test_generate import needs_compile
 
@@ -166,17 +167,11 @@ def test_each_prompt_tuning_decodes_in_a_group_of_its_own(model):
     assert generate_script.same_shape_groups([None, pt1]) == [[0], [1]]
 
 
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def trained(tiny_ckpt, tmp_path_factory):
     """A Prompt Tuning trained by train_sft.main on a tiny task: (task file, run folder)."""
     folder = tmp_path_factory.mktemp("pt")
-    records = [{"instruction": f"Name the color of fox {i}.", "input": "", "output": f"Fox {i} is red."}
-               for i in range(8)]
-    (folder / "task.json").write_text(json.dumps(records))
+    write_fox_task(folder / "task.json", 8)
     train_sft.main(run_args(tiny_ckpt, folder / "task.json", folder / "run"))
     return folder / "task.json", folder / "run"
 
