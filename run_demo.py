@@ -80,10 +80,10 @@ MATH = "--data demo/data/metamathqa.json --template metamath --epochs 32"  # the
 KNOW = "--data demo/data/knowledge.json --epochs 64"  # facts no pretraining document holds, learned or not
 # The Aligner's DPO settings, chosen on the dev split, also given to the LoRA: each response scored on
 # its first token alone (--max-response-len 1), under IPO's bounded loss
-DPO = "--precompute-ref --batch-size 16 --epochs 5 --loss ipo --beta 0.1 --lr 3e-3 --max-response-len 1"
-# The LoRA's own, chosen on dev: each response scored on the refusal's 12 tokens (its 11 and EOS)
-DPO_LORA = "--precompute-ref --batch-size 16 --epochs 3 --beta 1 --lr 3.9e-4 --max-response-len 12"
-STEPS = [  # started in this order where their needs allow: the two longest trainings first
+DPO = "--precompute-ref --batch-size 16 --epochs 4 --loss ipo --beta 0.1 --lr 3.5e-3 --max-response-len 1"
+# The LoRA's own, chosen on dev: each response scored on its first two tokens
+DPO_LORA = "--precompute-ref --batch-size 16 --epochs 5 --beta 1 --lr 2.75e-4 --max-response-len 2"
+STEPS = [  # started in this order where their needs allow: the MetaMath trainings, among the longest, first
     Step("math", f"python train_sft.py {MATH} --out runs/math"),
     Step("math-lora", f"python train_sft.py --lora {MATH} --out runs/math-lora"),
     Step("sft1", "python train_sft.py --n-tokens 1 --out runs/sft1"),

@@ -118,12 +118,13 @@ def pair_logps(model, aligner, pairs):
     return logps[:len(pairs)], logps[len(pairs):]
 
 
-# A bare `python train_dpo.py` on the demo runs at these defaults, chosen on the demo's dev people from
-# its SFT Aligner on the safe responses: every setting tried refused all their harmful requests and the
-# defaults kept the most ordinary answers. The demo table's DPO rows, from the Alpaca-style Aligner and
-# LoRA, pass their own flags (run_demo.py), chosen on dev: summed over whole responses, the Aligner's
-# DPO took its margin by lowering the rejected compliances rather than raising the refusal, which it
-# raised only with --max-response-len (docs/demo.md has every run).
+# A bare `python train_dpo.py` on the demo runs at these defaults, the authors' beta 0.1 and lr 1e-4: on
+# the demo's earlier, 700-step world, DPO from its SFT Aligner on the safe responses, which already refused
+# every dev harmful request, kept the most ordinary answers at them (docs/world-700.md). The demo table's
+# DPO rows, from the Alpaca-style Aligner and LoRA, pass their own flags (run_demo.py), chosen on dev
+# (docs/demo.md has every run); on that earlier world, summed over whole responses, the Aligner's DPO took
+# its margin by lowering the rejected compliances rather than raising the refusal, which it raised only
+# with --max-response-len.
 DEMO_DEFAULTS = {}
 # A bare `python train_dpo.py` on the demo starts where the authors' code starts Experiment 2's, from an
 # SFT Aligner trained on the safe responses of the same rows (their finetune/alignerDPO.py,
