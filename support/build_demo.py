@@ -652,9 +652,10 @@ def pretrain(model, windows, steps, batch_size, lr, seed):
 
 
 DEMO_ARGS = dict(dim=128, n_layers=8, n_heads=4, n_kv_heads=2, multiple_of=32, norm_eps=1e-5)
+DEMO_STEPS = 1400  # the committed world's pretraining; 700 gave the earlier world (docs/world-700.md)
 
 
-def build(out, seed=0, n_people=200, steps=1400, batch_size=12, seq_len=384, n_docs=40000,
+def build(out, seed=0, n_people=200, steps=DEMO_STEPS, batch_size=12, seq_len=384, n_docs=40000,
           vocab_size=1024, lr=3e-3, model_args=DEMO_ARGS):
     """Write the whole world under `out`; returns the final pretraining loss."""
     was_deterministic = torch.are_deterministic_algorithms_enabled()
@@ -720,7 +721,7 @@ def main(argv=None):
     parser.add_argument("--out", type=cli.out_path, default=DEMO_DIR,
                         help="folder to write the world into: empty, or holding an earlier world")
     parser.add_argument("--seed", type=cli.seed, default=0, help="seed of the world, the corpus and the training")
-    parser.add_argument("--steps", type=cli.positive_int, default=1400,
+    parser.add_argument("--steps", type=cli.positive_int, default=DEMO_STEPS,
                         help="pretraining steps (12 windows of 384 tokens each)")
     parser.add_argument("--knowledge", action="store_true",
                         help="write only the knowledge probe's files (data/knowledge.json, "

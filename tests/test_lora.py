@@ -16,14 +16,13 @@ import generate as generate_script
 import train_dpo
 import train_sft
 from aligner import Aligner, AlignerBank
-from conftest import make_checkpoint
+from conftest import make_checkpoint, read_jsonl, write_fox_task
 from support.data import encode_prompt, format_prompt
 from generate import generate
 from hf_layout import to_half_split, write_hf, write_safetensors
 from llama import KVCache, ModelArgs, Transformer, lora_projection
 from support.formats import load, read_aligner, read_params
 from lora import LoRA, merge
-from conftest import read_jsonl, write_fox_task
 from test_errors import check_failure, run_script
 from test_generate import needs_compile
 

@@ -12,11 +12,10 @@ import generate as generate_script
 import train_sft
 from aligner import Aligner, AlignerBank
 from support.formats import read_adapter, read_params
-from conftest import TINY
+from conftest import TINY, read_jsonl, write_fox_task
 from generate import generate
 from llama import KVCache, ModelArgs, Transformer
 from prompt_tuning import PromptTuning
-from conftest import read_jsonl, write_fox_task
 from test_errors import check_failure, run_script
 from test_generate import needs_compile
 
